@@ -1,0 +1,425 @@
+"""Per-site privacy accounting with dp_accounting: the `PrivacyLedger`.
+
+Each site k has its own record-level guarantee (epsilon_k, delta): its data are
+only touched by its own DP-SGD steps, with its own sampling rate q_k = B / N_k
+and noise multiplier sigma_k. The ledger keeps, per site, the list of
+dp_accounting events (for reports, JSON and PLD) and the running RDP vector
+(for online epsilons): the RDP of a composition is the sum of the RDPs, so a
+round costs one RDP evaluation per distinct (sigma, q, steps), however many
+rounds came before.
+"""
+
+import collections
+import functools
+import json
+import math
+from typing import Iterable, Mapping, Sequence
+
+import dp_accounting
+from dp_accounting import pld
+from dp_accounting import rdp
+import numpy as np
+from scipy import stats
+
+LEDGER_FORMAT = "fedjax_seg.PrivacyLedger/1"
+ACCOUNTANTS = ("rdp",)
+UNITS = ("example", "patient", "site")
+_ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
+def poisson_gaussian_event(
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    *,
+    dataset_size: int | None = None,
+    max_batch_size: int | None = None,
+) -> dp_accounting.DpEvent:
+  """The dp_accounting event of `steps` Poisson-sampled Gaussian steps.
+
+  Args:
+    noise_multiplier: sigma (noise std / L2 sensitivity), >= 0. 0 means no
+      noise: a `NonPrivateDpEvent` (epsilon = inf).
+    sampling_rate: Poisson sampling probability q in [0, 1]; 1 means the whole
+      dataset each step (plain `GaussianDpEvent`).
+    steps: number of steps (>= 0; 0 gives a `NoOpDpEvent`).
+    dataset_size: N, with `max_batch_size`: the sample is truncated to at most
+      `max_batch_size` units, giving `TruncatedSubsampledGaussianDpEvent`.
+    max_batch_size: see `dataset_size`.
+  """
+  _check_event_args(noise_multiplier, sampling_rate, steps)
+  if (dataset_size is None) != (max_batch_size is None):
+    raise ValueError("give both dataset_size and max_batch_size, or neither.")
+  if steps == 0:
+    return dp_accounting.NoOpDpEvent()
+  if noise_multiplier == 0:
+    return dp_accounting.NonPrivateDpEvent()
+  if max_batch_size is not None and sampling_rate < 1:
+    if dataset_size < 1 or max_batch_size < 1:
+      raise ValueError(
+          f"dataset_size ({dataset_size}) and max_batch_size "
+          f"({max_batch_size}) must be >= 1."
+      )
+    step = dp_accounting.TruncatedSubsampledGaussianDpEvent(
+        dataset_size=int(dataset_size),
+        sampling_probability=float(sampling_rate),
+        truncated_batch_size=int(max_batch_size),
+        noise_multiplier=float(noise_multiplier),
+    )
+  elif sampling_rate < 1:
+    step = dp_accounting.PoissonSampledDpEvent(
+        float(sampling_rate), dp_accounting.GaussianDpEvent(
+            float(noise_multiplier))
+    )
+  else:
+    step = dp_accounting.GaussianDpEvent(float(noise_multiplier))
+  return dp_accounting.SelfComposedDpEvent(step, int(steps))
+
+
+def _check_event_args(noise_multiplier, sampling_rate, steps):
+  if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+    raise ValueError(
+        f"noise_multiplier must be finite and >= 0, got {noise_multiplier}."
+    )
+  if not 0 <= sampling_rate <= 1:
+    raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate}.")
+  if int(steps) != steps or steps < 0:
+    raise ValueError(f"steps must be an integer >= 0, got {steps}.")
+
+
+def truncation_probability(
+    dataset_size: int, sampling_rate: float, max_batch_size: int
+) -> float:
+  """P[a Poisson(q) sample of N+1 units has more than `max_batch_size`].
+
+  The probability, per step, that truncating the sample to a fixed maximum
+  batch changes anything, for the larger of two neighbouring datasets
+  (N + 1 units; the tail is increasing in N).
+  """
+  return float(stats.binom.sf(max_batch_size, dataset_size + 1, sampling_rate))
+
+
+def _poisson_equivalent(
+    event: dp_accounting.DpEvent,
+) -> tuple[dp_accounting.DpEvent, float]:
+  """Replaces truncated-sampling steps by untruncated ones for RDP.
+
+  Returns the untruncated event and the summed truncation probability P_T of
+  all its steps (coupling: the truncated and untruncated mechanisms differ
+  with probability at most P_T on any dataset).
+  """
+  if isinstance(event, dp_accounting.TruncatedSubsampledGaussianDpEvent):
+    untruncated = dp_accounting.PoissonSampledDpEvent(
+        event.sampling_probability,
+        dp_accounting.GaussianDpEvent(event.noise_multiplier),
+    )
+    return untruncated, truncation_probability(
+        event.dataset_size, event.sampling_probability,
+        event.truncated_batch_size)
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    inner, p = _poisson_equivalent(event.event)
+    return dp_accounting.SelfComposedDpEvent(inner, event.count), p * event.count
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    parts = [_poisson_equivalent(e) for e in event.events]
+    return (dp_accounting.ComposedDpEvent([e for e, _ in parts]),
+            sum(p for _, p in parts))
+  return event, 0.0
+
+
+def _event_rdp(event: dp_accounting.DpEvent,
+               orders: tuple[float, ...]) -> np.ndarray:
+  """RDP vector of one event over `orders` (read-only array)."""
+  try:
+    hash(event)
+  except TypeError:  # e.g. ComposedDpEvent holds a list: not cacheable.
+    return _uncached_event_rdp(event, orders)
+  return _cached_event_rdp(event, orders)
+
+
+def _uncached_event_rdp(event, orders):
+  accountant = rdp.RdpAccountant(list(orders), _ADD_REMOVE)
+  if not accountant.supports(event):
+    raise ValueError(f"the RDP accountant does not support {event}.")
+  accountant.compose(event)
+  result = accountant.rdp
+  result.setflags(write=False)
+  return result
+
+
+# Sites record the same (sigma, q, steps) event round after round.
+_cached_event_rdp = functools.lru_cache(maxsize=4096)(_uncached_event_rdp)
+
+
+def event_to_dict(event: dp_accounting.DpEvent) -> dict:
+  """A JSON-ready dict of `event.to_named_tuple()` (field names kept)."""
+
+  def convert(value):
+    if isinstance(value, dp_accounting.DpEventNamedTuple):
+      return {f: convert(getattr(value, f)) for f in value._fields}
+    if isinstance(value, (list, tuple)):
+      return [convert(v) for v in value]
+    return value
+
+  return convert(event.to_named_tuple())
+
+
+def event_from_dict(data: Mapping) -> dp_accounting.DpEvent:
+  """Inverse of `event_to_dict`, through `DpEvent.from_named_tuple`.
+
+  Only classes of `dp_accounting.dp_event` are accepted (the JSON may come from
+  anywhere; it must not name a module to import).
+  """
+
+  def convert(value):
+    if isinstance(value, Mapping) and "class_name" in value:
+      if value.get("module_name") != "dp_accounting.dp_event":
+        raise ValueError(
+            f"not a dp_accounting event: module {value.get('module_name')!r}."
+        )
+      fields = list(value)
+      wrapper = collections.namedtuple(
+          f"_{value['class_name']}NamedTupleWrapper", fields)
+      return wrapper(**{k: convert(v) for k, v in value.items()})
+    if isinstance(value, list):
+      return [convert(v) for v in value]
+    return value
+
+  return dp_accounting.DpEvent.from_named_tuple(convert(dict(data)))
+
+
+class BudgetExceededError(RuntimeError):
+  """A planned round would take a site past its epsilon budget."""
+
+
+class PrivacyLedger:
+  """Record-level (or site-level) DP accounting, one accountant per site.
+
+  Formal guarantees:
+    * Unit: `unit` is what one neighbouring dataset adds or removes: one
+      example (2D slice), one patient (all its slices, clipped as a group) or,
+      for DP-FedAvg, one site. Neighbouring relation: add/remove-one.
+    * Sampling assumption: each recorded step Poisson-samples the units of the
+      site (rate q = B / N_k; for site-level DP, q = expected sampled sites /
+      all sites) and applies the Gaussian mechanism with noise multiplier
+      sigma = noise std / L2 sensitivity. If the sample is truncated to a
+      fixed batch (`max_batch_size`), the RDP figure is that of the
+      untruncated mechanism at delta' = delta - (1 + e^eps_hi) * P_T, where
+      P_T is the summed truncation probability (a coupling argument); the
+      ledger raises if that slack exceeds delta / 2. PLD accounts truncation
+      exactly (dp_accounting's TruncatedSubsampledGaussianDpEvent).
+    * `epsilon` is the RDP bound (dp_accounting's RdpAccountant with the
+      improved conversion of Canonne et al. 2020) for the ledger's delta;
+      `epsilon_pld` is the tighter PLD figure for final reports. Both compose
+      exactly the recorded events; epsilon never decreases as events are added.
+    * Not covered: events that were never recorded (the caller must record
+      every step that touched a site's data, and nothing for a site that did
+      not train), data-dependent hyper-parameter tuning, JAX's
+      non-cryptographic PRNG, floating-point attacks on the Gaussian sampler.
+
+  Example:
+    >>> ledger = PrivacyLedger(["a", "b"], delta=1e-5)
+    >>> ledger.record("a", noise_multiplier=1.1, sampling_rate=256 / 60000,
+    ...               steps=14062)
+    >>> round(ledger.epsilon("a"), 4), ledger.epsilon("b")
+    (2.5966, 0.0)
+  """
+
+  def __init__(
+      self,
+      site_names: Sequence[str],
+      *,
+      delta: float,
+      unit: str = "example",
+      accountant: str = "rdp",
+      orders: Sequence[float] | None = None,
+  ):
+    site_names = [str(s) for s in site_names]
+    if not site_names:
+      raise ValueError("PrivacyLedger needs at least one site name.")
+    if len(set(site_names)) != len(site_names):
+      raise ValueError(f"site names must be unique, got {site_names}.")
+    if not 0 < delta < 1:
+      raise ValueError(f"delta must be in (0, 1), got {delta}.")
+    if unit not in UNITS:
+      raise ValueError(f"unit must be one of {UNITS}, got {unit!r}.")
+    if accountant not in ACCOUNTANTS:
+      raise ValueError(
+          f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
+    self.site_names = tuple(site_names)
+    self.delta = float(delta)
+    self.unit = unit
+    self.accountant = accountant
+    self.orders = tuple(
+        float(o) for o in (orders or rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS))
+    self._events = {s: [] for s in site_names}
+    self._rdp = {s: np.zeros(len(self.orders)) for s in site_names}
+    self._truncation = {s: 0.0 for s in site_names}
+
+  # -- recording --------------------------------------------------------------
+
+  def _check_site(self, site: str) -> str:
+    site = str(site)
+    if site not in self._events:
+      raise KeyError(f"unknown site {site!r}; sites are {self.site_names}.")
+    return site
+
+  def record_event(self, site: str, event: dp_accounting.DpEvent) -> None:
+    """Composes any RDP-supported dp_accounting event into `site`'s ledger."""
+    site = self._check_site(site)
+    untruncated, p_trunc = _poisson_equivalent(event)
+    self._rdp[site] = self._rdp[site] + _event_rdp(untruncated, self.orders)
+    self._truncation[site] += p_trunc
+    self._events[site].append(event)
+
+  def record(
+      self,
+      site: str,
+      noise_multiplier: float,
+      sampling_rate: float,
+      steps: int,
+      *,
+      dataset_size: int | None = None,
+      max_batch_size: int | None = None,
+  ) -> None:
+    """Records `steps` Poisson-sampled Gaussian steps of one site.
+
+    Args:
+      site: a name given at construction.
+      noise_multiplier: sigma actually applied (read it back from
+        `GaussianNoiseState`; for adaptive clipping, the accounted value from
+        `AdaptiveClipping.accounted_noise_multiplier`).
+      sampling_rate: q used for these steps.
+      steps: how many steps.
+      dataset_size, max_batch_size: give both if the Poisson sample was
+        truncated to a fixed maximum batch.
+    """
+    self.record_event(site, poisson_gaussian_event(
+        noise_multiplier, sampling_rate, steps,
+        dataset_size=dataset_size, max_batch_size=max_batch_size))
+
+  def record_all(self, noise_multiplier: float, sampling_rate: float,
+                 steps: int) -> None:
+    """Records the same steps for every site (site-level DP-FedAvg rounds)."""
+    for site in self.site_names:
+      self.record(site, noise_multiplier, sampling_rate, steps)
+
+  # -- reading ----------------------------------------------------------------
+
+  def _epsilon_from_rdp(self, rdp_vector: np.ndarray, p_trunc: float,
+                        site: str) -> float:
+    if p_trunc == 0.0:
+      return float(rdp.rdp_privacy_accountant.compute_epsilon(
+          self.orders, rdp_vector, self.delta)[0])
+    eps_hi = rdp.rdp_privacy_accountant.compute_epsilon(
+        self.orders, rdp_vector, self.delta / 2)[0]
+    slack = (1.0 + math.exp(min(eps_hi, 700.0))) * p_trunc
+    if not slack <= self.delta / 2:
+      raise ValueError(
+          f"site {site!r}: batch truncation is not negligible (summed "
+          f"truncation probability {p_trunc:.3g} costs {slack:.3g} of delta="
+          f"{self.delta:g}); raise the maximum batch size.")
+    return float(rdp.rdp_privacy_accountant.compute_epsilon(
+        self.orders, rdp_vector, self.delta - slack)[0])
+
+  def epsilon(self, site: str) -> float:
+    """RDP epsilon of `site` at the ledger's delta (0 if nothing recorded)."""
+    site = self._check_site(site)
+    return self._epsilon_from_rdp(self._rdp[site], self._truncation[site], site)
+
+  def epsilons(self) -> dict[str, float]:
+    """{site: RDP epsilon} for every site."""
+    return {s: self.epsilon(s) for s in self.site_names}
+
+  def max_epsilon(self) -> float:
+    """The largest per-site epsilon: the guarantee every site gets."""
+    return max(self.epsilons().values())
+
+  def epsilon_pld(self, site: str,
+                  value_discretization_interval: float = 1e-4) -> float:
+    """PLD epsilon of `site` (tighter than RDP; slower: use for reports)."""
+    site = self._check_site(site)
+    if not self._events[site]:
+      return 0.0
+    accountant = pld.PLDAccountant(_ADD_REMOVE, value_discretization_interval)
+    accountant.compose(dp_accounting.ComposedDpEvent(self._events[site]))
+    return float(accountant.get_epsilon(self.delta))
+
+  def events(self, site: str) -> list[dp_accounting.DpEvent]:
+    """The recorded events of `site`, in order."""
+    return list(self._events[self._check_site(site)])
+
+  def rdp(self, site: str) -> np.ndarray:
+    """A copy of `site`'s RDP vector over `self.orders`."""
+    return self._rdp[self._check_site(site)].copy()
+
+  def epsilon_if(self, site: str,
+                 planned: dp_accounting.DpEvent | Iterable[
+                     dp_accounting.DpEvent]) -> float:
+    """The epsilon `site` would have after also composing `planned`."""
+    site = self._check_site(site)
+    if isinstance(planned, dp_accounting.DpEvent):
+      planned = [planned]
+    rdp_vector, p_trunc = self._rdp[site], self._truncation[site]
+    for event in planned:
+      untruncated, p = _poisson_equivalent(event)
+      rdp_vector = rdp_vector + _event_rdp(untruncated, self.orders)
+      p_trunc += p
+    return self._epsilon_from_rdp(rdp_vector, p_trunc, site)
+
+  def would_exceed(self, site: str, budget: float,
+                   planned: dp_accounting.DpEvent | Iterable[
+                       dp_accounting.DpEvent]) -> bool:
+    """True if composing `planned` would take `site` above epsilon `budget`."""
+    return self.epsilon_if(site, planned) > budget
+
+  # -- serialisation ----------------------------------------------------------
+
+  def to_dict(self) -> dict:
+    """A JSON-ready dict; events are dp_accounting named tuples as dicts."""
+    return {
+        "format": LEDGER_FORMAT,
+        "delta": self.delta,
+        "unit": self.unit,
+        "accountant": self.accountant,
+        "neighboring_relation": "ADD_OR_REMOVE_ONE",
+        "orders": list(self.orders),
+        "sites": {
+            s: {
+                "events": [event_to_dict(e) for e in self._events[s]],
+                "epsilon": self.epsilon(s),
+            }
+            for s in self.site_names
+        },
+    }
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1)
+
+  @classmethod
+  def from_dict(cls, data: Mapping) -> "PrivacyLedger":
+    """Rebuilds a ledger by re-composing every stored event."""
+    if data.get("format") != LEDGER_FORMAT:
+      raise ValueError(
+          f"not a PrivacyLedger dump: format {data.get('format')!r}, expected "
+          f"{LEDGER_FORMAT!r}.")
+    ledger = cls(list(data["sites"]), delta=data["delta"], unit=data["unit"],
+                 accountant=data["accountant"], orders=data["orders"])
+    for site, entry in data["sites"].items():
+      for event in entry["events"]:
+        ledger.record_event(site, event_from_dict(event))
+    return ledger
+
+  @classmethod
+  def from_json(cls, text: str) -> "PrivacyLedger":
+    return cls.from_dict(json.loads(text))
+
+  def __eq__(self, other) -> bool:
+    if not isinstance(other, PrivacyLedger):
+      return NotImplemented
+    return (self.site_names == other.site_names and self.delta == other.delta
+            and self.unit == other.unit and self.orders == other.orders
+            and self._events == other._events)
+
+  def __repr__(self) -> str:
+    eps = ", ".join(f"{s}={e:.3f}" for s, e in self.epsilons().items())
+    return f"PrivacyLedger(unit={self.unit}, delta={self.delta:g}, eps: {eps})"
