@@ -16,6 +16,7 @@ import math
 from typing import Iterable, Mapping, Sequence
 
 import dp_accounting
+from dp_accounting import dp_event
 from dp_accounting import pld
 from dp_accounting import rdp
 import numpy as np
@@ -154,7 +155,7 @@ def event_to_dict(event: dp_accounting.DpEvent) -> dict:
   """A JSON-ready dict of `event.to_named_tuple()` (field names kept)."""
 
   def convert(value):
-    if isinstance(value, dp_accounting.DpEventNamedTuple):
+    if isinstance(value, dp_event.DpEventNamedTuple):
       return {f: convert(getattr(value, f)) for f in value._fields}
     if isinstance(value, (list, tuple)):
       return [convert(v) for v in value]

@@ -74,7 +74,9 @@ class AdaptiveClipping:
     mode: "geometric" or "percentile".
     min_l2_clip_norm, max_l2_clip_norm: public bounds on C (and the range of
       the percentile grid).
-    num_bins: number of log-spaced candidate thresholds (percentile mode).
+    num_bins: number of log-spaced candidate thresholds (percentile mode);
+      the default grid steps by 11.5% per bin. More bins resolve C more
+      finely but the noisy cumulative count sums the noise of more bins.
 
   Formal guarantees:
     * The only data-dependent input to C_{t+1} is a Gaussian-noised count
@@ -107,9 +109,9 @@ class AdaptiveClipping:
   expected_batch_size: float
   learning_rate: float = 0.2
   mode: str = "geometric"
-  min_l2_clip_norm: float = 1e-4
-  max_l2_clip_norm: float = 1e4
-  num_bins: int = 64
+  min_l2_clip_norm: float = 1e-3
+  max_l2_clip_norm: float = 1e3
+  num_bins: int = 128
 
   def __post_init__(self):
     if self.mode not in MODES:

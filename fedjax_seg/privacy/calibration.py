@@ -100,11 +100,27 @@ def calibrate_noise_multiplier(
     raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}.")
   groups = _shape_groups(schedule, steps)  # Once, not once per trial.
   make_event = lambda scale: _grouped_event(scale, sampling_rate, groups)
-  # The search must start above 0: sigma = 0 is a non-private event.
-  bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
+  if accountant == "rdp":
+    # The search must start above 0: sigma = 0 is a non-private event.
+    bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
+  else:
+    # PLD needs no more noise than RDP, and its discretisation of a very
+    # small sigma can need tens of GB: bracket it below the RDP answer.
+    upper = calibrate_noise_multiplier(
+        target_epsilon, delta, sampling_rate, steps, schedule, tol=tol)
+    lower = upper / 2
+    while _epsilon(make_accountant, make_event(lower), delta) <= target_epsilon:
+      upper, lower = lower, lower / 2
+    bracket = dp_accounting.ExplicitBracketInterval(lower, upper)
   return float(dp_accounting.calibrate_dp_mechanism(
       make_accountant, make_event, target_epsilon, delta,
       bracket_interval=bracket, tol=tol))
+
+
+def _epsilon(make_accountant, event, delta) -> float:
+  accountant = make_accountant()
+  accountant.compose(event)
+  return accountant.get_epsilon(delta)
 
 
 def calibrate_site_noise_multipliers(

@@ -5,6 +5,7 @@ from typing import Callable, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Scalar = float | jax.Array
@@ -33,11 +34,14 @@ def _at(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
   return jnp.asarray(value, dtype=jnp.float32)
 
 
+def _is_static_number(value) -> bool:
+  """A Python/NumPy scalar we can check now (a jax array may be traced)."""
+  return isinstance(value, (int, float, np.number)) or (
+      isinstance(value, np.ndarray) and value.ndim == 0)
+
+
 def _check_static_non_negative(name: str, value: ScalarOrSchedule) -> None:
-  if callable(value) or isinstance(value, jax.core.Tracer):
-    return
-  value = jnp.asarray(value)
-  if value.ndim == 0 and not bool(value >= 0):
+  if _is_static_number(value) and not float(value) >= 0:
     raise ValueError(f"{name} must be >= 0, got {float(value)}.")
 
 
@@ -104,13 +108,9 @@ def gaussian_noise(
   _check_static_non_negative("noise_multiplier", noise_multiplier)
   if l2_clip_norm is not None:
     _check_static_non_negative("l2_clip_norm", l2_clip_norm)
-  if not callable(expected_batch_size) and not isinstance(
-      expected_batch_size, jax.core.Tracer
-  ):
-    if not float(expected_batch_size) > 0:
-      raise ValueError(
-          f"expected_batch_size must be > 0, got {expected_batch_size}."
-      )
+  if _is_static_number(expected_batch_size) and not expected_batch_size > 0:
+    raise ValueError(
+        f"expected_batch_size must be > 0, got {expected_batch_size}.")
 
   def init_fn(params):
     del params
@@ -139,7 +139,8 @@ def gaussian_noise(
     else:
       clip = _at(l2_clip_norm, state.count)
     sigma = _at(noise_multiplier, state.count)
-    stddev = sigma * clip
+    # sigma = 0 means no noise even when C = inf (no clipping): not 0 * inf.
+    stddev = jnp.where(sigma > 0, sigma * clip, 0.0)
     batch = jnp.asarray(expected_batch_size, jnp.float32)
 
     leaves, treedef = jax.tree.flatten(updates)

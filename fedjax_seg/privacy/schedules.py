@@ -26,8 +26,46 @@ Schedule = Callable[[jax.Array | int], jax.Array]
 
 constant_schedule = optax.constant_schedule
 linear_schedule = optax.linear_schedule
-exponential_decay = optax.exponential_decay
 cosine_decay_schedule = optax.cosine_decay_schedule
+
+
+def exponential_decay(
+    init_value: float | jax.Array,
+    decay_rate: float | jax.Array,
+    transition_steps: int,
+    *,
+    transition_begin: int = 0,
+    staircase: bool = False,
+    end_value: float | jax.Array | None = None,
+) -> Schedule:
+  """`init_value * decay_rate ** ((step - transition_begin) / transition_steps)`.
+
+  Same parameters as `optax.exponential_decay`, but every value parameter may
+  be a traced array (optax's branches on `decay_rate` in Python), so a sweep
+  can vmap over decay rates. `end_value` bounds the value (below when
+  decaying, above when growing).
+
+  Example:
+    >>> s = exponential_decay(2.0, 0.5, transition_steps=10)
+    >>> [float(s(t)) for t in (0, 10, 20)]
+    [2.0, 1.0, 0.5]
+  """
+  if transition_steps <= 0:
+    raise ValueError(f"transition_steps must be > 0, got {transition_steps}.")
+
+  def schedule(step):
+    exponent = jnp.maximum(jnp.asarray(step) - transition_begin, 0) / (
+        transition_steps)
+    if staircase:
+      exponent = jnp.floor(exponent)
+    value = init_value * jnp.power(decay_rate, exponent)
+    if end_value is not None:
+      value = jnp.where(jnp.asarray(decay_rate) < 1,
+                        jnp.maximum(value, end_value),
+                        jnp.minimum(value, end_value))
+    return value
+
+  return schedule
 
 
 def step_schedule(
