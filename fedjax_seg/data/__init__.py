@@ -1,0 +1,4 @@
+"""Data: synthetic multi-site slices, NIfTI reading, TFDS datasets, site arrays.
+
+Knows nothing about privacy or federation.
+"""

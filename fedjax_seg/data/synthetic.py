@@ -1,0 +1,346 @@
+"""Deterministic synthetic multi-site, multi-modality segmentation data.
+
+Every patient is a small 3D phantom: a body outline with a fat layer and a
+spine, an organ with an irregular boundary and texture, and, with a
+site-dependent probability, one or two lesions inside the organ. Labels are
+0 background, 1 organ, 2 lesion. Each site renders its patients as its
+modality and scanner would:
+
+* CT: Hounsfield-like values (air -1000, fat -100, soft tissue 30, organ 85,
+  lesion hypo- or hyper-dense, bone 700), a site calibration error (scale and
+  offset in HU), noise in HU (dose), blur, then the abdominal window
+  [-160, 240] HU mapped to [0, 1].
+* MRI: T1- or T2-like tissue contrasts (lesion dark on T1, bright on T2), a
+  smooth multiplicative bias field, Rician noise (magnitude of complex
+  Gaussian noise), then a z-score over the body foreground.
+* X-ray: a 2D projection of a 3D attenuation volume (with ribs), so organ,
+  lesion, spine and ribs overlap; detector gamma, quantum-like noise, blur,
+  then percentile scaling to [0, 1]. One image per patient.
+
+Sites also differ in field of view (anatomy size in the image), resolution
+(block-downsampling), lesion prevalence and size, and number of patients
+(ragged). Every patient is drawn from its own seed (root seed, site, patient),
+so adding patients or sites never changes existing ones.
+"""
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage
+
+from fedjax_seg.data import dataset as dataset_lib
+
+MODALITIES = ("CT", "MRI", "XRAY")
+CLASS_NAMES = ("background", "organ", "lesion")
+CT_WINDOW = (-160.0, 240.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSpec:
+  """How one simulated hospital site acquires its images.
+
+  Attributes:
+    name: site name.
+    modality: "CT", "MRI" or "XRAY".
+    num_patients: number of patients (before `SyntheticConfig.patients_scale`).
+    intensity_scale, intensity_offset: scanner calibration: HU scale/offset
+      (CT) or detector gain/offset (X-ray). Unused for MRI (z-scored).
+    gamma: contrast curve exponent applied to the normalised image (X-ray,
+      MRI).
+    noise_std: noise level (HU for CT; fraction of signal for MRI / X-ray).
+    blur_sigma: Gaussian blur in pixels (scanner point-spread function).
+    downsample: integer factor of block-downsampling then upsampling
+      (acquisition resolution); 1 = full resolution.
+    fov_scale: anatomy size relative to the image (> 1: zoomed in).
+    lesion_probability: probability that a patient has lesions.
+    lesion_size: relative lesion radius.
+    lesion_hu: lesion attenuation in HU (CT only; < 85 hypodense).
+    contrast: "T1" or "T2" (MRI only).
+    bias_field: strength of the MRI bias field (0 = none).
+  """
+
+  name: str
+  modality: str
+  num_patients: int
+  intensity_scale: float = 1.0
+  intensity_offset: float = 0.0
+  gamma: float = 1.0
+  noise_std: float = 0.05
+  blur_sigma: float = 0.0
+  downsample: int = 1
+  fov_scale: float = 1.0
+  lesion_probability: float = 0.6
+  lesion_size: float = 1.0
+  lesion_hu: float = 20.0
+  contrast: str = "T1"
+  bias_field: float = 0.0
+
+  def __post_init__(self):
+    if self.modality not in MODALITIES:
+      raise ValueError(f"site {self.name!r}: modality must be one of "
+                       f"{MODALITIES}, got {self.modality!r}.")
+    if self.num_patients < 1:
+      raise ValueError(f"site {self.name!r}: num_patients must be >= 1.")
+    if self.contrast not in ("T1", "T2"):
+      raise ValueError(f"site {self.name!r}: contrast must be T1 or T2.")
+    if self.downsample < 1:
+      raise ValueError(f"site {self.name!r}: downsample must be >= 1.")
+
+
+DEFAULT_SITES = (
+    SiteSpec("ct_scanner_a", "CT", 40, noise_std=12.0, blur_sigma=0.5,
+             lesion_probability=0.6, lesion_hu=25.0),
+    SiteSpec("ct_scanner_b", "CT", 24, intensity_scale=1.05,
+             intensity_offset=-25.0, noise_std=20.0, blur_sigma=0.9,
+             fov_scale=0.85, lesion_probability=0.45, lesion_hu=100.0),
+    SiteSpec("ct_low_dose", "CT", 12, intensity_offset=15.0, noise_std=38.0,
+             blur_sigma=0.3, fov_scale=1.15, lesion_probability=0.75,
+             lesion_size=1.3, lesion_hu=15.0),
+    SiteSpec("mri_t1_1p5t", "MRI", 30, contrast="T1", noise_std=0.05,
+             blur_sigma=0.6, bias_field=0.25, lesion_probability=0.55),
+    SiteSpec("mri_t2_3t", "MRI", 18, contrast="T2", noise_std=0.04,
+             blur_sigma=0.4, bias_field=0.4, fov_scale=0.9,
+             lesion_probability=0.65, lesion_size=0.9),
+    SiteSpec("mri_t1_lowfield", "MRI", 8, contrast="T1", noise_std=0.10,
+             blur_sigma=1.0, downsample=2, bias_field=0.6, fov_scale=1.1,
+             lesion_probability=0.5, lesion_size=1.2),
+    SiteSpec("xray_digital", "XRAY", 60, gamma=0.8, noise_std=0.03,
+             blur_sigma=0.5, lesion_probability=0.5, lesion_size=1.2),
+    SiteSpec("xray_film", "XRAY", 20, intensity_scale=0.8,
+             intensity_offset=0.1, gamma=1.4, noise_std=0.06, blur_sigma=1.2,
+             downsample=2, fov_scale=0.9, lesion_probability=0.35,
+             lesion_size=1.4),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  """Sizes and sites of the synthetic dataset.
+
+  Attributes:
+    image_size: side of each 2D image, in pixels.
+    num_slices: slices per CT/MRI patient volume (X-ray: one projection).
+    patients_scale: multiplies every site's `num_patients` (rounded, >= 1).
+    sites: the `SiteSpec`s.
+    seed: root seed; the dataset is a pure function of the config.
+  """
+
+  image_size: int = 32
+  num_slices: int = 8
+  patients_scale: float = 1.0
+  sites: tuple[SiteSpec, ...] = DEFAULT_SITES
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.image_size < 16:
+      raise ValueError(f"image_size must be >= 16, got {self.image_size}.")
+    if self.num_slices < 1:
+      raise ValueError(f"num_slices must be >= 1, got {self.num_slices}.")
+    if not self.patients_scale > 0:
+      raise ValueError(
+          f"patients_scale must be > 0, got {self.patients_scale}.")
+    if not self.sites:
+      raise ValueError("need at least one site.")
+    names = [s.name for s in self.sites]
+    if len(set(names)) != len(names):
+      raise ValueError(f"site names must be unique, got {names}.")
+
+  def num_patients(self, site: int) -> int:
+    return max(1, round(self.sites[site].num_patients * self.patients_scale))
+
+
+def _smooth_field(rng, shape, sigma):
+  """Zero-mean, unit-std Gaussian random field with correlation `sigma` px."""
+  field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma,
+                                  mode="wrap")
+  return (field - field.mean()) / (field.std() + 1e-8)
+
+
+def _phantom(rng, spec: SiteSpec, shape):
+  """Tissue maps of one patient on a [D, H, W] grid in [-1, 1]^3.
+
+  Returns (tissue, label, texture): tissue codes 0 air, 1 fat, 2 soft
+  tissue, 3 organ, 4 lesion, 5 bone; labels 0/1/2; a smooth texture field.
+  """
+  d, h, w = shape
+  # A CT/MRI stack covers the middle of the organ; an X-ray cube all of it.
+  z_extent = 1.0 if d == h else 0.6
+  z, y, x = np.meshgrid(np.linspace(-1, 1, d) * z_extent,
+                        np.linspace(-1, 1, h), np.linspace(-1, 1, w),
+                        indexing="ij")
+  fov = spec.fov_scale
+  body_rx, body_ry = fov * rng.uniform(0.78, 0.9), fov * rng.uniform(0.55, 0.68)
+  body_r = (x / body_rx) ** 2 + (y / body_ry) ** 2
+  body = body_r <= 1.0
+  fat = body & (body_r > 0.8 ** 2)
+  spine = (x / (0.1 * fov)) ** 2 + ((y - 0.42 * fov) / (0.1 * fov)) ** 2 <= 1
+
+  # Organ: a rotated ellipsoid with a boundary perturbed by low harmonics.
+  cx, cy, cz = rng.uniform(-0.3, 0.1) * fov, rng.uniform(-0.2, 0.05) * fov, \
+      rng.uniform(-0.15, 0.15)
+  rx, ry, rz = fov * rng.uniform(0.36, 0.5), fov * rng.uniform(0.26, 0.36), \
+      rng.uniform(0.45, 0.85)
+  angle = rng.uniform(-0.6, 0.6)
+  xr = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
+  yr = -(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)
+  theta = np.arctan2(yr, xr)
+  wobble = 1.0 + sum(rng.uniform(-0.08, 0.08) * np.cos(k * theta
+                                                       + rng.uniform(0, 6.3))
+                     for k in (2, 3, 5))
+  organ = ((xr / rx) ** 2 + (yr / ry) ** 2) / wobble ** 2 + (
+      (z - cz) / rz) ** 2 <= 1.0
+  organ &= body & ~fat & ~spine
+
+  lesion = np.zeros(shape, bool)
+  if organ.any() and rng.uniform() < spec.lesion_probability:
+    inside = np.argwhere(organ)
+    for _ in range(rng.integers(1, 3)):
+      cd, ch, cw = inside[rng.integers(len(inside))]
+      r = spec.lesion_size * fov * rng.uniform(0.1, 0.18)
+      lesion |= ((x - x[cd, ch, cw]) ** 2 + (y - y[cd, ch, cw]) ** 2
+                 + ((z - z[cd, ch, cw]) * 0.6) ** 2) <= r ** 2
+    lesion &= organ
+
+  tissue = np.zeros(shape, np.int8)
+  tissue[body] = 2
+  tissue[fat] = 1
+  tissue[spine & body] = 5
+  tissue[organ] = 3
+  tissue[lesion] = 4
+  label = np.zeros(shape, np.uint8)
+  label[organ] = 1
+  label[lesion] = 2
+  texture = _smooth_field(rng, shape, sigma=(0.0 if d == 1 else 1.0, 1.5, 1.5))
+  return tissue, label, texture
+
+
+def _resolution(image, spec: SiteSpec):
+  """Scanner point-spread (blur) and acquisition resolution (block average)."""
+  if spec.blur_sigma > 0:
+    image = ndimage.gaussian_filter(image, (0, spec.blur_sigma,
+                                            spec.blur_sigma))
+  f = spec.downsample
+  if f > 1:
+    d, h, w = image.shape
+    hc, wc = h - h % f, w - w % f
+    blocks = image[:, :hc, :wc].reshape(d, hc // f, f, wc // f, f).mean((2, 4))
+    image = image.copy()
+    image[:, :hc, :wc] = np.repeat(np.repeat(blocks, f, 1), f, 2)
+  return image
+
+
+def _render_ct(rng, spec, tissue, texture):
+  hu = np.array([-1000.0, -100.0, 30.0, 85.0, spec.lesion_hu, 700.0])[tissue]
+  hu = hu + np.where(tissue >= 2, 8.0 * texture, 0.0)
+  hu = hu * spec.intensity_scale + spec.intensity_offset
+  hu = _resolution(hu, spec) + spec.noise_std * rng.standard_normal(hu.shape)
+  lo, hi = CT_WINDOW
+  return np.clip((hu - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _render_mri(rng, spec, tissue, texture):
+  if spec.contrast == "T1":
+    values = [0.0, 1.0, 0.3, 0.62, 0.22, 0.6]
+  else:
+    values = [0.0, 0.7, 0.18, 0.45, 0.9, 0.4]
+  signal = np.array(values)[tissue] * (1.0 + np.where(tissue >= 2,
+                                                      0.08 * texture, 0.0))
+  if spec.bias_field > 0:
+    bias = _smooth_field(rng, tissue.shape, sigma=(2.0, 8.0, 8.0))
+    signal = signal * np.exp(spec.bias_field * 0.5 * bias)
+  signal = _resolution(signal, spec)
+  noise = spec.noise_std * rng.standard_normal((2,) + signal.shape)
+  magnitude = np.sqrt((signal + noise[0]) ** 2 + noise[1] ** 2)  # Rician.
+  magnitude = magnitude ** spec.gamma
+  foreground = tissue > 0
+  mean, std = magnitude[foreground].mean(), magnitude[foreground].std() + 1e-6
+  return (magnitude - mean) / std
+
+
+def _render_xray(rng, spec, tissue, texture, size):
+  """Projects the [S, S, S] phantom along the anterior-posterior axis."""
+  mu = np.array([0.0, 0.15, 0.2, 0.34, 0.6, 1.0])[tissue]
+  mu = mu * (1.0 + np.where(tissue >= 2, 0.05 * texture, 0.0))
+  # Ribs: thin bands across the body, overlapping the organ in projection.
+  d = tissue.shape[0]
+  zz = np.linspace(-1, 1, d)[:, None, None]
+  phase = rng.uniform(0, 2 * np.pi)
+  ribs = (np.sin(zz * 9.0 * spec.fov_scale + phase) > 0.75) & (tissue == 2)
+  mu = np.where(ribs, 0.8, mu)
+  path = mu.sum(axis=1) * (4.0 / size)  # Line integral along y.
+  image = 1.0 - np.exp(-path)
+  image = _resolution(image[None], spec)[0]
+  image = image * spec.intensity_scale + spec.intensity_offset
+  image = image + spec.noise_std * np.sqrt(np.clip(image, 1e-3, None)) * \
+      rng.standard_normal(image.shape)
+  lo, hi = np.percentile(image, [0.5, 99.5])
+  image = np.clip((image - lo) / (hi - lo + 1e-8), 0.0, 1.0) ** spec.gamma
+  return image[None]
+
+
+def _xray_label(label):
+  """Projection of the 3D labels: lesion if any lesion on the ray, else organ."""
+  organ = (label >= 1).any(axis=1)
+  lesion = (label == 2).any(axis=1)
+  return np.where(lesion, 2, np.where(organ, 1, 0)).astype(np.uint8)[None]
+
+
+def patient_volume(config: SyntheticConfig, site: int, patient: int):
+  """One patient's rendered volume.
+
+  Returns:
+    (image, label): float32 [D, S, S] and uint8 [D, S, S], S = image_size,
+    D = num_slices for CT/MRI and 1 for X-ray.
+  """
+  spec = config.sites[site]
+  rng = np.random.default_rng([config.seed, site, patient])
+  size = config.image_size
+  if spec.modality == "XRAY":
+    tissue, label, texture = _phantom(rng, spec, (size, size, size))
+    image = _render_xray(rng, spec, tissue, texture, size)
+    label = _xray_label(label)
+  else:
+    tissue, label, texture = _phantom(rng, spec, (config.num_slices, size,
+                                                  size))
+    render = _render_ct if spec.modality == "CT" else _render_mri
+    image = render(rng, spec, tissue, texture)
+  return image.astype(np.float32), label
+
+
+def generate(config: SyntheticConfig = SyntheticConfig()
+             ) -> dataset_lib.SliceDataset:
+  """All sites' 2D slices as one `SliceDataset` (deterministic in config).
+
+  Example:
+    >>> data = generate(SyntheticConfig(image_size=16, num_slices=2,
+    ...                                 patients_scale=0.1))
+    >>> data.image.shape[1:], data.site_names[0], data.site_modalities[-1]
+    ((16, 16, 1), 'ct_scanner_a', 'XRAY')
+  """
+  images, labels, sites, patients, slices = [], [], [], [], []
+  patient_names = []
+  for s in range(len(config.sites)):
+    for p in range(config.num_patients(s)):
+      image, label = patient_volume(config, s, p)
+      n = image.shape[0]
+      images.append(image)
+      labels.append(label)
+      sites += [s] * n
+      patients += [len(patient_names)] * n
+      slices += list(range(n))
+      patient_names.append(f"{config.sites[s].name}/patient{p:03d}")
+  modality_of_site = [MODALITIES.index(s.modality) for s in config.sites]
+  site = np.asarray(sites, np.int32)
+  return dataset_lib.SliceDataset(
+      image=np.concatenate(images)[..., None],
+      label=np.concatenate(labels),
+      site=site,
+      patient=np.asarray(patients, np.int32),
+      modality=np.asarray(modality_of_site, np.int32)[site],
+      slice_index=np.asarray(slices, np.int32),
+      site_names=tuple(s.name for s in config.sites),
+      site_modalities=tuple(s.modality for s in config.sites),
+      modality_names=MODALITIES,
+      class_names=CLASS_NAMES,
+      patient_names=tuple(patient_names),
+  )
