@@ -1,0 +1,1 @@
+"""Command-line tools that turn real NIfTI data into fedjax_seg datasets."""
