@@ -1,0 +1,104 @@
+"""Poisson sampling as fixed-shape padded batches, and site participation.
+
+Privacy accounting assumes Poisson sampling: each unit (example or patient)
+of site k is in a step's batch independently with probability q_k = B / N_k.
+A jitted program needs a static batch shape, so the sample is realised as the
+first `max_batch_size` sampled units plus padding, with a mask. If more than
+`max_batch_size` units are sampled the batch is truncated (a random subset of
+the sampled units is kept, since the candidates are in random order); the
+ledger accounts for this (`record(..., dataset_size=N, max_batch_size=B_max)`)
+and `max_batch_size_for` picks B_max so that truncation is negligible.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_seg.privacy import accounting
+from fedjax_seg.privacy import keys as keys_lib
+
+
+def poisson_sample(key: jax.Array, num_units: jax.Array, capacity: int,
+                   sampling_rate: jax.Array,
+                   max_batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """One Poisson sample of a site's units as a padded batch.
+
+  Args:
+    key: a fresh key (`Purpose.SAMPLE_BATCH`).
+    num_units: [] int, N_k; units at positions >= N_k are padding and are never
+      sampled.
+    capacity: static size of the site's unit axis (>= N_k).
+    sampling_rate: [] float, q_k.
+    max_batch_size: static batch size B_max.
+
+  Returns:
+    (indices [B_max] int32 into the unit axis, mask [B_max] bool). Masked
+    entries point at a valid position but must be treated as padding.
+  """
+  positions = jnp.arange(capacity)
+  # Two uniforms per position from fold_in(key, position): the draws of real
+  # units do not depend on how much padding follows them.
+  draws = jax.vmap(lambda i: jax.random.uniform(
+      jax.random.fold_in(key, i), (2,)))(positions)
+  taken = (draws[:, 0] < sampling_rate) & (positions < num_units)
+  # Sampled units first, in random order, so truncation keeps a uniformly
+  # random subset of them.
+  priority = jnp.where(taken, draws[:, 1], 2.0)
+  order = jnp.argsort(priority)[:max_batch_size]
+  if capacity < max_batch_size:
+    pad = max_batch_size - capacity
+    order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
+    mask = jnp.concatenate([taken[order[:capacity]], jnp.zeros((pad,), bool)])
+  else:
+    mask = taken[order]
+  return order.astype(jnp.int32), mask
+
+
+def max_batch_size_for(num_units: int, sampling_rate: float,
+                       tail: float = 1e-12) -> int:
+  """Smallest B_max whose per-step truncation probability is <= `tail`."""
+  if not 0 <= sampling_rate <= 1:
+    raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate}.")
+  mean = num_units * sampling_rate
+  b = max(1, int(np.ceil(mean)))
+  while b < num_units + 1 and accounting.truncation_probability(
+      num_units, sampling_rate, b) > tail:
+    b += max(1, b // 16)
+  return min(b, num_units + 1) if num_units > 0 else 1
+
+
+def sample_participants(root: jax.Array, round_index: int, num_sites: int, *,
+                        sampling_rate: float | None = None,
+                        num_per_round: int | None = None,
+                        dropout_rate: float = 0.0) -> np.ndarray:
+  """[S] bool: the sites that train this round (host side, deterministic).
+
+  Either Poisson with `sampling_rate` (what site-level DP accounting
+  assumes), or a uniform subset of `num_per_round` sites; then each sampled
+  site independently fails to show up with `dropout_rate`. A site that does
+  not train spends no privacy budget.
+  """
+  if (sampling_rate is None) == (num_per_round is None):
+    raise ValueError("give exactly one of sampling_rate and num_per_round.")
+  if not 0 <= dropout_rate < 1:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
+  key = keys_lib.derive_key(root, round_index=round_index, site=0, step=0,
+                            purpose=keys_lib.Purpose.SAMPLE_SITES)
+  if sampling_rate is not None:
+    if not 0 < sampling_rate <= 1:
+      raise ValueError(f"site sampling_rate must be in (0, 1], got "
+                       f"{sampling_rate}.")
+    sampled = np.asarray(jax.random.uniform(key, (num_sites,))) < sampling_rate
+  else:
+    if not 1 <= num_per_round <= num_sites:
+      raise ValueError(f"num_per_round must be in [1, {num_sites}], got "
+                       f"{num_per_round}.")
+    chosen = np.asarray(jax.random.permutation(key, num_sites))[:num_per_round]
+    sampled = np.zeros(num_sites, bool)
+    sampled[chosen] = True
+  if dropout_rate > 0:
+    drop_key = keys_lib.derive_key(root, round_index=round_index, site=0,
+                                   step=0, purpose=keys_lib.Purpose.SITE_DROPOUT)
+    sampled &= np.asarray(jax.random.uniform(drop_key, (num_sites,))) >= (
+        dropout_rate)
+  return sampled

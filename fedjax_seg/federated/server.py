@@ -1,0 +1,190 @@
+"""Server side: aggregation, server optimizers, site-level DP (DP-FedAvg).
+
+The server sees one delta per participating site. Without site-level DP it
+takes their weighted mean (by N_k, or uniform) and hands `-mean_delta` to an
+optax server optimizer as a pseudo-gradient: SGD with learning rate 1 is
+FedAvg, with momentum FedAvgM, Adam FedAdam, Yogi FedYogi (Reddi et al. 2021,
+"Adaptive federated optimization").
+
+With site-level DP (Andrew et al. 2021; McMahan et al. 2018): each site's
+delta is clipped to L2 norm S, the clipped deltas are summed, Gaussian noise
+N(0, (z S)^2) is added, and the sum is divided by the public expected number
+of sites q*K (never the realised count). Sites are Poisson-sampled with rate
+q; the ledger records `PoissonSampledDpEvent(q, Gaussian(z))` per round for
+every site (unit "site"). Optionally S adapts with a noised count
+(`privacy.AdaptiveClipping` over sites).
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_seg import privacy
+from fedjax_seg.privacy import keys as keys_lib
+
+PyTree = chex.ArrayTree
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+WEIGHTINGS = ("num_examples", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+  """Server optimizer and weighting.
+
+  Attributes:
+    optimizer: "fedavg", "fedavgm", "fedadam" or "fedyogi".
+    learning_rate: server learning rate (1.0 for FedAvg).
+    momentum: FedAvgM momentum.
+    b1, b2, eps: FedAdam/FedYogi moments and adaptivity (tau).
+    weighting: "num_examples" (N_k) or "uniform". Site-level DP always
+      weighs uniformly (a weight would depend on private data sizes).
+  """
+
+  optimizer: str = "fedavg"
+  learning_rate: float = 1.0
+  momentum: float = 0.9
+  b1: float = 0.9
+  b2: float = 0.99
+  eps: float = 1e-3
+  weighting: str = "num_examples"
+
+  def __post_init__(self):
+    if self.optimizer not in SERVER_OPTIMIZERS:
+      raise ValueError(f"server optimizer must be one of {SERVER_OPTIMIZERS},"
+                       f" got {self.optimizer!r}.")
+    if self.weighting not in WEIGHTINGS:
+      raise ValueError(f"weighting must be one of {WEIGHTINGS}, got "
+                       f"{self.weighting!r}.")
+    if not self.learning_rate > 0:
+      raise ValueError(f"server learning_rate must be > 0, got "
+                       f"{self.learning_rate}.")
+
+  def optimizer_transform(self) -> optax.GradientTransformation:
+    lr = self.learning_rate
+    if self.optimizer == "fedavg":
+      return optax.sgd(lr)
+    if self.optimizer == "fedavgm":
+      return optax.sgd(lr, momentum=self.momentum)
+    if self.optimizer == "fedadam":
+      return optax.adam(lr, b1=self.b1, b2=self.b2, eps=self.eps)
+    return optax.yogi(lr, b1=self.b1, b2=self.b2, eps=self.eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteLevelDPConfig:
+  """DP-FedAvg: clip each site's delta, noise the sum at the server.
+
+  Attributes:
+    l2_clip_norm: S (initial S with adaptive clipping).
+    noise_multiplier: z (of the delta noise; with adaptive clipping, use
+      `adaptive_clipping.gradient_noise_multiplier(target)` and account
+      `accounted_noise_multiplier(z)`).
+    expected_sites: q*K, the public expected number of sampled sites.
+    adaptive_clipping: optional `privacy.AdaptiveClipping` over sites.
+  """
+
+  l2_clip_norm: float
+  noise_multiplier: float
+  expected_sites: float
+  adaptive_clipping: privacy.AdaptiveClipping | None = None
+
+  def __post_init__(self):
+    if not self.l2_clip_norm > 0 or self.noise_multiplier < 0:
+      raise ValueError("site-level DP needs l2_clip_norm > 0 and "
+                       "noise_multiplier >= 0.")
+    if not self.expected_sites > 0:
+      raise ValueError(f"expected_sites must be > 0, got "
+                       f"{self.expected_sites}.")
+
+
+class ServerState(NamedTuple):
+  params: PyTree
+  opt_state: Any
+  clip: Any  # AdaptiveClipState for site-level adaptive clipping, else ().
+
+
+class ServerMetrics(NamedTuple):
+  """Site-level DP values applied this round (zeros without site-level DP)."""
+
+  noise_multiplier: jax.Array
+  l2_clip_norm: jax.Array
+  num_clipped: jax.Array
+  num_participants: jax.Array
+
+
+def init_server_state(params: PyTree, config: ServerConfig,
+                      site_dp: SiteLevelDPConfig | None) -> ServerState:
+  clip = site_dp.adaptive_clipping.init() if (
+      site_dp is not None and site_dp.adaptive_clipping is not None) else ()
+  return ServerState(params, config.optimizer_transform().init(params), clip)
+
+
+def _tree_norm(tree) -> jax.Array:
+  return optax.global_norm(tree)
+
+
+def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
+                  num_examples: jax.Array, config: ServerConfig,
+                  site_dp: SiteLevelDPConfig | None, round_index,
+                  root_key) -> tuple[ServerState, ServerMetrics]:
+  """Aggregates the sites' deltas ([S, ...] leaves) into new server params.
+
+  Non-participating sites (participating[k] False) contribute nothing, however
+  their delta looks.
+  """
+  part = participating.astype(jnp.float32)
+  zero = jnp.zeros([], jnp.float32)
+  if site_dp is None:
+    weights = part * (num_examples.astype(jnp.float32)
+                      if config.weighting == "num_examples" else 1.0)
+    total = jnp.maximum(jnp.sum(weights), 1e-12)
+    mean_delta = jax.tree.map(
+        lambda d: jnp.tensordot(weights, d, axes=1) / total, deltas)
+    # With no participant the update is zero (and the state does not move).
+    any_site = jnp.sum(part) > 0
+    metrics = ServerMetrics(zero, zero, jnp.zeros([], jnp.int32),
+                            jnp.sum(participating).astype(jnp.int32))
+    clip_state = state.clip
+  else:
+    adaptive = site_dp.adaptive_clipping
+    clip = state.clip.l2_clip_norm if adaptive else jnp.float32(
+        site_dp.l2_clip_norm)
+    norms = jax.vmap(_tree_norm)(deltas)
+    # Sites with a non-finite delta contribute zero (and count as clipped).
+    finite = jnp.isfinite(norms)
+    scale = jnp.where(finite, jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12)),
+                      0.0) * part
+    clipped_sum = jax.tree.map(
+        lambda d: jnp.tensordot(scale, jnp.nan_to_num(d), axes=1), deltas)
+    noise_key = keys_lib.derive_key(root_key, round_index=round_index, site=0,
+                                    step=0, purpose=keys_lib.Purpose.SERVER_NOISE)
+    leaves, treedef = jax.tree.flatten(clipped_sum)
+    leaf_keys = jax.random.split(noise_key, len(leaves))
+    std = site_dp.noise_multiplier * clip
+    noisy = [(leaf + std * jax.random.normal(k, leaf.shape, jnp.float32))
+             / site_dp.expected_sites for leaf, k in zip(leaves, leaf_keys)]
+    mean_delta = jax.tree.unflatten(treedef, noisy)
+    any_site = jnp.array(True)  # Noise is released even with no participant.
+    clip_state = state.clip
+    if adaptive:
+      clip_state = adaptive.update(
+          state.clip, jnp.where(finite, norms, jnp.inf), participating,
+          keys_lib.derive_key(root_key, round_index=round_index, site=0,
+                              step=0,
+                              purpose=keys_lib.Purpose.SERVER_CLIP_COUNT_NOISE))
+    metrics = ServerMetrics(
+        jnp.float32(site_dp.noise_multiplier), clip.astype(jnp.float32),
+        jnp.sum(participating & ((norms > clip) | ~finite)).astype(jnp.int32),
+        jnp.sum(participating).astype(jnp.int32))
+  tx = config.optimizer_transform()
+  pseudo_grad = jax.tree.map(lambda d: -d, mean_delta)
+  updates, opt_state = tx.update(pseudo_grad, state.opt_state, state.params)
+  params = jax.tree.map(lambda p, u: jnp.where(any_site, p + u, p),
+                        state.params, updates)
+  opt_state = jax.tree.map(lambda new, old: jnp.where(any_site, new, old),
+                           opt_state, state.opt_state)
+  return ServerState(params, opt_state, clip_state), metrics

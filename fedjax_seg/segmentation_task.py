@@ -1,0 +1,35 @@
+"""Glue between segmentation (data, models) and the image-agnostic federated
+engine: the per-example loss and the conversion of site arrays."""
+
+import jax.numpy as jnp
+
+from fedjax_seg.data import sites as sites_lib
+from fedjax_seg.federated import client as client_lib
+from fedjax_seg.models import losses
+from fedjax_seg.models import unet
+
+
+def example_loss(model: unet.SegmentationModel, class_weights=None):
+  """`(params, example) -> scalar` Dice + CE loss of ONE slice.
+
+  `example` is {"image": [H, W, C], "label": [H, W]} (no batch axis); the
+  model is applied to a batch of one, which is exact for our per-example
+  U-Nets.
+  """
+
+  def loss_fn(params, example):
+    logits = model.apply(params, example["image"][None])[0]
+    return losses.dice_ce_loss(logits, example["label"].astype(jnp.int32),
+                               class_weights=class_weights)
+
+  return loss_fn
+
+
+def site_data(arrays: sites_lib.SiteArrays) -> client_lib.SiteData:
+  """`SiteArrays` (one split) as the federated engine's `SiteData`."""
+  return client_lib.SiteData(
+      examples={"image": arrays.image, "label": arrays.label},
+      num_examples=arrays.num_examples,
+      groups=arrays.groups,
+      group_mask=arrays.group_mask,
+      num_groups=arrays.num_patients)

@@ -1,0 +1,259 @@
+"""Tests for fedjax_seg.federated rounds: backends, FedAvg, padding, keys."""
+
+import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_seg import federated as fed
+from fedjax_seg.federated import sampling
+from fedjax_seg.privacy import keys
+from tests.federated import toy
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+DATA = toy.site_data()
+CFG = toy.site_config(DATA)
+PART = np.array([True, True, False, True])
+
+
+@pytest.mark.parametrize("unit", ["example", "patient"])
+def test_backends_agree(unit):
+  data = toy.site_data(patients=unit == "patient")
+  cfg = toy.site_config(data)
+  results = {}
+  for backend in ("loop", "vmap", "map"):
+    tr = toy.trainer(backend, local_dp=fed.LocalDPConfig(unit=unit,
+                                                         l2_clip_norm=1.0))
+    results[backend] = toy.run(tr, data, cfg, participating=PART)
+  ref_server, ref_sites, ref_out = results["loop"]
+  for backend in ("vmap", "map"):
+    server, sites, out = results[backend]
+    chex.assert_trees_all_close(server.params, ref_server.params, rtol=1e-5,
+                                atol=1e-6)
+    chex.assert_trees_all_close(out[-1].client, ref_out[-1].client,
+                                rtol=1e-5, atol=1e-5)
+
+
+def test_shard_backend_on_8_cpu_devices_matches_loop():
+  """In a subprocess: the device count must be set before jax starts."""
+  code = """
+import numpy as np, jax, chex
+from tests.federated import toy
+assert jax.device_count() == 8
+for sizes in [(12, 8, 5, 10, 7, 9), (4,) * 8]:  # 6 sites: padded to 8.
+  data = toy.site_data(sizes)
+  cfg = toy.site_config(data)
+  part = np.arange(len(sizes)) % 3 != 1
+  a = toy.run(toy.trainer("shard"), data, cfg, participating=part)
+  b = toy.run(toy.trainer("loop"), data, cfg, participating=part)
+  chex.assert_trees_all_close(a[0].params, b[0].params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(a[2][-1].client, b[2][-1].client, rtol=1e-5,
+                              atol=1e-5)
+print("shard ok")
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0 and "shard ok" in result.stdout, (
+      result.stderr[-3000:])
+
+
+def test_no_privacy_round_equals_fedavg_by_hand():
+  tr = toy.trainer("vmap", dp=False, steps=2)
+  server, _, _ = toy.run(tr, DATA, CFG, rounds=1, participating=PART)
+  root = jax.random.key(0)
+  params0 = toy.init_params()
+  deltas, weights = [], []
+  for k in np.flatnonzero(PART):
+    p = params0
+    for t in range(2):
+      key = keys.derive_key(root, round_index=0, site=int(k), step=t,
+                            purpose=keys.Purpose.SAMPLE_BATCH)
+      idx, mask = sampling.poisson_sample(
+          key, DATA.num_examples[k], DATA.examples["x"].shape[1],
+          CFG.sampling_rate[k], 12)
+      idx = np.asarray(idx)[np.asarray(mask)]
+      ex = {"x": DATA.examples["x"][k, idx], "y": DATA.examples["y"][k, idx]}
+      grad = jax.grad(lambda q: jnp.mean(jax.vmap(
+          lambda e: toy.loss_fn(q, e))(ex)))(p)
+      p = jax.tree.map(lambda a, g: a - 0.05 * g, p, grad)
+    deltas.append(jax.tree.map(lambda a, b: a - b, p, params0))
+    weights.append(float(DATA.num_examples[k]))
+  w = np.array(weights) / sum(weights)
+  expected = jax.tree.map(lambda p0, *d: p0 + sum(wi * di for wi, di in
+                                                  zip(w, d)),
+                          params0, *deltas)
+  chex.assert_trees_all_close(server.params, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dummy_sites_and_padded_examples_change_nothing():
+  ref = toy.run(toy.trainer("vmap"), DATA, CFG, participating=PART)
+  # A padded dummy site that never participates, full of garbage.
+  bigger = toy.site_data((12, 8, 5, 10, 3), seed=0)
+  bigger = jax.tree.map(lambda a, b: np.concatenate([a, b[4:5]]), DATA,
+                        bigger)
+  cfg = toy.site_config(bigger)
+  out = toy.run(toy.trainer("vmap"), bigger, cfg,
+                participating=np.append(PART, False))
+  chex.assert_trees_all_close(out[0].params, ref[0].params, rtol=1e-6)
+  # The same sites padded to a larger capacity (garbage in the padding).
+  padded = toy.site_data(capacity=20)
+  padded = padded._replace(examples=jax.tree.map(
+      lambda p, d: np.concatenate([d, p[:, 12:]], axis=1), padded.examples,
+      DATA.examples))
+  out = toy.run(toy.trainer("vmap"), padded, CFG, participating=PART)
+  chex.assert_trees_all_close(out[0].params, ref[0].params, rtol=1e-6)
+
+
+def test_deterministic_given_the_seed_and_seed_dependent():
+  a = toy.run(toy.trainer("vmap"), DATA, CFG, seed=5)
+  b = toy.run(toy.trainer("vmap"), DATA, CFG, seed=5)
+  c = toy.run(toy.trainer("vmap"), DATA, CFG, seed=6)
+  chex.assert_trees_all_equal(a[0].params, b[0].params)
+  assert not np.allclose(a[0].params["w"], c[0].params["w"])
+
+
+def test_identical_sites_draw_different_noise():
+  same = toy.site_data((8, 8))
+  same = jax.tree.map(lambda a: np.stack([a[0], a[0]]), same)
+  tr = toy.trainer("loop", steps=1)
+  server_state, site_states = tr.init(toy.init_params(), 2)
+  out = tr._jit_client(server_state.params,
+                       jax.tree.map(lambda x: x[0], site_states),
+                       jax.tree.map(lambda x: x[0], same),
+                       jax.tree.map(lambda x: x[0], toy.site_config(same)),
+                       jnp.int32(0), jnp.int32(0), jax.random.key(0))
+  out1 = tr._jit_client(server_state.params,
+                        jax.tree.map(lambda x: x[1], site_states),
+                        jax.tree.map(lambda x: x[1], same),
+                        jax.tree.map(lambda x: x[1], toy.site_config(same)),
+                        jnp.int32(0), jnp.int32(1), jax.random.key(0))
+  assert not np.allclose(out.delta["w"], out1.delta["w"])
+
+
+@pytest.mark.parametrize("backend", ["loop", "vmap", "map"])
+def test_exactly_one_compilation_across_rounds(backend):
+  tr = toy.trainer(backend)
+  server_state, site_states = tr.init(toy.init_params(), 4)
+  counts = []
+  for r in range(4):
+    part = np.array([r % 2 == 0, True, r < 2, True])
+    server_state, site_states, _ = tr.run_round(
+        server_state, site_states, DATA, CFG, part, r, jax.random.key(0))
+    counts.append(tr.compilations())
+  assert counts == [counts[0]] * 4, counts
+  assert counts[0] == (2 if backend == "loop" else 1)
+
+
+def test_fedprox_zero_is_fedavg_and_positive_mu_pulls_to_global():
+  base = dict(local_steps=5, expected_batch_size=4, max_batch_size=12,
+              learning_rate=0.1)
+  avg = toy.run(toy.trainer("vmap", client=fed.ClientConfig(**base)), DATA,
+                CFG, rounds=1)
+  prox0 = toy.run(toy.trainer("vmap", client=fed.ClientConfig(
+      **base, prox_mu=0.0)), DATA, CFG, rounds=1)
+  prox = toy.run(toy.trainer("vmap", client=fed.ClientConfig(
+      **base, prox_mu=5.0)), DATA, CFG, rounds=1)
+  chex.assert_trees_all_equal(avg[0].params, prox0[0].params)
+  assert float(jnp.linalg.norm(prox[0].params["w"])) < float(
+      jnp.linalg.norm(avg[0].params["w"]))
+
+
+def test_fedbn_keeps_normalisation_params_at_each_site():
+  mask = {"w": False, "b": False, "norm": {"scale": True}}
+  tr = toy.trainer("vmap", norm_mask=mask)
+  server, sites, _ = toy.run(tr, DATA, CFG, participating=PART)
+  assert float(server.params["norm"]["scale"]) == 1.0  # Never aggregated.
+  local = np.asarray(sites.local_params["norm"]["scale"])
+  assert local[2] == 1.0  # Site 2 never trained.
+  assert len(set(np.round(local[[0, 1, 3]], 6))) == 3  # Each its own.
+  assert not np.allclose(server.params["w"], 0.0)
+
+
+def test_reported_sigma_c_and_q_are_what_was_applied():
+  cfg = CFG._replace(noise_multiplier=jnp.array([0.5, 0.7, 0.9, 1.1]))
+  _, _, outs = toy.run(toy.trainer("vmap"), DATA, cfg, participating=PART)
+  m = outs[-1].client
+  np.testing.assert_allclose(m.noise_multiplier, [0.5, 0.7, 0.0, 1.1])
+  np.testing.assert_allclose(m.l2_clip_norm, [1.0, 1.0, 0.0, 1.0])
+  np.testing.assert_allclose(m.sampling_rate,
+                             np.where(PART, cfg.sampling_rate, 0.0))
+  np.testing.assert_array_equal(m.steps, [3, 3, 0, 3])
+
+
+def test_adaptive_clipping_per_site_persists_across_rounds():
+  from fedjax_seg import privacy  # pylint: disable=g-import-not-at-top
+  ac = privacy.AdaptiveClipping(initial_l2_clip_norm=0.01,
+                                target_quantile=0.5,
+                                count_noise_multiplier=1.0,
+                                expected_batch_size=4)
+  tr = toy.trainer("vmap", local_dp=fed.LocalDPConfig(adaptive_clipping=ac))
+  _, sites, outs = toy.run(tr, DATA, CFG, rounds=3)
+  assert (np.asarray(sites.clip.l2_clip_norm) > 0.01).all()
+  assert (np.asarray(sites.clip.count) == 9).all()
+  assert (np.asarray(outs[-1].client.l2_clip_norm) > 0.01).all()
+
+
+@pytest.mark.parametrize("optimizer", ["fedavgm", "fedadam", "fedyogi"])
+def test_server_optimizers_train(optimizer):
+  server = fed.ServerConfig(optimizer=optimizer, learning_rate=0.1)
+  tr = toy.trainer("vmap", dp=False, server=server)
+  result, _, _ = toy.run(tr, DATA, CFG, rounds=5)
+  plain, _, _ = toy.run(toy.trainer("vmap", dp=False), DATA, CFG, rounds=5)
+  assert not np.allclose(result.params["w"], plain.params["w"])
+  assert float(jnp.linalg.norm(result.params["w"])) > 0.05
+
+
+def test_site_level_dp_noise_and_clipping():
+  site_dp = fed.SiteLevelDPConfig(l2_clip_norm=0.01, noise_multiplier=2.0,
+                                  expected_sites=2.0)
+  tr = toy.trainer("vmap", dp=False, site_dp=site_dp)
+  server, _, outs = toy.run(tr, DATA, CFG, rounds=1,
+                            participating=np.array([True, True, False,
+                                                    False]))
+  assert float(outs[0].server.noise_multiplier) == 2.0
+  assert int(outs[0].server.num_participants) == 2
+  assert int(outs[0].server.num_clipped) == 2
+  # Noise only (zero clip contribution): std of the update is z S / (q K).
+  zero_sites = fed.SiteLevelDPConfig(l2_clip_norm=1.0, noise_multiplier=3.0,
+                                     expected_sites=4.0)
+  from fedjax_seg.federated import server as server_lib  # pylint: disable=g-import-not-at-top
+  params = {"w": jnp.zeros(20000)}
+  state = server_lib.init_server_state(params, fed.ServerConfig(), zero_sites)
+  new, _ = server_lib.server_update(
+      state, {"w": jnp.zeros((3, 20000))}, jnp.array([True, False, True]),
+      jnp.array([1, 1, 1]), fed.ServerConfig(), zero_sites, jnp.int32(0),
+      jax.random.key(0))
+  assert float(jnp.std(new.params["w"])) == pytest.approx(3.0 / 4.0, rel=0.03)
+  # A huge delta from one site moves the sum by at most S (before noise).
+  quiet = dataclasses.replace(zero_sites, noise_multiplier=0.0)
+  new, _ = server_lib.server_update(
+      state, {"w": jnp.full((3, 20000), 1e3)}, jnp.array([True, False, True]),
+      jnp.array([1, 1, 1]), fed.ServerConfig(), quiet, jnp.int32(0),
+      jax.random.key(0))
+  assert float(jnp.linalg.norm(new.params["w"])) == pytest.approx(2.0 / 4.0,
+                                                                   rel=1e-5)
+
+
+def test_leave_one_site_out_and_evaluation():
+  part = fed.exclude_sites(np.ones(4, bool), [2])
+  server, sites, outs = toy.run(toy.trainer("vmap"), DATA, CFG,
+                                participating=part)
+  assert int(outs[-1].client.steps[2]) == 0
+
+  def eval_fn(params, examples, n):
+    mask = jnp.arange(examples["y"].shape[0]) < n
+    err = jax.vmap(lambda e: toy.loss_fn(params, e))(examples)
+    return jnp.sum(jnp.where(mask, err, 0.0)) / n
+
+  scores = fed.evaluate_sites(eval_fn, server.params, DATA)
+  assert len(scores) == 4 and all(np.isfinite(s) for s in scores)

@@ -1,0 +1,59 @@
+"""Tests for fedjax_seg.federated.sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_seg import federated as fed
+from fedjax_seg import privacy
+
+
+def test_poisson_sample_rate_padding_and_shape():
+  sample = jax.jit(fed.poisson_sample, static_argnums=(2, 4))
+  counts, seen = [], np.zeros(50, int)
+  for t in range(400):
+    idx, mask = sample(jax.random.key(t), jnp.int32(40), 50, jnp.float32(0.1),
+                       16)
+    assert idx.shape == (16,) and mask.shape == (16,)
+    chosen = np.asarray(idx)[np.asarray(mask)]
+    assert len(set(chosen.tolist())) == len(chosen)  # No duplicates.
+    assert (chosen < 40).all()  # Padding is never sampled.
+    seen[chosen] += 1
+    counts.append(len(chosen))
+  assert np.mean(counts) == pytest.approx(4.0, rel=0.1)
+  assert seen[40:].sum() == 0
+  # Every real unit is sampled at about the rate q (400 draws: 40 +- 19).
+  assert seen[:40].min() > 20 and seen[:40].max() < 65
+
+
+def test_padding_capacity_does_not_change_the_draws():
+  key = jax.random.key(3)
+  a = fed.poisson_sample(key, jnp.int32(20), 20, jnp.float32(0.3), 12)
+  b = fed.poisson_sample(key, jnp.int32(20), 64, jnp.float32(0.3), 12)
+  np.testing.assert_array_equal(np.asarray(a[0])[np.asarray(a[1])],
+                                np.asarray(b[0])[np.asarray(b[1])])
+
+
+def test_max_batch_size_makes_truncation_negligible():
+  b = fed.max_batch_size_for(1000, 0.016)
+  assert privacy.truncation_probability(1000, 0.016, b) <= 1e-12
+  assert 16 < b < 64
+  assert fed.max_batch_size_for(5, 1.0) == 6
+
+
+def test_participants_deterministic_with_counts_and_dropouts():
+  root = jax.random.key(0)
+  a = fed.sample_participants(root, 3, 10, num_per_round=4)
+  np.testing.assert_array_equal(a, fed.sample_participants(
+      root, 3, 10, num_per_round=4))
+  assert a.sum() == 4
+  rates = np.mean([fed.sample_participants(root, r, 10, sampling_rate=0.3)
+                   for r in range(300)])
+  assert rates == pytest.approx(0.3, abs=0.03)
+  dropped = np.mean([fed.sample_participants(root, r, 10, sampling_rate=1.0,
+                                              dropout_rate=0.2)
+                     for r in range(300)])
+  assert dropped == pytest.approx(0.8, abs=0.03)
+  with pytest.raises(ValueError, match="exactly one"):
+    fed.sample_participants(root, 0, 10)

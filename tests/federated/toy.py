@@ -1,0 +1,78 @@
+"""A tiny linear-regression federation for the federated tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_seg import federated as fed
+
+DIM = 3
+W_TRUE = np.array([1.0, -2.0, 0.5], np.float32)
+
+
+def loss_fn(params, example):
+  """Per-example squared error (plus a 'norm' parameter for FedBN tests)."""
+  pred = example["x"] @ params["w"] * params["norm"]["scale"] + params["b"]
+  return (pred - example["y"]) ** 2
+
+
+def init_params():
+  return {"w": jnp.zeros(DIM), "b": jnp.zeros(()),
+          "norm": {"scale": jnp.ones(())}}
+
+
+def site_data(sizes=(12, 8, 5, 10), capacity=None, seed=0, patients=False):
+  """Stacked, padded sites; padding holds garbage (it must never matter)."""
+  sizes = np.asarray(sizes, np.int32)
+  m = capacity or int(sizes.max())
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(len(sizes), m, DIM)).astype(np.float32)
+  y = (x @ W_TRUE + 0.1 * rng.normal(size=(len(sizes), m))).astype(np.float32)
+  pad = np.arange(m)[None, :] >= sizes[:, None]
+  x[pad] = 1e6
+  y[pad] = np.nan
+  if patients:  # Patients of 2 consecutive slices.
+    p = (m + 1) // 2
+    groups = np.stack([np.arange(p) * 2, np.minimum(np.arange(p) * 2 + 1,
+                                                    m - 1)], -1)
+    groups = np.broadcast_to(groups, (len(sizes), p, 2)).astype(np.int32)
+    group_mask = groups < sizes[:, None, None]
+    group_mask[:, :, 1] &= groups[:, :, 1] != groups[:, :, 0]
+    num_groups = group_mask[:, :, 0].sum(1).astype(np.int32)
+  else:
+    groups = np.broadcast_to(np.arange(m)[None, :, None],
+                             (len(sizes), m, 1)).astype(np.int32)
+    group_mask = ~pad[..., None]
+    num_groups = sizes
+  return fed.SiteData({"x": x, "y": y}, sizes, groups, group_mask, num_groups)
+
+
+def site_config(data, batch=4, sigma=1.0):
+  n = np.asarray(data.num_groups, np.float32)
+  return fed.SiteConfig(jnp.asarray(np.minimum(1.0, batch / n)),
+                        jnp.full(n.shape, sigma, jnp.float32))
+
+
+def trainer(backend="loop", dp=True, steps=3, **kwargs):
+  client = kwargs.pop("client", fed.ClientConfig(
+      local_steps=steps, expected_batch_size=4, max_batch_size=12,
+      learning_rate=0.05))
+  local_dp = kwargs.pop("local_dp", fed.LocalDPConfig(enabled=dp,
+                                                     l2_clip_norm=1.0))
+  server = kwargs.pop("server", fed.ServerConfig())
+  return fed.FederatedTrainer(loss_fn, client, local_dp, server,
+                              backend=backend, **kwargs)
+
+
+def run(tr, data, cfg, rounds=3, participating=None, seed=0):
+  num_sites = data.num_examples.shape[0]
+  if participating is None:
+    participating = np.ones(num_sites, bool)
+  server_state, site_states = tr.init(init_params(), num_sites)
+  outputs = []
+  for r in range(rounds):
+    server_state, site_states, out = tr.run_round(
+        server_state, site_states, data, cfg, participating, r,
+        jax.random.key(seed))
+    outputs.append(out)
+  return server_state, site_states, outputs
