@@ -71,22 +71,37 @@ def train(model: unet.SegmentationModel, data: dataset_lib.SliceDataset,
 
 
 def evaluate(model: unet.SegmentationModel, params,
-             data: sites_lib.SiteArrays, batch_size: int = 64) -> dict:
-  """Dice / IoU of `params` on every site's real slices.
+             data: sites_lib.SiteArrays, batch_size: int = 64,
+             with_hd95: bool = False) -> dict:
+  """Dice / IoU (and optionally HD95) of a model on every site's slices.
+
+  Args:
+    model: the model.
+    params: params, or a callable `site index -> params` (e.g. FedBN, where
+      each site has its own normalisation parameters).
+    data: one split of every site.
+    batch_size: evaluation chunk (padded, so one compilation).
+    with_hd95: also compute HD95 per site and foreground class (host side).
 
   Returns:
     {"dice_per_site": [S, K], "iou_per_site": [S, K],
-     "dice_per_modality": [num_modalities, K], "per_example_dice": [S, M, K]}
-    as numpy arrays (NaN for a site or modality without slices).
+     "dice_per_modality": [num_modalities, K], "per_example_dice": [S, M, K],
+     and "hd95_per_site": [S, K-1] if requested} as numpy arrays (NaN for a
+    site or modality without slices).
   """
-  apply = jax.jit(lambda p, x, y: metrics.per_example_scores(
-      model.apply(p, x), y))
+  params_of = params if callable(params) else (lambda _: params)
+  apply = jax.jit(lambda p, x, y: (lambda logits: (
+      metrics.per_example_scores(logits, y), jnp.argmax(logits, -1)))(
+          model.apply(p, x)))
   num_sites, m = data.mask.shape
   k = len(data.class_names)
   dice = np.zeros((num_sites, m, k), np.float32)
   iou = np.zeros((num_sites, m, k), np.float32)
+  hd95 = np.full((num_sites, k - 1), np.nan)
   for s in range(num_sites):
     n = int(data.num_examples[s])
+    site_params = params_of(s)
+    site_hd95 = []
     for start in range(0, n, batch_size):
       stop = min(start + batch_size, n)
       # Pad the chunk to a fixed size: one compilation for all chunks.
@@ -94,11 +109,18 @@ def evaluate(model: unet.SegmentationModel, params,
       y = np.zeros((batch_size,) + data.label.shape[2:], np.int32)
       x[:stop - start] = data.image[s, start:stop]
       y[:stop - start] = data.label[s, start:stop]
-      scores = apply(params, x, y)
+      scores, pred = apply(site_params, x, y)
       dice[s, start:stop] = np.asarray(scores["dice"])[:stop - start]
       iou[s, start:stop] = np.asarray(scores["iou"])[:stop - start]
+      if with_hd95:
+        pred = np.asarray(pred)
+        site_hd95 += [metrics.hd95_per_class(pred[i], y[i], k)
+                      for i in range(stop - start)]
+    if site_hd95:
+      hd95[s] = np.mean(site_hd95, axis=0)
   mask = jnp.asarray(data.mask)
-  return {
+  extra = {"hd95_per_site": hd95} if with_hd95 else {}
+  return {**extra,
       "dice_per_site": np.asarray(metrics.per_site(jnp.asarray(dice), mask)),
       "iou_per_site": np.asarray(metrics.per_site(jnp.asarray(iou), mask)),
       "dice_per_modality": np.asarray(metrics.per_modality(

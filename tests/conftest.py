@@ -6,8 +6,13 @@ jax is imported, so it is not set here.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Runs started by the tests share one persistent compilation cache, kept out
+# of the user's home.
+os.environ.setdefault("FEDJAX_SEG_COMPILATION_CACHE", os.path.join(
+    tempfile.gettempdir(), f"fedjax_seg_test_jax_cache_{os.getuid()}"))
 
 from hypothesis import settings  # pylint: disable=g-import-not-at-top
 

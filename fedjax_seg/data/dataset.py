@@ -12,8 +12,8 @@ class SliceDataset:
   All per-slice arrays share the leading axis N.
 
   Attributes:
-    image: [N, H, W, C] float32, normalised intensities.
-    label: [N, H, W] uint8, class indices into `class_names`.
+    image: [N, H, W, C] (or [N, D, H, W, C] volumes) float32, normalised.
+    label: [N, H, W] (or [N, D, H, W]) uint8, indices into `class_names`.
     site: [N] int32, index into `site_names`.
     patient: [N] int32, index into `patient_names` (unique across sites).
     modality: [N] int32, index into `modality_names`.
@@ -39,11 +39,12 @@ class SliceDataset:
 
   def __post_init__(self):
     n = self.image.shape[0]
-    if self.image.ndim != 4:
-      raise ValueError(f"image must be [N, H, W, C], got {self.image.shape}.")
-    if self.label.shape != self.image.shape[:3]:
+    if self.image.ndim not in (4, 5):
+      raise ValueError(f"image must be [N, H, W, C] (slices) or "
+                       f"[N, D, H, W, C] (volumes), got {self.image.shape}.")
+    if self.label.shape != self.image.shape[:-1]:
       raise ValueError(f"label shape {self.label.shape} does not match image "
-                       f"shape {self.image.shape[:3]}.")
+                       f"shape {self.image.shape[:-1]}.")
     for name in ("site", "patient", "modality", "slice_index"):
       if getattr(self, name).shape != (n,):
         raise ValueError(f"{name} must have shape ({n},), got "

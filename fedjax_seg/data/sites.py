@@ -72,8 +72,8 @@ class SiteArrays:
   """All sites' slices of one split, stacked and padded.
 
   Attributes:
-    image: [S, M, H, W, C] float32 (zeros where padded).
-    label: [S, M, H, W] uint8.
+    image: [S, M, H, W, C] (or [S, M, D, H, W, C]) float32, 0 where padded.
+    label: [S, M, H, W] (or [S, M, D, H, W]) uint8.
     mask: [S, M] bool, True for real slices.
     patient: [S, M] int32 patient index (-1 where padded).
     slice_index: [S, M] int32.
@@ -129,9 +129,8 @@ def stack_sites(data: dataset_lib.SliceDataset, *,
       raise ValueError(f"pad_examples_to={pad_examples_to} is below the "
                        f"largest site's {m} slices.")
     m = pad_examples_to
-  h, w, c = data.image.shape[1:]
-  image = np.zeros((num_sites, m, h, w, c), np.float32)
-  label = np.zeros((num_sites, m, h, w), np.uint8)
+  image = np.zeros((num_sites, m) + data.image.shape[1:], np.float32)
+  label = np.zeros((num_sites, m) + data.label.shape[1:], np.uint8)
   mask = np.zeros((num_sites, m), bool)
   patient = np.full((num_sites, m), -1, np.int32)
   slice_index = np.zeros((num_sites, m), np.int32)

@@ -344,3 +344,38 @@ def generate(config: SyntheticConfig = SyntheticConfig()
       class_names=CLASS_NAMES,
       patient_names=tuple(patient_names),
   )
+
+
+def generate_volumes(config: SyntheticConfig = SyntheticConfig()
+                     ) -> dataset_lib.SliceDataset:
+  """One 3D volume per CT/MRI patient ([N, D, S, S, 1]) for 3D models.
+
+  X-ray sites are left out (their images are 2D projections).
+
+  Example:
+    >>> vols = generate_volumes(SyntheticConfig(image_size=16, num_slices=4,
+    ...                                         patients_scale=0.1))
+    >>> vols.image.shape[1:], "XRAY" in vols.site_modalities
+    ((4, 16, 16, 1), False)
+  """
+  keep = [s for s, spec in enumerate(config.sites) if spec.modality != "XRAY"]
+  images, labels, sites, names = [], [], [], []
+  for new_index, s in enumerate(keep):
+    for p in range(config.num_patients(s)):
+      image, label = patient_volume(config, s, p)
+      images.append(image)
+      labels.append(label)
+      sites.append(new_index)
+      names.append(f"{config.sites[s].name}/patient{p:03d}")
+  specs = [config.sites[s] for s in keep]
+  site = np.asarray(sites, np.int32)
+  return dataset_lib.SliceDataset(
+      image=np.stack(images)[..., None], label=np.stack(labels), site=site,
+      patient=np.arange(len(names), dtype=np.int32),
+      modality=np.asarray([MODALITIES.index(spec.modality)
+                           for spec in specs], np.int32)[site],
+      slice_index=np.zeros(len(names), np.int32),
+      site_names=tuple(spec.name for spec in specs),
+      site_modalities=tuple(spec.modality for spec in specs),
+      modality_names=MODALITIES, class_names=CLASS_NAMES,
+      patient_names=tuple(names))

@@ -1,4 +1,4 @@
-"""One site's local training: DP-SGD steps under `lax.scan`.
+"""One site's local training: DP-SGD steps under `lax.scan` (or unrolled).
 
 `make_client_update` returns a pure function
 
@@ -32,6 +32,13 @@ from fedjax_seg.privacy import keys as keys_lib
 PyTree = chex.ArrayTree
 UNITS = ("example", "patient")
 LOCAL_OPTIMIZERS = ("sgd", "momentum", "adam")
+LOCAL_LOOPS = ("auto", "scan", "unroll")
+
+
+def resolve_local_loop(local_loop: str) -> str:
+  if local_loop == "auto":
+    return "unroll" if jax.default_backend() == "cpu" else "scan"
+  return local_loop
 
 
 class SiteData(NamedTuple):
@@ -89,7 +96,13 @@ class ClientConfig:
     learning_rate: local learning rate.
     optimizer: "sgd", "momentum" or "adam" (state reset every round).
     prox_mu: FedProx proximal weight (0 = FedAvg).
-    microbatch_size: per-example gradients in chunks of this many units.
+    microbatch_size: per-example gradients in chunks of this many units
+      (performance only).
+    local_loop: how local steps are iterated (performance only): "scan"
+      (`lax.scan`, one compiled step), "unroll" (a static Python loop, compile
+      time grows with local_steps), or "auto": "unroll" on CPU, where XLA runs
+      gradient convolutions inside a loop body about 15x slower (measured:
+      0.86 s vs 0.053 s per step of the tiny U-Net, jax 0.10.2), else "scan".
   """
 
   local_steps: int = 1
@@ -99,8 +112,12 @@ class ClientConfig:
   optimizer: str = "sgd"
   prox_mu: float = 0.0
   microbatch_size: int | None = None
+  local_loop: str = "auto"
 
   def __post_init__(self):
+    if self.local_loop not in LOCAL_LOOPS:
+      raise ValueError(f"local_loop must be one of {LOCAL_LOOPS}, got "
+                       f"{self.local_loop!r}.")
     if self.local_steps < 1:
       raise ValueError(f"local_steps must be >= 1, got {self.local_steps}.")
     if not 0 < self.expected_batch_size <= self.max_batch_size:
@@ -280,8 +297,12 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
                              jnp.zeros([], jnp.int32))
     carry = (start, local_opt.init(start), noise_tx.init(start),
              site_state.clip, metrics0)
-    (params, _, _, clip_state, metrics), _ = jax.lax.scan(
-        step_fn, carry, jnp.arange(client.local_steps))
+    if resolve_local_loop(client.local_loop) == "scan":
+      carry, _ = jax.lax.scan(step_fn, carry, jnp.arange(client.local_steps))
+    else:
+      for step in range(client.local_steps):
+        carry, _ = step_fn(carry, jnp.int32(step))
+    params, _, _, clip_state, metrics = carry
     delta = jax.tree.map(lambda p, s: p - s, params, start)
     local = site_state.local_params
     if norm_mask is not None:  # FedBN: these leaves stay at the site.

@@ -16,9 +16,9 @@ your own JAX code"):
   ledger.record(site, sigma, q, steps=1)
 """
 
-from fedjax_seg.privacy.accounting import BudgetExceededError
 from fedjax_seg.privacy.accounting import event_from_dict
 from fedjax_seg.privacy.accounting import event_to_dict
+from fedjax_seg.privacy.accounting import grouped_composition
 from fedjax_seg.privacy.accounting import poisson_gaussian_event
 from fedjax_seg.privacy.accounting import PrivacyLedger
 from fedjax_seg.privacy.accounting import truncation_probability

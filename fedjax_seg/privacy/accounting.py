@@ -188,8 +188,27 @@ def event_from_dict(data: Mapping) -> dp_accounting.DpEvent:
   return dp_accounting.DpEvent.from_named_tuple(convert(dict(data)))
 
 
-class BudgetExceededError(RuntimeError):
-  """A planned round would take a site past its epsilon budget."""
+def grouped_composition(
+    events: Sequence[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
+  """The composition of `events` with equal events counted together.
+
+  Composition is commutative, so `[SelfComposed(e, 2), SelfComposed(e, 2),
+  e']` equals `Composed([SelfComposed(e, 4), e'])`; a PLD accountant then
+  builds one distribution per distinct event and self-composes it (fast),
+  instead of one per round.
+  """
+  grouped: dict = {}
+  unhashable = []
+  for event in events:
+    base, count = ((event.event, event.count) if isinstance(
+        event, dp_accounting.SelfComposedDpEvent) else (event, 1))
+    try:
+      grouped[base] = grouped.get(base, 0) + count
+    except TypeError:  # Unhashable (e.g. a ComposedDpEvent): keep as is.
+      unhashable.append(event)
+  return dp_accounting.ComposedDpEvent(
+      [dp_accounting.SelfComposedDpEvent(base, n)
+       for base, n in grouped.items()] + unhashable)
 
 
 class PrivacyLedger:
@@ -342,7 +361,7 @@ class PrivacyLedger:
     if not self._events[site]:
       return 0.0
     accountant = pld.PLDAccountant(_ADD_REMOVE, value_discretization_interval)
-    accountant.compose(dp_accounting.ComposedDpEvent(self._events[site]))
+    accountant.compose(grouped_composition(self._events[site]))
     return float(accountant.get_epsilon(self.delta))
 
   def events(self, site: str) -> list[dp_accounting.DpEvent]:

@@ -257,3 +257,17 @@ def test_leave_one_site_out_and_evaluation():
 
   scores = fed.evaluate_sites(eval_fn, server.params, DATA)
   assert len(scores) == 4 and all(np.isfinite(s) for s in scores)
+
+
+def test_scan_and_unrolled_local_steps_agree():
+  results = []
+  for loop in ("scan", "unroll"):
+    client = fed.ClientConfig(local_steps=3, expected_batch_size=4,
+                              max_batch_size=12, learning_rate=0.05,
+                              local_loop=loop)
+    results.append(toy.run(toy.trainer("vmap", client=client), DATA, CFG,
+                           participating=PART))
+  chex.assert_trees_all_close(results[0][0].params, results[1][0].params,
+                              rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(results[0][2][-1].client,
+                              results[1][2][-1].client, rtol=1e-6)

@@ -201,3 +201,18 @@ def test_pld_agrees_with_plain_pld_accountant():
   assert ledger.epsilon_pld("a") == pytest.approx(acc.get_epsilon(1e-5),
                                                   rel=1e-9)
   assert ledger.epsilon_pld("a") < ledger.epsilon("a")
+
+
+def test_pld_groups_repeated_events_without_changing_the_figure():
+  ledger = accounting.PrivacyLedger(["a"], delta=1e-5)
+  for _ in range(20):  # One record per round, as the runner does.
+    ledger.record("a", 1.0, 0.05, 2, dataset_size=200, max_batch_size=40)
+  ledger.record("a", 1.3, 0.05, 3)
+  grouped = accounting.grouped_composition(ledger.events("a"))
+  assert len(grouped.events) == 2
+  acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+  for e in ledger.events("a")[-1:] + [dp_accounting.SelfComposedDpEvent(
+      ledger.events("a")[0].event, 40)]:
+    acc.compose(e)
+  assert ledger.epsilon_pld("a") == pytest.approx(acc.get_epsilon(1e-5),
+                                                  rel=1e-6)

@@ -1,0 +1,293 @@
+"""Experiment configuration: frozen dataclasses validated on construction.
+
+Privacy settings (`PrivacyConfig`) are kept apart from performance settings
+(`PerformanceConfig`); the latter never change a privacy figure. Every error
+names the command-line flag of the offending field (flags are named like the
+fields). DP is on unless `PrivacyConfig(enabled=False)` (`--nodp`).
+"""
+
+import dataclasses
+
+from fedjax_seg.federated import client as client_lib
+from fedjax_seg.models import unet
+
+ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedbn")
+PRIVACY_UNITS = ("example", "patient", "site")
+NOISE_SCHEDULES = ("constant", "linear", "exponential", "cosine", "step")
+ADAPTIVE_MODES = ("off", "geometric", "percentile")
+
+
+class ConfigError(ValueError):
+  """An invalid setting; the message names the flag."""
+
+
+def _check(condition: bool, flag: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f"--{flag}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which data, and how it is split.
+
+  Attributes:
+    dataset: "synthetic" (built in) or the name of a dataset made by
+      `python -m data_prep.prepare` in `data_dir`.
+    data_dir: TFDS data dir of a prepared dataset.
+    image_size, num_slices, patients_scale: synthetic dataset sizes.
+    split_fractions: train/val/test fractions of each site's patients.
+    held_out_sites: sites excluded from training (evaluated only).
+    volumes: train a 3D U-Net on whole patient volumes (synthetic CT/MRI
+      sites; one example = one patient volume of num_slices slices).
+  """
+
+  dataset: str = "synthetic"
+  data_dir: str | None = None
+  image_size: int = 32
+  num_slices: int = 8
+  patients_scale: float = 1.0
+  split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+  held_out_sites: tuple[str, ...] = ()
+  volumes: bool = False
+
+  def __post_init__(self):
+    _check(bool(self.dataset), "dataset", "must not be empty.")
+    _check(not self.volumes or self.dataset == "synthetic", "volumes",
+           "3D volumes come from the synthetic dataset only (prepared "
+           "datasets hold 2D slices).")
+    if self.dataset != "synthetic":
+      _check(self.data_dir is not None, "data_dir",
+             f"is required for the prepared dataset {self.dataset!r} "
+             "(use --dataset=synthetic for the built-in one).")
+    _check(self.image_size >= 16, "image_size", "must be >= 16.")
+    _check(self.num_slices >= 1, "num_slices", "must be >= 1.")
+    _check(self.patients_scale > 0, "patients_scale", "must be > 0.")
+    fr = self.split_fractions
+    _check(len(fr) == 3 and min(fr) >= 0 and abs(sum(fr) - 1) < 1e-6
+           and fr[0] > 0, "split_fractions",
+           f"need three fractions >= 0 summing to 1 with train > 0, got {fr}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """U-Net architecture (see `fedjax_seg.models.preset`)."""
+
+  preset: str = "tiny"
+  widths: tuple[int, ...] = ()  # Overrides the preset's widths if given.
+  norm: str = "group"
+  residual: bool = False
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    _check(self.preset in unet.PRESETS, "model",
+           f"unknown preset {self.preset!r}; choose from "
+           f"{sorted(unet.PRESETS)}.")
+    _check(self.norm in unet.NORMS, "norm",
+           f"must be one of {unet.NORMS} (BatchNorm mixes examples and breaks"
+           f" per-example DP), got {self.norm!r}.")
+    _check(all(w > 0 for w in self.widths), "widths", "must be positive.")
+    _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1).")
+
+  def unet_config(self, in_channels: int, num_classes: int,
+                  spatial_dims: int = 2) -> unet.UNetConfig:
+    overrides = dict(in_channels=in_channels, num_classes=num_classes,
+                     spatial_dims=spatial_dims,
+                     norm=self.norm, residual=self.residual,
+                     dropout=self.dropout)
+    if self.widths:
+      overrides["widths"] = tuple(self.widths)
+    return unet.preset(self.preset, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+  """Everything that changes a privacy figure.
+
+  Attributes:
+    enabled: False = no DP at all (the run is marked non-private).
+    unit: "example" (slice), "patient" (all slices of a patient, clipped as a
+      group) or "site" (DP-FedAvg only: no record-level DP).
+    l2_clip_norm: record-level clip norm C (initial C if adaptive).
+    noise_multiplier: record-level sigma, used when target_epsilon is None.
+    target_epsilon: each site gets its own sigma_k so that all sites reach
+      this epsilon after all rounds (site-adaptive noise); None (--
+      target_epsilon=none) uses noise_multiplier for every site.
+    noise_schedule: per-round shape of sigma: constant, linear (to
+      schedule_end_factor), exponential (decay_rate per round), cosine (to
+      schedule_end_factor), step (x schedule_end_factor at half the rounds).
+    schedule_end_factor, schedule_decay_rate: schedule parameters.
+    adaptive_clipping: "off", "geometric" (Andrew et al.) or "percentile"
+      (ADP-FL), both through a noised count.
+    target_quantile, clip_learning_rate, count_noise_multiplier: adaptive
+      clipping parameters (count noise std in units; 0 = the smallest that
+      raises the gradient noise by at most 10%).
+    delta: target delta.
+    epsilon_budget: per-site budget; the run stops before a round that would
+      exceed it.
+    site_level: add site-level DP (DP-FedAvg) at the server (forced with
+      unit="site"); accounted separately.
+    site_clip_norm, site_noise_multiplier: DP-FedAvg clip S and multiplier z.
+    site_sampling_rate: Poisson rate of sites per round (site-level DP).
+  """
+
+  enabled: bool = True
+  unit: str = "example"
+  l2_clip_norm: float = 1.0
+  noise_multiplier: float = 1.0
+  target_epsilon: float | None = 8.0
+  noise_schedule: str = "constant"
+  schedule_end_factor: float = 0.5
+  schedule_decay_rate: float = 0.98
+  adaptive_clipping: str = "off"
+  target_quantile: float = 0.5
+  clip_learning_rate: float = 0.2
+  count_noise_multiplier: float = 0.0
+  delta: float = 1e-5
+  epsilon_budget: float | None = None
+  site_level: bool = False
+  site_clip_norm: float = 0.5
+  site_noise_multiplier: float = 1.0
+  site_sampling_rate: float = 1.0
+
+  def __post_init__(self):
+    _check(self.unit in PRIVACY_UNITS, "unit",
+           f"must be one of {PRIVACY_UNITS}, got {self.unit!r}.")
+    _check(self.l2_clip_norm > 0, "l2_clip_norm", "must be > 0.")
+    _check(self.noise_multiplier >= 0, "noise_multiplier",
+           f"must be >= 0, got {self.noise_multiplier}.")
+    _check(self.target_epsilon is None or self.target_epsilon > 0,
+           "target_epsilon", "must be > 0.")
+    _check(self.noise_schedule in NOISE_SCHEDULES, "noise_schedule",
+           f"must be one of {NOISE_SCHEDULES}.")
+    _check(self.schedule_end_factor > 0, "schedule_end_factor", "must be > 0.")
+    _check(0 < self.schedule_decay_rate <= 1.5, "schedule_decay_rate",
+           "must be in (0, 1.5].")
+    _check(self.adaptive_clipping in ADAPTIVE_MODES, "adaptive_clipping",
+           f"must be one of {ADAPTIVE_MODES}.")
+    _check(0 < self.target_quantile < 1, "target_quantile", "must be in (0, 1).")
+    _check(self.clip_learning_rate > 0, "clip_learning_rate", "must be > 0.")
+    _check(self.count_noise_multiplier >= 0, "count_noise_multiplier",
+           "must be >= 0.")
+    _check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}.")
+    _check(self.epsilon_budget is None or self.epsilon_budget > 0,
+           "epsilon_budget", "must be > 0.")
+    _check(self.site_clip_norm > 0, "site_clip_norm", "must be > 0.")
+    _check(self.site_noise_multiplier >= 0, "site_noise_multiplier",
+           "must be >= 0.")
+    _check(0 < self.site_sampling_rate <= 1, "site_sampling_rate",
+           "must be in (0, 1].")
+
+  @property
+  def record_level(self) -> bool:
+    return self.enabled and self.unit != "site"
+
+  @property
+  def use_site_level(self) -> bool:
+    return self.enabled and (self.site_level or self.unit == "site")
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+  """The federated algorithm and its learning settings.
+
+  Attributes:
+    algorithm: fedavg, fedavgm, fedprox, fedadam, fedyogi or fedbn.
+    rounds: number of rounds.
+    local_steps: DP-SGD steps per site per round.
+    batch_size: expected units per step (q_k = batch_size / N_k).
+    learning_rate: local learning rate; local_optimizer: sgd/momentum/adam.
+    server_learning_rate: server step (1.0 for FedAvg).
+    prox_mu: FedProx proximal weight (algorithm fedprox).
+    sites_per_round: sites sampled uniformly per round (0 = all); with
+      site-level DP sites are Poisson-sampled with site_sampling_rate instead.
+    dropout_rate: probability that a sampled site does not show up.
+    weighting: "num_examples" or "uniform".
+  """
+
+  algorithm: str = "fedavg"
+  rounds: int = 30
+  local_steps: int = 2
+  batch_size: int = 8
+  learning_rate: float = 0.5
+  local_optimizer: str = "sgd"
+  server_learning_rate: float = 1.0
+  prox_mu: float = 0.01
+  sites_per_round: int = 0
+  dropout_rate: float = 0.0
+  weighting: str = "num_examples"
+
+  def __post_init__(self):
+    _check(self.algorithm in ALGORITHMS, "algorithm",
+           f"must be one of {ALGORITHMS}, got {self.algorithm!r}.")
+    _check(self.rounds >= 1, "rounds", "must be >= 1.")
+    _check(self.local_steps >= 1, "local_steps", "must be >= 1.")
+    _check(self.batch_size >= 1, "batch_size", "must be >= 1.")
+    _check(self.learning_rate > 0, "learning_rate", "must be > 0.")
+    _check(self.local_optimizer in client_lib.LOCAL_OPTIMIZERS,
+           "local_optimizer", f"must be one of {client_lib.LOCAL_OPTIMIZERS}.")
+    _check(self.server_learning_rate > 0, "server_learning_rate",
+           "must be > 0.")
+    _check(self.prox_mu >= 0, "prox_mu", "must be >= 0.")
+    _check(self.sites_per_round >= 0, "sites_per_round", "must be >= 0.")
+    _check(0 <= self.dropout_rate < 1, "dropout_rate", "must be in [0, 1).")
+    _check(self.weighting in ("num_examples", "uniform"), "weighting",
+           "must be num_examples or uniform.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PerformanceConfig:
+  """Settings that change speed and memory only, never a privacy figure.
+
+  Attributes:
+    backend: site backend (auto, vmap, map, shard, loop).
+    microbatch_size: per-example gradients in chunks (None = all at once).
+    local_loop: auto, scan or unroll (see `federated.ClientConfig`).
+  """
+
+  backend: str = "auto"
+  microbatch_size: int | None = None
+  local_loop: str = "auto"
+
+  def __post_init__(self):
+    from fedjax_seg.federated import rounds  # pylint: disable=g-import-not-at-top
+    _check(self.backend in rounds.BACKENDS, "backend",
+           f"must be one of {rounds.BACKENDS}.")
+    _check(self.microbatch_size is None or self.microbatch_size >= 1,
+           "microbatch_size", "must be >= 1.")
+    _check(self.local_loop in client_lib.LOCAL_LOOPS, "local_loop",
+           f"must be one of {client_lib.LOCAL_LOOPS}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A whole simulation.
+
+  Attributes:
+    eval_every: evaluate on the validation split every k rounds (and at the
+      end on the test split).
+    checkpoint_every: checkpoint every k rounds (and at the end).
+    stop_after_rounds: stop this process after this many rounds of this run
+      (as if killed) without writing the final report; for testing resume.
+  """
+
+  data: DataConfig = DataConfig()
+  model: ModelConfig = ModelConfig()
+  privacy: PrivacyConfig = PrivacyConfig()
+  federated: FederatedConfig = FederatedConfig()
+  performance: PerformanceConfig = PerformanceConfig()
+  seed: int = 0
+  eval_every: int = 5
+  checkpoint_every: int = 5
+  stop_after_rounds: int | None = None
+
+  def __post_init__(self):
+    _check(self.eval_every >= 1, "eval_every", "must be >= 1.")
+    _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1.")
+    _check(self.seed >= 0, "seed", "must be >= 0.")
+    if self.privacy.use_site_level and self.federated.sites_per_round:
+      raise ConfigError("--sites_per_round: with site-level DP, sites are "
+                        "Poisson-sampled with --site_sampling_rate; leave "
+                        "--sites_per_round at 0.")
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
