@@ -127,7 +127,8 @@ def _adaptive(config: config_lib.PrivacyConfig, batch: int, base: float):
     return None
   mode = config.adaptive_clipping
   sensitivity = 0.5 if mode == "geometric" else 1.0
-  # Default count noise: the gradient noise is raised by 10% at most.
+  # Default count noise: for the site with the largest sigma the gradient
+  # noise is raised by 10% (less for every other site).
   count = config.count_noise_multiplier or (
       sensitivity * base / math.sqrt(1 - 1 / 1.21))
   return privacy.AdaptiveClipping(
@@ -190,11 +191,14 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
     raise config_lib.ConfigError(f"--held_out_sites: unknown sites "
                                  f"{sorted(unknown)}.")
   training = np.array([s not in held for s in train.site_names])
+  # The count release must cost less than every site's total noise: size it
+  # from the largest sigma any site will use.
+  largest = float(base.max() * max(float(shape(r)) for r in range(rounds)))
   return _Plan(train.site_names, units, rates, max_batch, base, shape,
-               _adaptive(p, f.batch_size, float(base.min() or 1.0)), training)
+               _adaptive(p, f.batch_size, largest or 1.0), training)
 
 
-def _trainer(config, model, plan, train):
+def _trainer(config, model, plan, params):
   p, f, perf = config.privacy, config.federated, config.performance
   local_dp = client_lib.LocalDPConfig(
       enabled=p.record_level, unit="patient" if p.unit == "patient"
@@ -217,10 +221,7 @@ def _trainer(config, model, plan, train):
     site_dp = fed.SiteLevelDPConfig(
         l2_clip_norm=p.site_clip_norm, noise_multiplier=p.site_noise_multiplier,
         expected_sites=p.site_sampling_rate * int(plan.training_sites.sum()))
-  norm_mask = None
-  if f.algorithm == "fedbn":
-    norm_mask = models.norm_param_mask(
-        model.init(jax.random.key(0), (1,) + train.image.shape[2:]))
+  norm_mask = models.norm_param_mask(params) if f.algorithm == "fedbn" else None
   return fed.FederatedTrainer(segmentation_task.example_loss(model), client,
                               local_dp, server, site_dp, norm_mask,
                               backend=perf.backend)
@@ -353,7 +354,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig,
     if probe.shape[0] >= 2:
       models.check_per_example_independence(jax.jit(model.apply), params,
                                             probe)
-  trainer = _trainer(config, model, plan, train)
+  trainer = _trainer(config, model, plan, params)
   site_data = segmentation_task.site_data(train)
   ledger = privacy.PrivacyLedger(plan.site_names, delta=p.delta,
                                  unit="patient" if p.unit == "patient"

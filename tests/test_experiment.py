@@ -93,3 +93,16 @@ def test_unet3d_on_patient_volumes(tmp_path):
   assert 0 < report["privacy"]["epsilon_max"] <= 8.0
   with pytest.raises(C.ConfigError, match="--volumes"):
     C.DataConfig(dataset="msd_liver", data_dir="/x", volumes=True)
+
+
+@pytest.mark.parametrize("mode", ["geometric", "percentile"])
+def test_adaptive_clipping_with_site_adaptive_noise(tmp_path, mode):
+  """Every site's (gradient, count) pair is accounted at its target sigma."""
+  config = dataclasses.replace(
+      TINY, privacy=C.PrivacyConfig(adaptive_clipping=mode, l2_clip_norm=0.1),
+      federated=dataclasses.replace(TINY.federated, rounds=2))
+  report = experiment.train_and_evaluate(config, tmp_path / mode)
+  sigmas = report["privacy"]["noise_multiplier_per_site"].values()
+  assert max(sigmas) > 1.2 * min(sigmas)  # Heterogeneous sites.
+  for eps in report["privacy"]["epsilon_per_site"].values():
+    assert 0.98 * 8.0 <= eps <= 8.0
