@@ -90,9 +90,11 @@ def evaluate(model: unet.SegmentationModel, params,
     site or modality without slices).
   """
   params_of = params if callable(params) else (lambda _: params)
-  apply = jax.jit(lambda p, x, y: (lambda logits: (
-      metrics.per_example_scores(logits, y), jnp.argmax(logits, -1)))(
-          model.apply(p, x)))
+  @jax.jit
+  def apply(p, x, y):
+    logits = model.apply(p, x)
+    return metrics.per_example_scores(logits, y), jnp.argmax(logits, -1)
+
   num_sites, m = data.mask.shape
   k = len(data.class_names)
   dice = np.zeros((num_sites, m, k), np.float32)

@@ -45,7 +45,7 @@ CHECKPOINTS = "checkpoints"
 # Settings that may change between a run and its resumption; any other change
 # would make the resumed run a different experiment (and its ledger wrong).
 _RESUMABLE_CHANGES = ("performance", "eval_every", "checkpoint_every",
-                      "stop_after_rounds", "rounds")
+                      "stop_after_rounds")
 
 
 class _DropRdpConvergenceWarnings(pylogging.Filter):
@@ -259,9 +259,7 @@ def _round_sigmas(plan, round_index):
 
 
 def _versions() -> dict:
-  import dp_accounting  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
-  import jax_privacy  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import fedjax_seg  # pylint: disable=g-import-not-at-top
   from importlib import metadata  # pylint: disable=g-import-not-at-top
@@ -492,8 +490,9 @@ def train_and_evaluate(config: config_lib.ExperimentConfig,
       return {"rounds_completed": r + 1, "stopped_reason": "interrupted"}
 
   rounds_completed = history[-1]["round"] if history else first_round
-  if stopped_reason != "completed" and rounds_completed:
-    checkpoint(rounds_completed)
+  if (stopped_reason != "completed" and rounds_completed > first_round
+      and rounds_completed % config.checkpoint_every):
+    checkpoint(rounds_completed)  # Not saved yet by the loop.
   test_result = centralized.evaluate(model, site_params(site_states), test,
                                      with_hd95=True)
   report = _report(config, plan, test, test_result, ledger, site_ledger,

@@ -307,6 +307,40 @@ def patient_volume(config: SyntheticConfig, site: int, patient: int):
   return image.astype(np.float32), label
 
 
+def _build(config: SyntheticConfig, sites: list[int],
+           volumes: bool) -> dataset_lib.SliceDataset:
+  """The patients of `sites` as slices, or as one volume each."""
+  images, labels, site_ids, patients, slices, names = [], [], [], [], [], []
+  for new_index, s in enumerate(sites):
+    for p in range(config.num_patients(s)):
+      image, label = patient_volume(config, s, p)
+      if volumes:  # One example per patient: [1, D, S, S].
+        image, label = image[None], label[None]
+      n = image.shape[0]
+      images.append(image)
+      labels.append(label)
+      site_ids += [new_index] * n
+      patients += [len(names)] * n
+      slices += list(range(n))
+      names.append(f"{config.sites[s].name}/patient{p:03d}")
+  specs = [config.sites[s] for s in sites]
+  site = np.asarray(site_ids, np.int32)
+  return dataset_lib.SliceDataset(
+      image=np.concatenate(images)[..., None],
+      label=np.concatenate(labels),
+      site=site,
+      patient=np.asarray(patients, np.int32),
+      modality=np.asarray([MODALITIES.index(spec.modality) for spec in specs],
+                          np.int32)[site],
+      slice_index=np.asarray(slices, np.int32),
+      site_names=tuple(spec.name for spec in specs),
+      site_modalities=tuple(spec.modality for spec in specs),
+      modality_names=MODALITIES,
+      class_names=CLASS_NAMES,
+      patient_names=tuple(names),
+  )
+
+
 def generate(config: SyntheticConfig = SyntheticConfig()
              ) -> dataset_lib.SliceDataset:
   """All sites' 2D slices as one `SliceDataset` (deterministic in config).
@@ -317,33 +351,7 @@ def generate(config: SyntheticConfig = SyntheticConfig()
     >>> data.image.shape[1:], data.site_names[0], data.site_modalities[-1]
     ((16, 16, 1), 'ct_scanner_a', 'XRAY')
   """
-  images, labels, sites, patients, slices = [], [], [], [], []
-  patient_names = []
-  for s in range(len(config.sites)):
-    for p in range(config.num_patients(s)):
-      image, label = patient_volume(config, s, p)
-      n = image.shape[0]
-      images.append(image)
-      labels.append(label)
-      sites += [s] * n
-      patients += [len(patient_names)] * n
-      slices += list(range(n))
-      patient_names.append(f"{config.sites[s].name}/patient{p:03d}")
-  modality_of_site = [MODALITIES.index(s.modality) for s in config.sites]
-  site = np.asarray(sites, np.int32)
-  return dataset_lib.SliceDataset(
-      image=np.concatenate(images)[..., None],
-      label=np.concatenate(labels),
-      site=site,
-      patient=np.asarray(patients, np.int32),
-      modality=np.asarray(modality_of_site, np.int32)[site],
-      slice_index=np.asarray(slices, np.int32),
-      site_names=tuple(s.name for s in config.sites),
-      site_modalities=tuple(s.modality for s in config.sites),
-      modality_names=MODALITIES,
-      class_names=CLASS_NAMES,
-      patient_names=tuple(patient_names),
-  )
+  return _build(config, list(range(len(config.sites))), volumes=False)
 
 
 def generate_volumes(config: SyntheticConfig = SyntheticConfig()
@@ -358,24 +366,5 @@ def generate_volumes(config: SyntheticConfig = SyntheticConfig()
     >>> vols.image.shape[1:], "XRAY" in vols.site_modalities
     ((4, 16, 16, 1), False)
   """
-  keep = [s for s, spec in enumerate(config.sites) if spec.modality != "XRAY"]
-  images, labels, sites, names = [], [], [], []
-  for new_index, s in enumerate(keep):
-    for p in range(config.num_patients(s)):
-      image, label = patient_volume(config, s, p)
-      images.append(image)
-      labels.append(label)
-      sites.append(new_index)
-      names.append(f"{config.sites[s].name}/patient{p:03d}")
-  specs = [config.sites[s] for s in keep]
-  site = np.asarray(sites, np.int32)
-  return dataset_lib.SliceDataset(
-      image=np.stack(images)[..., None], label=np.stack(labels), site=site,
-      patient=np.arange(len(names), dtype=np.int32),
-      modality=np.asarray([MODALITIES.index(spec.modality)
-                           for spec in specs], np.int32)[site],
-      slice_index=np.zeros(len(names), np.int32),
-      site_names=tuple(spec.name for spec in specs),
-      site_modalities=tuple(spec.modality for spec in specs),
-      modality_names=MODALITIES, class_names=CLASS_NAMES,
-      patient_names=tuple(names))
+  return _build(config, [s for s, spec in enumerate(config.sites)
+                         if spec.modality != "XRAY"], volumes=True)

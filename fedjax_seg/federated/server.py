@@ -123,10 +123,6 @@ def init_server_state(params: PyTree, config: ServerConfig,
   return ServerState(params, config.optimizer_transform().init(params), clip)
 
 
-def _tree_norm(tree) -> jax.Array:
-  return optax.global_norm(tree)
-
-
 def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
                   num_examples: jax.Array, config: ServerConfig,
                   site_dp: SiteLevelDPConfig | None, round_index,
@@ -153,21 +149,22 @@ def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
     adaptive = site_dp.adaptive_clipping
     clip = state.clip.l2_clip_norm if adaptive else jnp.float32(
         site_dp.l2_clip_norm)
-    norms = jax.vmap(_tree_norm)(deltas)
+    norms = jax.vmap(optax.global_norm)(deltas)
     # Sites with a non-finite delta contribute zero (and count as clipped).
     finite = jnp.isfinite(norms)
     scale = jnp.where(finite, jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12)),
                       0.0) * part
     clipped_sum = jax.tree.map(
         lambda d: jnp.tensordot(scale, jnp.nan_to_num(d), axes=1), deltas)
-    noise_key = keys_lib.derive_key(root_key, round_index=round_index, site=0,
-                                    step=0, purpose=keys_lib.Purpose.SERVER_NOISE)
-    leaves, treedef = jax.tree.flatten(clipped_sum)
-    leaf_keys = jax.random.split(noise_key, len(leaves))
-    std = site_dp.noise_multiplier * clip
-    noisy = [(leaf + std * jax.random.normal(k, leaf.shape, jnp.float32))
-             / site_dp.expected_sites for leaf, k in zip(leaves, leaf_keys)]
-    mean_delta = jax.tree.unflatten(treedef, noisy)
+    # The same Gaussian mechanism as record-level DP, over sites.
+    mechanism = privacy.gaussian_noise(
+        site_dp.noise_multiplier, l2_clip_norm=None,
+        expected_batch_size=site_dp.expected_sites)
+    mean_delta, _ = mechanism.update(
+        clipped_sum, mechanism.init(clipped_sum), l2_clip_norm=clip,
+        noise_key=keys_lib.derive_key(
+            root_key, round_index=round_index, site=0, step=0,
+            purpose=keys_lib.Purpose.SERVER_NOISE))
     any_site = jnp.array(True)  # Noise is released even with no participant.
     clip_state = state.clip
     if adaptive:

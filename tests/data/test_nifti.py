@@ -1,8 +1,5 @@
 """Tests for fedjax_seg.data.nifti on small NIfTI files written here."""
 
-import json
-
-import nibabel as nib
 import numpy as np
 import pytest
 

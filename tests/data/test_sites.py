@@ -1,7 +1,5 @@
 """Tests for fedjax_seg.data.sites: padding, patient splits, streaming."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 
