@@ -66,6 +66,27 @@ def _fingerprint(files: Sequence[str], settings: dict) -> str:
   return h.hexdigest()
 
 
+def _check_patients_at_one_site(cases: Sequence[nifti.CaseRef]) -> None:
+  """Refuses a patient listed at two sites.
+
+  Each site keeps its own privacy ledger, which is only valid if the sites'
+  patients are disjoint: a patient at two sites would be protected by neither
+  site's epsilon alone (their budgets add up).
+  """
+  sites_of = collections.defaultdict(list)
+  for c in cases:
+    if c.site not in sites_of[c.patient]:
+      sites_of[c.patient].append(c.site)
+  shared = {p: s for p, s in sites_of.items() if len(s) > 1}
+  if shared:
+    patient, names = next(iter(shared.items()))
+    raise nifti.DataError(
+        f"patient {patient!r} appears at sites {names} (and "
+        f"{len(shared) - 1} more patients at several sites): per-site privacy "
+        "budgets assume every patient belongs to one site. Give each patient "
+        "one site, or distinct patient ids if they are different people.")
+
+
 def _assign_sites(cases: list[nifti.CaseRef],
                   rule: SiteRule) -> list[nifti.CaseRef]:
   if rule.rule == "csv":
@@ -73,6 +94,7 @@ def _assign_sites(cases: list[nifti.CaseRef],
     if missing:
       raise nifti.DataError(f"{missing[0]}: no site given; use a CSV with a "
                             "site column or --site_rule=hash|dirichlet.")
+    _check_patients_at_one_site(cases)
     return cases
   patients = sorted({c.patient for c in cases})
   if rule.rule == "hash":

@@ -116,6 +116,12 @@ class ServerMetrics(NamedTuple):
   num_participants: jax.Array
 
 
+def _absent_to_zero(delta: jax.Array, keep: jax.Array) -> jax.Array:
+  """delta [S, ...] with the rows of sites where `keep` [S] is False zeroed."""
+  keep = keep.reshape(keep.shape + (1,) * (delta.ndim - 1))
+  return jnp.where(keep, delta, jnp.zeros_like(delta))
+
+
 def init_server_state(params: PyTree, config: ServerConfig,
                       site_dp: SiteLevelDPConfig | None) -> ServerState:
   clip = site_dp.adaptive_clipping.init() if (
@@ -138,8 +144,11 @@ def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
     weights = part * (num_examples.astype(jnp.float32)
                       if config.weighting == "num_examples" else 1.0)
     total = jnp.maximum(jnp.sum(weights), 1e-12)
+    # Select, not multiply: weight 0 times a NaN/inf delta of an absent site
+    # would still be NaN.
     mean_delta = jax.tree.map(
-        lambda d: jnp.tensordot(weights, d, axes=1) / total, deltas)
+        lambda d: jnp.tensordot(weights, _absent_to_zero(d, participating),
+                                axes=1) / total, deltas)
     # With no participant the update is zero (and the state does not move).
     any_site = jnp.sum(part) > 0
     metrics = ServerMetrics(zero, zero, jnp.zeros([], jnp.int32),
@@ -154,8 +163,12 @@ def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
     finite = jnp.isfinite(norms)
     scale = jnp.where(finite, jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12)),
                       0.0) * part
+    # A non-finite or absent site's delta is replaced by zeros (a select),
+    # so nothing of it reaches the sum.
+    usable = participating & finite
     clipped_sum = jax.tree.map(
-        lambda d: jnp.tensordot(scale, jnp.nan_to_num(d), axes=1), deltas)
+        lambda d: jnp.tensordot(scale, _absent_to_zero(d, usable), axes=1),
+        deltas)
     # The same Gaussian mechanism as record-level DP, over sites.
     mechanism = privacy.gaussian_noise(
         site_dp.noise_multiplier, l2_clip_norm=None,

@@ -22,7 +22,7 @@ from dp_accounting import rdp
 import numpy as np
 from scipy import stats
 
-LEDGER_FORMAT = "fedjax_seg.PrivacyLedger/1"
+LEDGER_FORMAT = "fedjax_seg.PrivacyLedger/2"
 ACCOUNTANTS = ("rdp",)
 UNITS = ("example", "patient", "site")
 _ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -44,8 +44,12 @@ def poisson_gaussian_event(
     sampling_rate: Poisson sampling probability q in [0, 1]; 1 means the whole
       dataset each step (plain `GaussianDpEvent`).
     steps: number of steps (>= 0; 0 gives a `NoOpDpEvent`).
-    dataset_size: N, with `max_batch_size`: the sample is truncated to at most
-      `max_batch_size` units, giving `TruncatedSubsampledGaussianDpEvent`.
+    dataset_size: N, the site's number of units, with `max_batch_size`: the
+      sample is truncated to at most `max_batch_size` units, giving
+      `TruncatedSubsampledGaussianDpEvent`. The event is built for the larger
+      of the two neighbouring datasets, N + 1 units (dp_accounting's
+      `dataset_size` is the size of the dataset that holds the differing unit,
+      and the truncation tail grows with it), so its `dataset_size` is N + 1.
     max_batch_size: see `dataset_size`.
   """
   _check_event_args(noise_multiplier, sampling_rate, steps)
@@ -62,7 +66,8 @@ def poisson_gaussian_event(
           f"({max_batch_size}) must be >= 1."
       )
     step = dp_accounting.TruncatedSubsampledGaussianDpEvent(
-        dataset_size=int(dataset_size),
+        # The neighbouring dataset that holds the differing unit: N + 1.
+        dataset_size=int(dataset_size) + 1,
         sampling_probability=float(sampling_rate),
         truncated_batch_size=int(max_batch_size),
         noise_multiplier=float(noise_multiplier),
@@ -114,8 +119,9 @@ def _poisson_equivalent(
         event.sampling_probability,
         dp_accounting.GaussianDpEvent(event.noise_multiplier),
     )
+    # The event's dataset_size is already the larger neighbour's (N + 1).
     return untruncated, truncation_probability(
-        event.dataset_size, event.sampling_probability,
+        event.dataset_size - 1, event.sampling_probability,
         event.truncated_batch_size)
   if isinstance(event, dp_accounting.SelfComposedDpEvent):
     inner, p = _poisson_equivalent(event.event)

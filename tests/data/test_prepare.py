@@ -76,6 +76,20 @@ def test_bad_case_leaves_nothing_written(tmp_path):
   assert os.listdir(data) == []
 
 
+def test_a_patient_at_two_sites_is_refused(tmp_path):
+  csv_path = fixtures.write_csv(tmp_path / "in")
+  text = csv_path.read_text().replace(",hospital_b,hospital_b_p1,",
+                                      ",hospital_b,hospital_a_p1,")
+  assert text.count(",hospital_a_p1,") == 2
+  csv_path.write_text(text)
+  data = tmp_path / "data"
+  with pytest.raises(nifti.DataError,
+                     match=r"'hospital_a_p1' appears at sites "
+                           r"\['hospital_a', 'hospital_b'\]"):
+    prepare.prepare_dataset(csv_path, data, "hosp", CONFIG)
+  assert not data.exists() or os.listdir(data) == []
+
+
 def test_csv_splits_and_site_names_are_kept(tmp_path):
   csv_path = fixtures.write_csv(tmp_path / "in", with_split=True)
   prepare.prepare_dataset(csv_path, tmp_path / "data", "hosp", CONFIG)

@@ -11,6 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 import numpy as np
 import pytest
+from scipy import stats
 
 from fedjax_seg.privacy import accounting
 
@@ -216,3 +217,26 @@ def test_pld_groups_repeated_events_without_changing_the_figure():
     acc.compose(e)
   assert ledger.epsilon_pld("a") == pytest.approx(acc.get_epsilon(1e-5),
                                                   rel=1e-6)
+
+
+def test_truncated_event_is_built_for_the_larger_neighbour():
+  """dp_accounting's truncated PLD takes the size of the dataset holding the
+  differing unit; under add/remove-one the worst case is N + 1."""
+  n, q, b = 50, 0.2, 16
+  event = accounting.poisson_gaussian_event(0.8, q, 3, dataset_size=n,
+                                            max_batch_size=b)
+  assert event.event.dataset_size == n + 1
+  ledger = accounting.PrivacyLedger(["a"], delta=1e-5)
+  ledger.record("a", 0.8, q, 3, dataset_size=n, max_batch_size=b)
+  direct = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                             1e-4)
+  direct.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.TruncatedSubsampledGaussianDpEvent(
+          dataset_size=n + 1, sampling_probability=q, truncated_batch_size=b,
+          noise_multiplier=0.8), 3))
+  assert ledger.epsilon_pld("a") == pytest.approx(direct.get_epsilon(1e-5),
+                                                  rel=1e-9)
+  # The RDP coupling uses the same neighbour: P[Binomial(N + 1, q) > B].
+  untruncated, p_trunc = accounting._poisson_equivalent(event)
+  assert p_trunc == pytest.approx(3 * stats.binom.sf(b, n + 1, q), rel=1e-12)
+  assert isinstance(untruncated.event, dp_accounting.PoissonSampledDpEvent)

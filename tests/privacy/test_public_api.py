@@ -5,6 +5,9 @@ import re
 import subprocess
 import sys
 
+import jax
+import numpy as np
+
 import fedjax_seg.privacy as privacy
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -53,3 +56,20 @@ def test_readme_privacy_example_runs():
   namespace = {}
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   assert 0 < namespace["ledger"].epsilon("hospital_a") < 10
+  # An overflowing sample keeps a uniformly random subset of the sampled rows
+  # (what truncation accounting assumes), not the lowest indices: with an
+  # expected batch of 1 and 2 slots, look at the samples of 3 or more rows.
+  namespace["batch"] = 1
+  sample = jax.jit(namespace["sample"])
+  kept_lowest, overflows = 0, 0
+  for i in range(400):
+    k = jax.random.key(i)
+    idx, is_padding = map(np.asarray, sample(k))
+    take = np.asarray(jax.random.bernoulli(jax.random.split(k)[0], 1 / 1000,
+                                           (1000,)))
+    assert set(idx[~is_padding]) <= set(np.flatnonzero(take))
+    if take.sum() > 2:
+      overflows += 1
+      assert len(idx[~is_padding]) == 2
+      kept_lowest += set(idx) == set(np.flatnonzero(take)[:2])
+  assert overflows >= 10 and kept_lowest < overflows / 2
