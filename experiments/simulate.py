@@ -33,7 +33,8 @@ _SECTIONS = {
     "federated": config_lib.FederatedConfig,
     "performance": config_lib.PerformanceConfig,
 }
-_TOP_LEVEL = ("seed", "eval_every", "checkpoint_every", "stop_after_rounds")
+_TOP_LEVEL = ("seed", "eval_every", "checkpoint_every", "stop_after_rounds",
+              "release_training_diagnostics")
 _RENAMED = {"preset": "model", "enabled": "dp"}
 _FLAGS: dict[str, tuple[str | None, str, type]] = {}
 
@@ -140,8 +141,9 @@ def main(argv):
   if report.get("stopped_reason") == "interrupted":
     return
   p = report["privacy"]
-  eps = (f"epsilon max {p['epsilon_max']:.3f} (delta {p['delta']:g}, unit "
-         f"{p['unit']})" if p["enabled"] else "NOT PRIVATE (--nodp)")
+  eps = (f"{p['epsilon_label']} max {p['epsilon_max']:.3f} (delta "
+         f"{p['delta']:g}; verified: {p['verified']['ok']})" if p["enabled"]
+         else "NOT PRIVATE (--nodp)")
   dice = report["metrics"]["dice_per_modality"]
   logging.info("done: %d rounds (%s); test Dice %s; %s; report in %s",
                report["rounds_completed"], report["stopped_reason"],

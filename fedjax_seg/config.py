@@ -10,9 +10,10 @@ import dataclasses
 
 from fedjax_seg.federated import client as client_lib
 from fedjax_seg.models import unet
+from fedjax_seg.privacy import units as units_lib
 
 ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedbn")
-PRIVACY_UNITS = ("example", "patient", "site")
+PRIVACY_UNITS = units_lib.UNITS
 NOISE_SCHEDULES = ("constant", "linear", "exponential", "cosine", "step")
 ADAPTIVE_MODES = ("off", "geometric", "percentile")
 
@@ -117,7 +118,8 @@ class PrivacyConfig:
       schedule_end_factor), step (x schedule_end_factor at half the rounds).
     schedule_end_factor, schedule_decay_rate: schedule parameters.
     adaptive_clipping: "off", "geometric" (Andrew et al.) or "percentile"
-      (ADP-FL), both through a noised count.
+      (ADP-FL), both through a noised count. Adapts the record-level clip
+      norm, or with unit="site" the site clip norm of DP-FedAvg.
     target_quantile, clip_learning_rate, count_noise_multiplier: adaptive
       clipping parameters (count noise std in units; 0 = the smallest that
       raises the gradient noise by at most 10%).
@@ -176,6 +178,12 @@ class PrivacyConfig:
            "must be >= 0.")
     _check(0 < self.site_sampling_rate <= 1, "site_sampling_rate",
            "must be in (0, 1].")
+    _check(not (self.site_level and self.unit != "site"
+                and self.adaptive_clipping != "off"), "adaptive_clipping",
+           "with --site_level on top of record-level DP it is ambiguous "
+           "which clip norm adapts, and a per-site adaptive clip norm would "
+           "reveal which sites were sampled; use it with --unit=site (site "
+           "clip norm) or without --site_level (record-level clip norm).")
 
   @property
   def record_level(self) -> bool:
@@ -268,6 +276,11 @@ class ExperimentConfig:
     checkpoint_every: checkpoint every k rounds (and at the end).
     stop_after_rounds: stop this process after this many rounds of this run
       (as if killed) without writing the final report; for testing resume.
+    release_training_diagnostics: also write the training loss and clipped
+      fraction over the realised sampled units (and, under site-level DP,
+      the realised sampled sites) to the log, CSV and report, un-noised and
+      marked NOT COVERED BY THE GUARANTEE. Off by default: these are
+      statistics of private training data.
   """
 
   data: DataConfig = DataConfig()
@@ -279,6 +292,7 @@ class ExperimentConfig:
   eval_every: int = 5
   checkpoint_every: int = 5
   stop_after_rounds: int | None = None
+  release_training_diagnostics: bool = False
 
   def __post_init__(self):
     _check(self.eval_every >= 1, "eval_every", "must be >= 1.")

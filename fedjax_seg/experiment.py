@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 import warnings
+from typing import Any
 
 from absl import logging
 import jax
@@ -45,7 +46,17 @@ CHECKPOINTS = "checkpoints"
 # Settings that may change between a run and its resumption; any other change
 # would make the resumed run a different experiment (and its ledger wrong).
 _RESUMABLE_CHANGES = ("performance", "eval_every", "checkpoint_every",
-                      "stop_after_rounds")
+                      "stop_after_rounds", "release_training_diagnostics")
+# History rows keep un-noised training diagnostics (only with
+# --release_training_diagnostics) under this key.
+NOT_COVERED_KEY = "NOT_COVERED_BY_THE_GUARANTEE"
+DIAGNOSTICS_WARNING = (
+    "NOT COVERED BY THE GUARANTEE: --release_training_diagnostics wrote the "
+    "training loss and the clipped fraction over the realised sampled units "
+    "(and, under site-level DP, the realised sampled sites), computed from "
+    "private training data without noise.")
+# PLD discretisation of the report's epsilons (the verifier uses the same).
+PLD_DISCRETIZATION = 1e-4
 
 
 class _DropRdpConvergenceWarnings(pylogging.Filter):
@@ -108,61 +119,68 @@ def noise_shape(config: config_lib.PrivacyConfig, rounds: int):
   return schedules.step_schedule(1.0, {max(rounds // 2, 1): end})
 
 
+def _f32(x) -> float:
+  """The float32 value a device applies and reports back, as a float."""
+  return float(np.float32(x))
+
+
 @dataclasses.dataclass
 class _Plan:
-  """Everything fixed for the whole run (derived from config and data)."""
+  """Everything fixed for the whole run, derived from config and data only.
 
+  Every value here is public: it depends on the configuration and on the
+  per-site unit counts (public by the report's stated assumption), never on
+  the content of the data.
+  """
+
+  unit: privacy.PrivacyUnit
   site_names: tuple
   units: np.ndarray  # [S] N_k in privacy units (examples or patients).
-  sampling_rates: np.ndarray  # [S]
+  sampling_rates: np.ndarray  # [S] q_k.
   max_batch_size: int
   base_sigma: np.ndarray  # [S] accounted sigma before the schedule.
-  shape: object
-  adaptive: privacy.AdaptiveClipping | None
-  training_sites: np.ndarray  # [S] bool (held-out sites excluded)
+  accounted_sigma: np.ndarray  # [rounds, S] accounted sigma of each round.
+  applied_sigma: np.ndarray  # [rounds, S] gradient sigma (adaptive: raised).
+  recorded_sigma: np.ndarray  # [rounds, S] what the ledger records (float32).
+  adaptive: privacy.AdaptiveClipping | None  # record-level
+  site_adaptive: privacy.AdaptiveClipping | None  # site-level
+  site_applied_sigma: float  # z of the server noise (float32).
+  site_recorded_sigma: float  # what the site-level ledger records.
+  training_sites: np.ndarray  # [S] bool (held-out sites excluded).
+
+  def to_meta(self) -> dict:
+    """What a checkpoint keeps to refuse a resumption that changes it."""
+    return {"recorded_sigma": self.recorded_sigma.tolist(),
+            "site_recorded_sigma": self.site_recorded_sigma}
 
 
-def _adaptive(config: config_lib.PrivacyConfig, batch: int, base: float):
-  if config.adaptive_clipping == "off" or not config.record_level:
+def _record_level_adaptive(config, largest_sigma):
+  p, f = config.privacy, config.federated
+  if p.adaptive_clipping == "off" or not p.record_level:
     return None
-  mode = config.adaptive_clipping
-  sensitivity = 0.5 if mode == "geometric" else 1.0
-  # Default count noise: for the site with the largest sigma the gradient
-  # noise is raised by 10% (less for every other site).
-  count = config.count_noise_multiplier or (
-      sensitivity * base / math.sqrt(1 - 1 / 1.21))
-  return privacy.AdaptiveClipping(
-      initial_l2_clip_norm=config.l2_clip_norm,
-      target_quantile=config.target_quantile,
-      count_noise_multiplier=count, expected_batch_size=batch,
-      learning_rate=(config.clip_learning_rate if mode == "geometric"
-                     else 1.0), mode=mode)
+  return _adaptive_clipping(p, p.l2_clip_norm, f.batch_size, largest_sigma)
 
 
-def _meet_target(sigma, rate, units, max_batch, shape, rounds, local_steps,
-                 target, delta) -> float:
-  """Raises a calibrated sigma until a ledger recording exactly the planned
-  events (truncated batches included) stays within the target epsilon.
-
-  Calibration accounts untruncated Poisson sampling; the ledger adds the
-  (tiny) truncation slack, which can tip the last digit over the target.
-  """
-  for _ in range(200):
-    # The ledger records the float32 sigma the device applied: plan with it,
-    # and keep a hair of margin for the adaptive-clipping conversion.
-    planned = [privacy.poisson_gaussian_event(
-        float(np.float32(sigma * float(shape(r)))), rate, local_steps,
-        dataset_size=units, max_batch_size=max_batch) for r in range(rounds)]
-    scratch = privacy.PrivacyLedger(["site"], delta=delta)
-    if scratch.epsilon_if("site", planned) <= target * (1 - 1e-6):
-      return sigma
-    sigma *= 1.0005
-  raise AssertionError(f"could not meet target epsilon {target}")
+def _adaptive_clipping(p: config_lib.PrivacyConfig, initial: float,
+                       expected: float, largest_sigma: float):
+  kwargs = dict(initial_l2_clip_norm=initial,
+                target_quantile=p.target_quantile, expected_batch_size=expected,
+                learning_rate=(p.clip_learning_rate
+                               if p.adaptive_clipping == "geometric" else 1.0),
+                mode=p.adaptive_clipping)
+  if p.count_noise_multiplier:
+    return privacy.AdaptiveClipping(
+        count_noise_multiplier=p.count_noise_multiplier, **kwargs)
+  # The default count noise raises the gradient noise by 10% for the largest
+  # sigma of the run (less for every other site and round).
+  return privacy.AdaptiveClipping.with_noise_overhead(
+      noise_multiplier=largest_sigma, overhead=0.1, **kwargs)
 
 
 def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
   p, f = config.privacy, config.federated
-  units = np.asarray(train.num_patients if p.unit == "patient"
+  unit = privacy.PrivacyUnit(p.unit)
+  units = np.asarray(train.num_patients if unit is privacy.PrivacyUnit.PATIENT
                      else train.num_examples, np.int64)
   empty = [train.site_names[k] for k in np.flatnonzero(units == 0)]
   if empty:
@@ -173,16 +191,15 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
                   for n, q in zip(units, rates))
   rounds = f.rounds
   shape = noise_shape(p, rounds)
+  round_shape = schedules.evaluate(shape, rounds)  # [rounds] float64
   if p.record_level and p.target_epsilon is not None:
     sigmas = privacy.calibrate_site_noise_multipliers(
         p.target_epsilon, p.delta,
         site_sizes=dict(zip(train.site_names, map(int, units))),
         batch_size=f.batch_size, steps=rounds * f.local_steps,
-        schedule=schedules.per_round(shape, f.local_steps))
-    base = np.array([_meet_target(
-        sigmas[s], float(q), int(n), max_batch, shape, rounds, f.local_steps,
-        p.target_epsilon, p.delta)
-                     for s, q, n in zip(train.site_names, rates, units)])
+        schedule=schedules.per_round(shape, f.local_steps),
+        max_batch_size=max_batch, steps_per_event=f.local_steps)
+    base = np.array([sigmas[s] for s in train.site_names])
   else:
     base = np.full(len(units), p.noise_multiplier if p.record_level else 0.0)
   held = set(config.data.held_out_sites)
@@ -191,19 +208,42 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
     raise config_lib.ConfigError(f"--held_out_sites: unknown sites "
                                  f"{sorted(unknown)}.")
   training = np.array([s not in held for s in train.site_names])
+  accounted = round_shape[:, None] * base[None, :]
   # The count release must cost less than every site's total noise: size it
   # from the largest sigma any site will use.
-  largest = float(base.max() * max(float(shape(r)) for r in range(rounds)))
-  return _Plan(train.site_names, units, rates, max_batch, base, shape,
-               _adaptive(p, f.batch_size, largest or 1.0), training)
+  adaptive = _record_level_adaptive(config, float(accounted.max()) or 1.0)
+  if adaptive is None:
+    applied = accounted
+    recorded = np.vectorize(_f32)(accounted)
+  else:
+    applied = np.vectorize(lambda z: adaptive.gradient_noise_multiplier(z)
+                           if z > 0 else 0.0)(accounted)
+    recorded = np.vectorize(
+        lambda z: adaptive.accounted_noise_multiplier(_f32(z)))(applied)
+  site_adaptive = None
+  site_applied = site_recorded = 0.0
+  if p.use_site_level:
+    z = p.site_noise_multiplier
+    if p.adaptive_clipping != "off" and not p.record_level:
+      site_adaptive = _adaptive_clipping(
+          p, p.site_clip_norm, p.site_sampling_rate * int(training.sum()),
+          z or 1.0)
+      site_applied = _f32(site_adaptive.gradient_noise_multiplier(z))
+      site_recorded = site_adaptive.accounted_noise_multiplier(site_applied)
+    else:
+      site_applied = site_recorded = _f32(z)
+  return _Plan(unit, train.site_names, units, rates, max_batch, base,
+               accounted, applied, recorded.astype(np.float64), adaptive,
+               site_adaptive, site_applied, site_recorded, training)
 
 
 def _trainer(config, model, plan, params):
   p, f, perf = config.privacy, config.federated, config.performance
   local_dp = client_lib.LocalDPConfig(
-      enabled=p.record_level, unit="patient" if p.unit == "patient"
-      else "example", l2_clip_norm=p.l2_clip_norm,
-      adaptive_clipping=plan.adaptive)
+      enabled=p.record_level,
+      unit=(plan.unit.value if plan.unit is not privacy.PrivacyUnit.SITE
+            else privacy.PrivacyUnit.EXAMPLE.value),
+      l2_clip_norm=p.l2_clip_norm, adaptive_clipping=plan.adaptive)
   client = fed.ClientConfig(
       local_steps=f.local_steps, expected_batch_size=f.batch_size,
       max_batch_size=plan.max_batch_size, learning_rate=f.learning_rate,
@@ -219,8 +259,9 @@ def _trainer(config, model, plan, params):
   site_dp = None
   if p.use_site_level:
     site_dp = fed.SiteLevelDPConfig(
-        l2_clip_norm=p.site_clip_norm, noise_multiplier=p.site_noise_multiplier,
-        expected_sites=p.site_sampling_rate * int(plan.training_sites.sum()))
+        l2_clip_norm=p.site_clip_norm, noise_multiplier=plan.site_applied_sigma,
+        expected_sites=p.site_sampling_rate * int(plan.training_sites.sum()),
+        adaptive_clipping=plan.site_adaptive)
   norm_mask = models.norm_param_mask(params) if f.algorithm == "fedbn" else None
   return fed.FederatedTrainer(segmentation_task.example_loss(model), client,
                               local_dp, server, site_dp, norm_mask,
@@ -246,16 +287,6 @@ def _participants(config, plan, root, round_index):
   else:
     part = np.ones(num_sites, bool)
   return part & plan.training_sites
-
-
-def _round_sigmas(plan, round_index):
-  """(accounted sigma [S], applied gradient sigma [S]) for this round."""
-  accounted = plan.base_sigma * float(plan.shape(round_index))
-  if plan.adaptive is None:
-    return accounted, accounted
-  applied = np.array([plan.adaptive.gradient_noise_multiplier(z) if z > 0
-                      else 0.0 for z in accounted])
-  return accounted, applied
 
 
 def _versions() -> dict:
@@ -315,31 +346,72 @@ def _comparable(config_dict: dict) -> dict:
   d = json.loads(json.dumps(config_dict))
   for key in _RESUMABLE_CHANGES:
     d.pop(key, None)
+  # --rounds may change on resume only when the noise already planned for
+  # the completed rounds stays the same (checked against the checkpoint).
   d.get("federated", {}).pop("rounds", None)
   return d
 
 
-def train_and_evaluate(config: config_lib.ExperimentConfig,
-                       workdir: str | os.PathLike) -> dict:
-  """Runs (or resumes) a simulation; returns the report (also written)."""
-  workdir = pathlib.Path(workdir)
-  enable_compilation_cache()
-  start_time = time.time()
-  p, f = config.privacy, config.federated
-  if not p.enabled:
-    logging.warning("=" * 70)
-    logging.warning("DP IS DISABLED (--nodp): this run has NO privacy "
-                    "guarantee. Its epsilons are infinite.")
-    logging.warning("=" * 70)
+@dataclasses.dataclass
+class RunState:
+  """Everything a run carries from round to round (and checkpoints).
 
+  Attributes:
+    server_state, site_states: the federated trainer's state.
+    ledger: record-level ledger (one accountant per site).
+    site_ledger: site-level (DP-FedAvg) ledger.
+    history: one row per completed round (only covered or public values,
+      plus NOT COVERED diagnostics when the flag asks for them).
+    evals: validation Dice per site at the evaluated rounds (held out).
+    charged_rounds: {site: [round indices charged in `ledger`]}.
+    rounds_completed: rounds done so far.
+  """
+
+  server_state: Any
+  site_states: Any
+  ledger: privacy.PrivacyLedger
+  site_ledger: privacy.PrivacyLedger
+  history: list
+  evals: list
+  charged_rounds: dict
+  rounds_completed: int = 0
+
+  def meta(self, config, plan) -> dict:
+    return {"rounds_completed": self.rounds_completed,
+            "ledger": self.ledger.to_dict(),
+            "site_ledger": self.site_ledger.to_dict(),
+            "charged_rounds": self.charged_rounds,
+            "history": self.history, "evals": self.evals,
+            "noise_plan": plan.to_meta(),
+            "config": config.to_dict()}
+
+
+@dataclasses.dataclass
+class _Run:
+  """The fixed pieces of one run (built once by `_setup`)."""
+
+  config: config_lib.ExperimentConfig
+  workdir: pathlib.Path
+  plan: _Plan
+  model: Any
+  trainer: Any
+  site_data: Any
+  val: sites_lib.SiteArrays
+  test: sites_lib.SiteArrays
+  root: jax.Array
+  checkpointer: _Checkpointer
+
+
+def _setup(config, workdir: pathlib.Path) -> tuple[_Run, Any]:
+  """Loads data, plans the noise, builds model and trainer (writes nothing
+  before the data and settings are checked). Returns (run, initial params)."""
+  p = config.privacy
   splits = load_data(config.data, config.seed)
   train = sites_lib.stack_sites(splits["train"])
   val = sites_lib.stack_sites(splits["val"])
   test = sites_lib.stack_sites(splits["test"])
   plan = _plan(config, train)
-  # Only now, with data and settings checked, is anything written.
   workdir.mkdir(parents=True, exist_ok=True)
-  num_sites = len(plan.site_names)
   model = models.SegmentationModel(config.model.unet_config(
       in_channels=train.image.shape[-1], num_classes=len(train.class_names),
       spatial_dims=train.image.ndim - 3))
@@ -353,153 +425,338 @@ def train_and_evaluate(config: config_lib.ExperimentConfig,
       models.check_per_example_independence(jax.jit(model.apply), params,
                                             probe)
   trainer = _trainer(config, model, plan, params)
-  site_data = segmentation_task.site_data(train)
-  ledger = privacy.PrivacyLedger(plan.site_names, delta=p.delta,
-                                 unit="patient" if p.unit == "patient"
-                                 else "example")
-  site_ledger = privacy.PrivacyLedger(plan.site_names, delta=p.delta,
-                                      unit="site")
-  server_state, site_states = trainer.init(params, num_sites)
-  history, evals = [], []
-  first_round = 0
-  checkpointer = _Checkpointer(workdir)
-  latest = checkpointer.latest()
-  if latest is not None:
-    (state, meta) = checkpointer.restore(
-        latest, {"server": server_state, "sites": site_states})
-    if _comparable(meta["config"]) != _comparable(config.to_dict()):
-      raise config_lib.ConfigError(
-          f"--workdir={workdir} holds a run with other settings; resuming it "
-          "with these would make its privacy ledger wrong. Use a new "
-          "--workdir, or the same flags.")
-    server_state, site_states = state["server"], state["sites"]
-    ledger = privacy.PrivacyLedger.from_dict(meta["ledger"])
-    site_ledger = privacy.PrivacyLedger.from_dict(meta["site_ledger"])
-    history, evals = meta["history"], meta["evals"]
-    first_round = int(meta["rounds_completed"])
-    logging.info("resumed %s at round %d", workdir, first_round)
+  run = _Run(config, workdir, plan, model, trainer,
+             segmentation_task.site_data(train), val, test, root,
+             _Checkpointer(workdir))
+  return run, params
 
-  def checkpoint(rounds_completed):
-    checkpointer.save(rounds_completed,
-                      {"server": server_state, "sites": site_states},
-                      {"rounds_completed": rounds_completed,
-                       "ledger": ledger.to_dict(),
-                       "site_ledger": site_ledger.to_dict(),
-                       "history": history, "evals": evals,
-                       "config": config.to_dict()})
 
-  def site_params(states):
-    if trainer.norm_mask is None:
-      return server_state.params
-    return lambda k: client_lib.merge_local(
-        server_state.params, jax.tree.map(lambda x: x[k], states.local_params),
-        trainer.norm_mask)
+def _restore_or_init(run: _Run, params) -> RunState:
+  """A fresh state, or the latest checkpoint's (refusing changed settings)."""
+  config, plan = run.config, run.plan
+  server_state, site_states = run.trainer.init(params, len(plan.site_names))
+  state = RunState(
+      server_state, site_states,
+      privacy.PrivacyLedger(plan.site_names, delta=config.privacy.delta,
+                            unit=plan.unit),
+      privacy.PrivacyLedger(plan.site_names, delta=config.privacy.delta,
+                            unit=privacy.PrivacyUnit.SITE),
+      history=[], evals=[], charged_rounds={s: [] for s in plan.site_names})
+  latest = run.checkpointer.latest()
+  if latest is None:
+    return state
+  restored, meta = run.checkpointer.restore(
+      latest, {"server": server_state, "sites": site_states})
+  if _comparable(meta["config"]) != _comparable(config.to_dict()):
+    raise config_lib.ConfigError(
+        f"--workdir={run.workdir} holds a run with other settings; resuming "
+        "it with these would make its privacy ledger wrong. Use a new "
+        "--workdir, or the same flags.")
+  _check_noise_plan_unchanged(meta, plan, config)
+  state = RunState(
+      restored["server"], restored["sites"],
+      privacy.PrivacyLedger.from_dict(meta["ledger"]),
+      privacy.PrivacyLedger.from_dict(meta["site_ledger"]),
+      meta["history"], meta["evals"], meta["charged_rounds"],
+      int(meta["rounds_completed"]))
+  logging.info("resumed %s at round %d", run.workdir, state.rounds_completed)
+  return state
 
+
+def _check_noise_plan_unchanged(meta, plan: _Plan, config) -> None:
+  """Refuses a resumption whose noise for any already planned round differs.
+
+  The noise keys of (round, site, step) are fixed by the seed: a round rerun
+  with another sigma would draw the same Gaussian twice at two scales (their
+  difference cancels the noise), and a calibration for another number of
+  rounds would end above the target epsilon.
+  """
+  old = np.asarray(meta["noise_plan"]["recorded_sigma"], np.float64)
+  new = plan.recorded_sigma
+  n = min(len(old), len(new))
+  old_rounds = meta["config"]["federated"]["rounds"]
+  if (not np.array_equal(old[:n], new[:n])
+      or meta["noise_plan"]["site_recorded_sigma"] != plan.site_recorded_sigma):
+    raise config_lib.ConfigError(
+        f"--rounds: the checkpoint was planned for {old_rounds} rounds and "
+        f"--rounds={config.federated.rounds} changes the noise of rounds it "
+        "planned (site-adaptive calibration and noise schedules depend on "
+        "the number of rounds). Resuming would rerun rounds with other noise "
+        "under the same keys and miss the target epsilon. Resume with "
+        f"--rounds={old_rounds}, or start a new --workdir.")
+
+
+def _charged_sites(config, plan: _Plan, part: np.ndarray) -> np.ndarray:
+  """[S] bool: the sites the record-level ledger charges this round.
+
+  Without site-level DP, the sites that train (participation is drawn from
+  the seed, independently of the data, so it is public). With site-level DP
+  the sampled set of sites must stay hidden (the site-level guarantee relies
+  on it), so every training site is charged every round: an upper bound for
+  the sites that did not train, and a ledger that reveals nothing.
+  """
+  return plan.training_sites if config.privacy.use_site_level else part
+
+
+def _check_budget(run: _Run, state: RunState, round_index: int,
+                  part: np.ndarray) -> str | None:
+  """The stop reason if this round would take any site it charges, in any
+  ledger in use, past --epsilon_budget (with the values it would record)."""
+  config, plan = run.config, run.plan
+  p, f = config.privacy, config.federated
+  if not p.enabled or p.epsilon_budget is None:
+    return None
+  checks = []
+  if p.record_level:
+    for k in np.flatnonzero(_charged_sites(config, plan, part)):
+      checks.append((state.ledger, k, "record-level", _record_level_event(
+          config, plan, round_index, k)))
+  if p.use_site_level:
+    event = privacy.poisson_gaussian_event(
+        plan.site_recorded_sigma, p.site_sampling_rate, 1)
+    for k in np.flatnonzero(plan.training_sites):
+      checks.append((state.site_ledger, k, "site-level", event))
+  for ledger, k, which, event in checks:
+    name = plan.site_names[k]
+    would = ledger.epsilon_if(name, event)
+    if would > p.epsilon_budget:
+      return (f"budget: round {round_index + 1} would take site {name!r} to "
+              f"{which} {privacy.PrivacyUnit(ledger.unit).epsilon_label} "
+              f"{would:.3f} > budget {p.epsilon_budget}")
+  return None
+
+
+def _record_level_event(config, plan: _Plan, round_index: int, k: int):
+  return privacy.poisson_gaussian_event(
+      float(plan.recorded_sigma[round_index, k]), float(plan.sampling_rates[k]),
+      config.federated.local_steps, dataset_size=int(plan.units[k]),
+      max_batch_size=plan.max_batch_size)
+
+
+def _run_round(run: _Run, state: RunState, round_index: int,
+               part: np.ndarray):
+  """One federated round on the device: (new state, output, seconds)."""
+  plan = run.plan
+  site_config = fed.SiteConfig(
+      jnp.asarray(plan.sampling_rates, jnp.float32),
+      jnp.asarray(plan.applied_sigma[round_index], jnp.float32))
+  t0 = time.time()
+  server_state, site_states, out = run.trainer.run_round(
+      state.server_state, state.site_states, run.site_data, site_config, part,
+      round_index, run.root)
+  jax.block_until_ready(server_state.params)
+  seconds = time.time() - t0
+  state = dataclasses.replace(state, server_state=server_state,
+                              site_states=site_states)
+  return state, jax.tree.map(np.asarray, out), seconds
+
+
+def _record_round(run: _Run, state: RunState, round_index: int,
+                  part: np.ndarray, out) -> None:
+  """Charges this round in the ledgers, after checking that the device
+  applied exactly the planned noise."""
+  config, plan = run.config, run.plan
+  p, f = config.privacy, config.federated
+  m = out.client
+  if p.record_level:
+    for k in np.flatnonzero(part):
+      got, want = float(m.noise_multiplier[k]), _f32(
+          plan.applied_sigma[round_index, k])
+      if got != want or int(m.steps[k]) != f.local_steps or not math.isclose(
+          float(m.sampling_rate[k]), plan.sampling_rates[k], rel_tol=1e-6):
+        raise AssertionError(
+            f"site {plan.site_names[k]}: applied sigma {got}, steps "
+            f"{int(m.steps[k])}, q {float(m.sampling_rate[k])} != planned "
+            f"{want}, {f.local_steps}, {plan.sampling_rates[k]}")
+    for k in np.flatnonzero(_charged_sites(config, plan, part)):
+      name = plan.site_names[k]
+      state.ledger.record_event(name, _record_level_event(config, plan,
+                                                          round_index, k))
+      state.charged_rounds[name].append(round_index)
+  if p.use_site_level:
+    got = float(out.server.noise_multiplier)
+    if got != plan.site_applied_sigma:
+      raise AssertionError(f"server: applied z {got} != planned "
+                           f"{plan.site_applied_sigma}")
+    for k in np.flatnonzero(plan.training_sites):
+      state.site_ledger.record(plan.site_names[k], plan.site_recorded_sigma,
+                               p.site_sampling_rate, 1)
+
+
+def _main_ledger(config, state: RunState) -> privacy.PrivacyLedger:
+  return state.ledger if config.privacy.record_level else state.site_ledger
+
+
+def _round_row(run: _Run, state: RunState, round_index: int,
+               part: np.ndarray, out, seconds: float) -> dict:
+  """The history row of a round: covered, public or held-out values only,
+  plus the NOT COVERED diagnostics when --release_training_diagnostics."""
+  config, plan = run.config, run.plan
+  p = config.privacy
+  names = plan.site_names
+  row = {
+      "round": round_index + 1, "seconds": seconds,
+      "epsilon": (_main_ledger(config, state).epsilons() if p.enabled
+                  else {s: None for s in names}),
+      "sigma": dict(zip(names, map(float, plan.accounted_sigma[round_index]))),
+  }
+  if p.use_site_level:
+    # The realised set of sampled sites is hidden by site-level DP: neither
+    # the participants nor anything that depends on them is written.
+    row["site_level_clip"] = float(out.server.l2_clip_norm)
+    if p.record_level:
+      row["clip"] = {s: p.l2_clip_norm for s in names}
+  else:
+    row["participants"] = [names[k] for k in np.flatnonzero(part)]
+    row["clip"] = dict(zip(names, map(float, np.where(
+        part, out.client.l2_clip_norm if p.record_level else np.inf,
+        np.nan))))
+  if config.release_training_diagnostics:
+    m = out.client
+    units = int(m.num_real.sum())
+    diagnostics = {
+        "train_loss": float(m.loss_sum.sum() / max(units, 1)),
+        "clipped_fraction": float(m.num_clipped.sum() / max(units, 1)),
+    }
+    if p.use_site_level:
+      diagnostics["participants"] = [names[k] for k in np.flatnonzero(part)]
+      diagnostics["sites_clipped"] = int(out.server.num_clipped)
+    row[NOT_COVERED_KEY] = diagnostics
+  return row
+
+
+def _site_params(run: _Run, state: RunState):
+  if run.trainer.norm_mask is None:
+    return state.server_state.params
+  return lambda k: client_lib.merge_local(
+      state.server_state.params,
+      jax.tree.map(lambda x: x[k], state.site_states.local_params),
+      run.trainer.norm_mask)
+
+
+def _evaluate_validation(run: _Run, state: RunState, row: dict) -> None:
+  """Validation Dice per site (held-out patients) into `state.evals`."""
+  result = centralized.evaluate(run.model, _site_params(run, state), run.val)
+  fg = _nanmean(result["dice_per_site"][:, 1:], axis=-1)
+  state.evals.append({"round": row["round"], "dice_per_site": dict(zip(
+      run.plan.site_names, map(float, fg)))})
+  row["val_dice_mean"] = float(_nanmean(fg))
+
+
+def _log_round(run: _Run, row: dict, round_times: list) -> None:
+  config, plan = run.config, run.plan
+  p, f = config.privacy, config.federated
+  eta = np.mean(round_times) * (f.rounds - row["round"])
+  label = plan.unit.epsilon_label if p.record_level else (
+      privacy.PrivacyUnit.SITE.epsilon_label)
+  eps = (f"{label} max {max(row['epsilon'].values()):.3f}" if p.enabled
+         else "epsilon inf (NO DP)")
+  clip = "-"
+  if p.record_level and "clip" in row:
+    values = [v for v in row["clip"].values() if np.isfinite(v)]
+    clip = f"{np.mean(values):.3f}" if values else "-"
+  elif p.use_site_level:
+    clip = f"{row['site_level_clip']:.3f} (site)"
+  sites = (f" | {len(row['participants'])} sites" if "participants" in row
+           else "")
+  extra = ""
+  if NOT_COVERED_KEY in row:
+    d = row[NOT_COVERED_KEY]
+    extra = (f" | NOT COVERED BY THE GUARANTEE: train loss "
+             f"{d['train_loss']:.4f}, clipped {d['clipped_fraction']:.3f}")
+    if "participants" in d:
+      extra += f", {len(d['participants'])} sites sampled"
+  logging.info(
+      "round %d/%d | %s | sigma %.3f | C %s%s | %.1f s | ETA %.0f s%s%s",
+      row["round"], f.rounds, eps, max(row["sigma"].values()), clip, sites,
+      row["seconds"], eta, f" | val Dice {row['val_dice_mean']:.3f}"
+      if "val_dice_mean" in row else "", extra)
+
+
+def _checkpoint(run: _Run, state: RunState) -> None:
+  run.checkpointer.save(state.rounds_completed,
+                        {"server": state.server_state,
+                         "sites": state.site_states},
+                        state.meta(run.config, run.plan))
+
+
+def train_and_evaluate(config: config_lib.ExperimentConfig,
+                       workdir: str | os.PathLike) -> dict:
+  """Runs (or resumes) a simulation; returns the report (also written).
+
+  The steps, over one `RunState`: setup (data, noise plan, model, trainer),
+  restore or init, then per round: participants, check budget, run round,
+  record round (ledgers), row (+ validation), log, checkpoint; at the end
+  the test evaluation, the report (verified against the ledger with
+  `privacy.verify`), CSV and plots.
+  """
+  workdir = pathlib.Path(workdir)
+  enable_compilation_cache()
+  start_time = time.time()
+  p, f = config.privacy, config.federated
+  if not p.enabled:
+    logging.warning("=" * 70)
+    logging.warning("DP IS DISABLED (--nodp): this run has NO privacy "
+                    "guarantee. Its epsilons are infinite.")
+    logging.warning("=" * 70)
+  if config.release_training_diagnostics:
+    logging.warning("--release_training_diagnostics: the training loss and "
+                    "clipped fraction (and under site-level DP the sampled "
+                    "sites) are written un-noised: NOT COVERED BY THE "
+                    "GUARANTEE.")
+  run, params = _setup(config, workdir)
+  state = _restore_or_init(run, params)
+  first_round = state.rounds_completed
   stopped_reason = "completed"
   round_times = []
-  rounds_this_run = 0
   for r in range(first_round, f.rounds):
-    part = _participants(config, plan, root, r)
-    accounted, applied = _round_sigmas(plan, r)
-    # Stop BEFORE a round that would take a site past its budget.
-    if p.enabled and p.epsilon_budget is not None:
-      for k in np.flatnonzero(part):
-        name = plan.site_names[k]
-        if p.record_level:
-          planned = privacy.poisson_gaussian_event(
-              accounted[k], plan.sampling_rates[k], f.local_steps,
-              dataset_size=int(plan.units[k]),
-              max_batch_size=plan.max_batch_size)
-          target, which = ledger, "record-level"
-        else:
-          planned = privacy.poisson_gaussian_event(
-              p.site_noise_multiplier, p.site_sampling_rate, 1)
-          target, which = site_ledger, "site-level"
-        would = target.epsilon_if(name, planned)
-        if would > p.epsilon_budget:
-          stopped_reason = (
-              f"budget: round {r + 1} would take site {name!r} to "
-              f"{which} epsilon {would:.3f} > budget {p.epsilon_budget}")
-          logging.warning("stopping before round %d: %s", r + 1,
-                          stopped_reason)
-          break
-      if stopped_reason != "completed":
-        break
-    site_config = fed.SiteConfig(
-        jnp.asarray(plan.sampling_rates, jnp.float32),
-        jnp.asarray(applied, jnp.float32))
-    t0 = time.time()
-    server_state, site_states, out = trainer.run_round(
-        server_state, site_states, site_data, site_config, part, r, root)
-    jax.block_until_ready(server_state.params)
-    seconds = time.time() - t0
+    part = _participants(config, run.plan, run.root, r)
+    reason = _check_budget(run, state, r, part)
+    if reason is not None:
+      stopped_reason = reason
+      logging.warning("stopping before round %d: %s", r + 1, reason)
+      break
+    state, out, seconds = _run_round(run, state, r, part)
     round_times.append(seconds)
-    m = jax.tree.map(np.asarray, out.client)
-    ran = m.steps > 0
-    for k in np.flatnonzero(ran):  # Only sites that trained spend budget.
-      if p.record_level:
-        got = float(m.noise_multiplier[k])
-        if not math.isclose(got, applied[k], rel_tol=1e-5, abs_tol=1e-6):
-          raise AssertionError(f"site {plan.site_names[k]}: applied sigma "
-                               f"{got} != planned {applied[k]}")
-        z = (plan.adaptive.accounted_noise_multiplier(got)
-             if plan.adaptive else got)
-        ledger.record(plan.site_names[k], z, float(m.sampling_rate[k]),
-                      int(m.steps[k]), dataset_size=int(plan.units[k]),
-                      max_batch_size=plan.max_batch_size)
-    if p.use_site_level:
-      site_ledger.record_all(float(out.server.noise_multiplier),
-                             p.site_sampling_rate, 1)
-    eps = ledger.epsilons() if p.record_level else site_ledger.epsilons()
-    units = int(m.num_real.sum())
-    row = {
-        "round": r + 1, "seconds": seconds,
-        "participants": [plan.site_names[k] for k in np.flatnonzero(ran)],
-        "train_loss": float(m.loss_sum.sum() / max(units, 1)),
-        "epsilon": eps if p.enabled else {s: None for s in plan.site_names},
-        "sigma": dict(zip(plan.site_names, map(float, accounted))),
-        "clip": dict(zip(plan.site_names, map(float, np.where(
-            ran, m.l2_clip_norm, np.nan)))),
-        "clipped_fraction": float(m.num_clipped.sum() / max(units, 1)),
-        "site_level_clip": float(out.server.l2_clip_norm),
-    }
+    _record_round(run, state, r, part, out)
+    row = _round_row(run, state, r, part, out, seconds)
     if (r + 1) % config.eval_every == 0 or r + 1 == f.rounds:
-      result = centralized.evaluate(model, site_params(site_states), val)
-      fg = _nanmean(result["dice_per_site"][:, 1:], axis=-1)
-      evals.append({"round": r + 1, "dice_per_site": dict(zip(
-          plan.site_names, map(float, fg)))})
-      row["val_dice_mean"] = float(_nanmean(fg))
-    history.append(row)
-    rounds_this_run += 1
-    eta = np.mean(round_times) * (f.rounds - r - 1)
-    max_eps = max(v for v in eps.values()) if p.enabled else float("inf")
-    logging.info(
-        "round %d/%d | loss %.4f | eps max %s | sigma %.3f | C %s | "
-        "%d sites | %.1f s | ETA %.0f s%s", r + 1, f.rounds, row["train_loss"],
-        f"{max_eps:.3f}" if p.enabled else "inf (NO DP)",
-        float(np.max(accounted)), f"{np.nanmean(m.l2_clip_norm[ran]):.3f}"
-        if p.record_level and ran.any() else "-", int(ran.sum()), seconds,
-        eta, f" | val Dice {row['val_dice_mean']:.3f}"
-        if "val_dice_mean" in row else "")
+      _evaluate_validation(run, state, row)
+    state.history.append(row)
+    state.rounds_completed = r + 1
+    _log_round(run, row, round_times)
     if (r + 1) % config.checkpoint_every == 0 or r + 1 == f.rounds:
-      checkpoint(r + 1)
+      _checkpoint(run, state)
     if (config.stop_after_rounds is not None
-        and rounds_this_run >= config.stop_after_rounds and r + 1 < f.rounds):
+        and len(round_times) >= config.stop_after_rounds and r + 1 < f.rounds):
       logging.warning("stopping after %d rounds of this run (as if killed)",
-                      rounds_this_run)
+                      len(round_times))
       return {"rounds_completed": r + 1, "stopped_reason": "interrupted"}
 
-  rounds_completed = history[-1]["round"] if history else first_round
-  if (stopped_reason != "completed" and rounds_completed > first_round
-      and rounds_completed % config.checkpoint_every):
-    checkpoint(rounds_completed)  # Not saved yet by the loop.
-  test_result = centralized.evaluate(model, site_params(site_states), test,
-                                     with_hd95=True)
-  report = _report(config, plan, test, test_result, ledger, site_ledger,
-                   history, evals, rounds_completed, stopped_reason,
+  if (stopped_reason != "completed" and state.rounds_completed > first_round
+      and state.rounds_completed % config.checkpoint_every):
+    _checkpoint(run, state)  # Not saved yet by the loop.
+  if p.enabled and p.record_level and p.target_epsilon is not None:
+    worst = state.ledger.max_epsilon()
+    if worst > p.target_epsilon:
+      above = (f"{run.plan.unit.epsilon_label} {worst:.4f} is above "
+               f"--target_epsilon={p.target_epsilon}")
+      logging.warning("%s", above)
+      stopped_reason += f" ({above})"
+  test_result = centralized.evaluate(run.model, _site_params(run, state),
+                                     run.test, with_hd95=True)
+  report = _report(run, state, test_result, stopped_reason,
                    time.time() - start_time, round_times)
-  report["final_params_sha256"] = params_digest(server_state.params)
-  _write_outputs(workdir, report, history, plan)
+  report["final_params_sha256"] = params_digest(state.server_state.params)
+  if p.enabled:
+    from fedjax_seg.privacy import verify  # pylint: disable=g-import-not-at-top
+    result = verify.verify_report(report)
+    report["privacy"]["verified"] = {
+        "ok": result.ok, "problems": result.problems,
+        "by": "python -m fedjax_seg.privacy.verify (plain dp_accounting)"}
+    if not result.ok:
+      logging.error("privacy verification FAILED: %s", result.problems)
+  _write_outputs(workdir, report, state.history, run.plan)
   return report
 
 
@@ -525,9 +782,115 @@ def _nan_to_none(x):
       else x
 
 
-def _report(config, plan, test, result, ledger, site_ledger, history, evals,
-            rounds_completed, stopped_reason, seconds, round_times) -> dict:
+def _assumptions(config, plan: _Plan) -> dict:
+  """What the epsilons cover and what is public, for report.json."""
   p = config.privacy
+  public = [
+      "site names and modalities",
+      "the number of training units of each site (slices and patients) and "
+      "the sampling rates and maximum batch size derived from them",
+      "the configuration (every flag) and the noise plan derived from it and "
+      "from the unit counts (sigma per round and site, clip norms unless "
+      "adaptive)",
+  ]
+  if not p.use_site_level:
+    public.append(
+        "which sites train in each round: drawn from the seed, independently "
+        "of the data (under site-level DP this is hidden and never written)")
+  not_covered = [
+      "validation and test metrics (Dice, IoU, HD95): computed on held-out "
+      "patients who are in no training set; they describe those patients and "
+      "are not covered by the training guarantee",
+      "wall-clock timings (seconds per round, ETA): they follow how much was "
+      "sampled; a simulation runs on data you hold, but do not publish "
+      "per-round timings of a real deployment",
+      "checkpoint state files (parameters, optimizer and site-local states, "
+      "for resumption): the simulator's internal state, not a release; the "
+      "final parameters are covered",
+  ]
+  if config.release_training_diagnostics:
+    not_covered.append(DIAGNOSTICS_WARNING)
+  covered = ("the trained parameters and everything computed from them "
+             "(post-processing), every epsilon, the noised adaptive-clipping "
+             "releases (clip norms)")
+  return {
+      "unit": plan.unit.value,
+      "unit_meaning": {
+          "example": "one training slice (one volume with --volumes)",
+          "patient": "all training slices of one patient",
+          "site": "all data of one site (DP-FedAvg)"}[plan.unit.value],
+      "neighbouring_relation": "add or remove one unit",
+      "covered": covered if p.enabled else "nothing: --nodp (NOT PRIVATE)",
+      "public": public,
+      "not_covered": not_covered,
+      "secret": "the root seed (--seed): every sampling and noise key is "
+                "derived from it, and JAX's PRNG is not a cryptographic RNG; "
+                "a deployment must keep it secret",
+      "patients_at_one_site": "each patient's data are at one site only "
+                              "(per-site ledgers assume disjoint patients)",
+  }
+
+
+def _ledger_section(ledger: privacy.PrivacyLedger, names) -> dict:
+  return {"ledger": ledger.to_dict(), "epsilon_per_site": ledger.epsilons(),
+          "epsilon_max": ledger.max_epsilon(),
+          "epsilon_pld_per_site": {s: ledger.epsilon_pld(
+              s, PLD_DISCRETIZATION) for s in names},
+          "epsilon_label": privacy.PrivacyUnit(ledger.unit).epsilon_label}
+
+
+def _privacy_section(run: _Run, state: RunState) -> dict:
+  config, plan = run.config, run.plan
+  p, f = config.privacy, config.federated
+  names = plan.site_names
+  section = {"enabled": p.enabled, "unit": plan.unit.value, "delta": p.delta,
+             "accountant": "rdp", "pld_accountant": "pld",
+             "pld_value_discretization_interval": PLD_DISCRETIZATION,
+             "epsilon_label": plan.unit.epsilon_label,
+             "assumptions": _assumptions(config, plan)}
+  if not p.enabled:
+    section.update(
+        warning="NOT PRIVATE: trained without clipping or noise.",
+        epsilon_per_site={s: None for s in names}, epsilon_max=None,
+        epsilon_pld_per_site={s: None for s in names}, ledger=None)
+    return section
+  rounds_done = state.rounds_completed
+  site_plan = {"noise_multiplier": plan.site_recorded_sigma,
+               "sampling_rate": p.site_sampling_rate,
+               "rounds": list(range(rounds_done)),
+               "charged_sites": [names[k] for k in
+                                 np.flatnonzero(plan.training_sites)]}
+  if p.record_level:
+    section.update(_ledger_section(state.ledger, names))
+    section["plan"] = {
+        "local_steps": f.local_steps, "max_batch_size": plan.max_batch_size,
+        "dataset_size_per_site": dict(zip(names, map(int, plan.units))),
+        "sampling_rate_per_site": dict(zip(names, map(float,
+                                                      plan.sampling_rates))),
+        "rounds_trained_per_site": state.charged_rounds,
+        "accounted_sigma_per_round": {
+            s: plan.recorded_sigma[:, k].tolist() for k, s in
+            enumerate(names)},
+    }
+    section["noise_multiplier_per_site"] = dict(zip(names, map(
+        float, plan.base_sigma)))
+    if p.use_site_level:
+      section["site_level"] = dict(_ledger_section(state.site_ledger, names),
+                                   plan=site_plan)
+  else:
+    section.update(_ledger_section(state.site_ledger, names))
+    section["plan"] = site_plan
+  section.update(sampling_rate_per_site=dict(zip(
+      names, map(float, plan.sampling_rates))),
+                 max_batch_size=plan.max_batch_size,
+                 epsilon_budget=p.epsilon_budget,
+                 target_epsilon=p.target_epsilon)
+  return section
+
+
+def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
+            round_times) -> dict:
+  config, plan, test = run.config, run.plan, run.test
   names = plan.site_names
   def fg(a):  # Mean over foreground classes; NaN for sites without data.
     a = np.asarray(a, np.float64)[..., 1:]
@@ -536,40 +899,16 @@ def _report(config, plan, test, result, ledger, site_ledger, history, evals,
                     np.nan)
 
   dice_site = fg(result["dice_per_site"])
-  privacy_section = {"enabled": p.enabled, "unit": p.unit, "delta": p.delta,
-                     "accountant": "rdp"}
-  if not p.enabled:
-    privacy_section.update(
-        warning="NOT PRIVATE: trained without clipping or noise.",
-        epsilon_per_site={s: None for s in names}, epsilon_max=None,
-        epsilon_pld_per_site={s: None for s in names}, ledger=None)
-  else:
-    main = ledger if p.record_level else site_ledger
-    privacy_section.update(
-        epsilon_per_site=main.epsilons(), epsilon_max=main.max_epsilon(),
-        epsilon_pld_per_site={s: main.epsilon_pld(s) for s in names},
-        ledger=main.to_dict(),
-        sampling_rate_per_site=dict(zip(names, map(float,
-                                                   plan.sampling_rates))),
-        noise_multiplier_per_site=dict(zip(names, map(float,
-                                                      plan.base_sigma))),
-        max_batch_size=plan.max_batch_size,
-        epsilon_budget=p.epsilon_budget)
-    if p.use_site_level and p.record_level:
-      privacy_section["site_level"] = {
-          "epsilon": site_ledger.max_epsilon(),
-          "ledger": site_ledger.to_dict()}
-  modality_names = test.modality_names
-  return {
-      "rounds_completed": rounds_completed,
+  report = {
+      "rounds_completed": state.rounds_completed,
       "stopped_reason": stopped_reason,
-      "privacy": privacy_section,
+      "privacy": _privacy_section(run, state),
       "metrics": {
-          "split": "test",
+          "split": "test (held-out patients; not covered by the guarantee)",
           "dice_per_site": {s: _nan_to_none(float(v)) for s, v in
                             zip(names, dice_site)},
           "dice_per_modality": {m: _nan_to_none(float(v)) for m, v in zip(
-              modality_names, fg(result["dice_per_modality"]))},
+              test.modality_names, fg(result["dice_per_modality"]))},
           "dice_mean": _nan_to_none(float(_nanmean(dice_site))),
           "dice_per_site_per_class": {
               s: dict(zip(test.class_names, map(float, row)))
@@ -578,8 +917,9 @@ def _report(config, plan, test, result, ledger, site_ledger, history, evals,
                            zip(names, fg(result["iou_per_site"]))},
           "hd95_per_site": {s: _nan_to_none(float(np.mean(v)))
                             for s, v in zip(names, result["hd95_per_site"])},
-          "validation_history": evals,
+          "validation_history": state.evals,
       },
+      "history": state.history,
       "config": config.to_dict(),
       "sites": {s: {"modality": m, "train_units": int(n)} for s, m, n in
                 zip(names, test.site_modalities, plan.units)},
@@ -596,27 +936,50 @@ def _report(config, plan, test, result, ledger, site_ledger, history, evals,
                  "mean_round_seconds": (float(np.mean(round_times[1:]))
                                         if len(round_times) > 1 else None)},
   }
+  if config.release_training_diagnostics:
+    report["training_diagnostics"] = {
+        "warning": DIAGNOSTICS_WARNING,
+        "where": f"history[*].{NOT_COVERED_KEY}"}
+  return report
 
 
 def _write_outputs(workdir: pathlib.Path, report: dict, history: list,
-                   plan) -> None:
+                   plan: _Plan) -> None:
   _atomic_write(workdir / REPORT, json.dumps(report, indent=1).encode())
   buf = io.StringIO()
   writer = csv.writer(buf)
   names = list(plan.site_names)
-  writer.writerow(["round", "seconds", "participants", "train_loss",
-                   "clipped_fraction", "val_dice_mean"]
-                  + [f"epsilon_{s}" for s in names]
-                  + [f"sigma_{s}" for s in names]
-                  + [f"clip_{s}" for s in names])
+  label = report["privacy"]["epsilon_label"].replace(" ", "_")
+  has = lambda key: any(key in row for row in history)
+  header = ["round", "seconds", "val_dice_mean"]
+  header += [f"{label}_{s}" for s in names] + [f"sigma_{s}" for s in names]
+  if has("clip"):
+    header += [f"clip_{s}" for s in names]
+  if has("site_level_clip"):
+    header.append("site_level_clip")
+  if has("participants"):
+    header.append("sites_trained")
+  diagnostics = has(NOT_COVERED_KEY)
+  if diagnostics:
+    header += [f"{k} [NOT COVERED BY THE GUARANTEE]" for k in
+               ("train_loss", "clipped_fraction", "sites_sampled")]
+  writer.writerow(header)
   for row in history:
-    writer.writerow([row["round"], f"{row['seconds']:.3f}",
-                     len(row["participants"]), f"{row['train_loss']:.5f}",
-                     f"{row['clipped_fraction']:.4f}",
-                     row.get("val_dice_mean", "")]
-                    + [row["epsilon"][s] for s in names]
-                    + [row["sigma"][s] for s in names]
-                    + [row["clip"][s] for s in names])
+    line = [row["round"], f"{row['seconds']:.3f}",
+            row.get("val_dice_mean", "")]
+    line += [row["epsilon"][s] for s in names]
+    line += [row["sigma"][s] for s in names]
+    if has("clip"):
+      line += [row.get("clip", {}).get(s, "") for s in names]
+    if has("site_level_clip"):
+      line.append(row.get("site_level_clip", ""))
+    if has("participants"):
+      line.append(len(row.get("participants", [])))
+    if diagnostics:
+      d = row.get(NOT_COVERED_KEY, {})
+      line += [d.get("train_loss", ""), d.get("clipped_fraction", ""),
+               len(d["participants"]) if "participants" in d else ""]
+    writer.writerow(line)
   _atomic_write(workdir / ROUNDS_CSV, buf.getvalue().encode())
   from fedjax_seg import plots  # pylint: disable=g-import-not-at-top
   plots.write_all(workdir, report, history)

@@ -41,19 +41,24 @@ def write_all(workdir: pathlib.Path, report: dict, history: list) -> None:
   for s in sites:
     eps = [row["epsilon"][s] for row in history]
     ax.plot(rounds, [np.nan if e is None else e for e in eps], label=s)
-  ax.set(xlabel="round", ylabel=f"epsilon (delta={report['privacy']['delta']:g})",
-         title="epsilon per site" if enabled else "NOT PRIVATE: no epsilon")
+  label = report["privacy"]["epsilon_label"]  # e.g. "epsilon per patient"
+  ax.set(xlabel="round", ylabel=f"{label} (delta={report['privacy']['delta']:g})",
+         title=f"{label}, each site" if enabled else "NOT PRIVATE: no epsilon")
   ax.legend(fontsize=7, ncol=2)
   _save(fig, workdir / PLOTS[1])
 
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
   for s in sites:
     a1.plot(rounds, [row["sigma"][s] for row in history], label=s)
-    a2.plot(rounds, [row["clip"][s] for row in history], label=s)
+    if all("clip" in row for row in history):
+      a2.plot(rounds, [row["clip"][s] for row in history], label=s)
+  if history and all("site_level_clip" in row for row in history):
+    a2.plot(rounds, [row["site_level_clip"] for row in history], "k--",
+            label="site-level S")
   a1.set(xlabel="round", ylabel="noise multiplier sigma (accounted)",
          title="sigma per site")
-  a2.set(xlabel="round", ylabel="clip norm C (last local step)",
-         title="clip norm per site")
+  a2.set(xlabel="round", ylabel="clip norm (C: last local step; S: site)",
+         title="clip norm")
   a1.legend(fontsize=7)
   _save(fig, workdir / PLOTS[2])
 
@@ -64,7 +69,7 @@ def write_all(workdir: pathlib.Path, report: dict, history: list) -> None:
     if dice[s] is not None:
       x = eps[s] if eps[s] is not None else np.nan
       ax.scatter([x], [dice[s]], label=s)
-  ax.set(xlabel="final epsilon", ylabel="test Dice (foreground mean)",
-         title="Dice vs epsilon per site")
+  ax.set(xlabel=f"final {label}", ylabel="test Dice (foreground mean)",
+         title=f"Dice vs {label}")
   ax.legend(fontsize=7)
   _save(fig, workdir / PLOTS[3])

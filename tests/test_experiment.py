@@ -3,10 +3,12 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from fedjax_seg import config as C
 from fedjax_seg import experiment
+from fedjax_seg import privacy
 
 TINY = C.ExperimentConfig(
     data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.25),
@@ -35,6 +37,23 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
       noise_multiplier=2.0))
   with pytest.raises(C.ConfigError, match="other settings"):
     experiment.train_and_evaluate(other, tmp_path / "resumed")
+  # So is --rounds when the calibration (hence every round's sigma) depends
+  # on it: the resumed run would end above the target epsilon.
+  longer = dataclasses.replace(TINY, federated=dataclasses.replace(
+      TINY.federated, rounds=6))
+  with pytest.raises(C.ConfigError, match="--rounds"):
+    experiment.train_and_evaluate(longer, tmp_path / "resumed")
+  # Every output holds only covered, public or held-out values by default.
+  rows = (tmp_path / "full" / experiment.ROUNDS_CSV).read_text()
+  assert "loss" not in rows and "clipped_fraction" not in rows
+  assert rows.splitlines()[0].count("epsilon_per_slice_") == 8
+  for row in full["history"]:
+    assert set(row) <= {"round", "seconds", "epsilon", "sigma", "clip",
+                        "participants", "val_dice_mean"}
+  assumptions = full["privacy"]["assumptions"]
+  assert assumptions["unit"] == "example" and "seed" in assumptions["secret"]
+  assert any("held-out" in s for s in assumptions["not_covered"])
+  assert full["privacy"]["verified"]["ok"] is True
 
 
 def test_budget_stop_happens_before_the_round_that_would_exceed(tmp_path):
@@ -53,6 +72,96 @@ def test_budget_stop_happens_before_the_round_that_would_exceed(tmp_path):
   assert report["privacy"]["epsilon_max"] <= budget
   rows = (tmp_path / "budget" / experiment.ROUNDS_CSV).read_text().splitlines()
   assert len(rows) == 1 + 2
+  # With a fixed sigma and a constant schedule the planned noise of the done
+  # rounds does not depend on --rounds: a finished run can be extended, and
+  # the resumed run continues the same ledger.
+  more = experiment.train_and_evaluate(
+      dataclasses.replace(TINY, privacy=fixed_noise,
+                          federated=dataclasses.replace(TINY.federated,
+                                                        rounds=3)),
+      tmp_path / "probe")
+  assert more["rounds_completed"] == 3 and more["privacy"]["verified"]["ok"]
+  for site, entry in more["privacy"]["ledger"]["sites"].items():
+    assert len(entry["events"]) == 3
+    assert entry["events"][:2] == probe["privacy"]["ledger"]["sites"][site][
+        "events"]
+  assert more["privacy"]["epsilon_max"] > probe["privacy"]["epsilon_max"]
+
+
+def _site_level_event_epsilon(z, q, rounds):
+  ledger = privacy.PrivacyLedger(["s"], delta=1e-5, unit="site")
+  ledger.record("s", float(np.float32(z)), q, 1)
+  for _ in range(rounds - 1):
+    ledger.record("s", float(np.float32(z)), q, 1)
+  return ledger.epsilon("s")
+
+
+def test_site_level_budget_stop_checks_every_site_it_charges(tmp_path):
+  """Under site-level DP every site is charged every round, sampled or not:
+  the issue's reproduction ends at epsilon 0 (round 1 alone would cost 4.59),
+  not 4.59 for every site."""
+  config = dataclasses.replace(TINY, privacy=C.PrivacyConfig(
+      unit="site", site_sampling_rate=0.3, site_noise_multiplier=0.8,
+      epsilon_budget=2.0), federated=dataclasses.replace(TINY.federated,
+                                                         rounds=3))
+  report = experiment.train_and_evaluate(config, tmp_path / "repro")
+  assert report["rounds_completed"] == 0
+  assert "site-level epsilon per site" in report["stopped_reason"]
+  assert all(e <= 2.0 for e in report["privacy"]["epsilon_per_site"].values())
+
+
+def test_record_and_site_level_budgets_are_both_checked(tmp_path):
+  """With both mechanisms, the tighter ledger stops the run; the record-level
+  ledger charges every training site every round (the sampled set of sites
+  must stay hidden), and nothing written names the sampled sites."""
+  one, two = (_site_level_event_epsilon(2.0, 0.5, r) for r in (1, 2))
+  config = dataclasses.replace(TINY, privacy=C.PrivacyConfig(
+      target_epsilon=None, noise_multiplier=20.0, site_level=True,
+      site_sampling_rate=0.5, site_noise_multiplier=2.0,
+      epsilon_budget=(one + two) / 2), federated=dataclasses.replace(
+          TINY.federated, rounds=3))
+  report = experiment.train_and_evaluate(config, tmp_path / "both")
+  assert report["rounds_completed"] == 1
+  assert "site-level" in report["stopped_reason"]
+  privacy_section = report["privacy"]
+  assert privacy_section["site_level"]["epsilon_max"] == pytest.approx(one)
+  for entry in privacy_section["ledger"]["sites"].values():
+    assert len(entry["events"]) == 1
+  assert privacy_section["verified"]["ok"], privacy_section["verified"]
+  assert all("participants" not in row for row in report["history"])
+  header = (tmp_path / "both" / experiment.ROUNDS_CSV).read_text().split(
+      "\n")[0]
+  assert "sites_trained" not in header
+
+
+@pytest.mark.parametrize("mode", ["geometric"])
+def test_site_level_adaptive_clipping_is_wired_and_accounted(tmp_path, mode):
+  config = dataclasses.replace(
+      TINY, privacy=C.PrivacyConfig(unit="site", adaptive_clipping=mode,
+                                    site_clip_norm=0.05,
+                                    site_noise_multiplier=1.5,
+                                    site_sampling_rate=0.75),
+      federated=dataclasses.replace(TINY.federated, rounds=2),
+      release_training_diagnostics=True)
+  report = experiment.train_and_evaluate(config, tmp_path / "adaptive")
+  clips = [row["site_level_clip"] for row in report["history"]]
+  assert clips[0] == pytest.approx(0.05) and clips[1] != clips[0]
+  # The (update, count) pair is accounted at the site noise multiplier.
+  event = report["privacy"]["ledger"]["sites"]["ct_scanner_a"]["events"][0]
+  z = event["event"]["event"]["noise_multiplier"]
+  assert z == pytest.approx(1.5, rel=1e-5)
+  assert report["privacy"]["verified"]["ok"]
+  # The diagnostics are there, and marked, only because the flag asks.
+  assert "NOT COVERED" in report["training_diagnostics"]["warning"]
+  row = report["history"][0]
+  assert "participants" not in row
+  assert {"train_loss", "participants"} <= set(
+      row[experiment.NOT_COVERED_KEY])
+  header = (tmp_path / "adaptive" / experiment.ROUNDS_CSV).read_text().split(
+      "\n")[0]
+  assert "train_loss [NOT COVERED BY THE GUARANTEE]" in header
+  with pytest.raises(C.ConfigError, match="--adaptive_clipping"):
+    C.PrivacyConfig(site_level=True, adaptive_clipping=mode)
 
 
 def test_non_private_run_is_marked(tmp_path):

@@ -43,3 +43,4 @@ from fedjax_seg.privacy.schedules import per_round
 from fedjax_seg.privacy.schedules import scaled
 from fedjax_seg.privacy.schedules import step_schedule
 from fedjax_seg.privacy.schedules import warmup_schedule
+from fedjax_seg.privacy.units import PrivacyUnit

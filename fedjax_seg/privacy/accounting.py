@@ -22,9 +22,10 @@ from dp_accounting import rdp
 import numpy as np
 from scipy import stats
 
+from fedjax_seg.privacy import units as units_lib
+
 LEDGER_FORMAT = "fedjax_seg.PrivacyLedger/2"
 ACCOUNTANTS = ("rdp",)
-UNITS = ("example", "patient", "site")
 _ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
@@ -266,14 +267,15 @@ class PrivacyLedger:
       raise ValueError(f"site names must be unique, got {site_names}.")
     if not 0 < delta < 1:
       raise ValueError(f"delta must be in (0, 1), got {delta}.")
-    if unit not in UNITS:
-      raise ValueError(f"unit must be one of {UNITS}, got {unit!r}.")
+    if str(unit) not in units_lib.UNITS:
+      raise ValueError(
+          f"unit must be one of {units_lib.UNITS}, got {unit!r}.")
     if accountant not in ACCOUNTANTS:
       raise ValueError(
           f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
     self.site_names = tuple(site_names)
     self.delta = float(delta)
-    self.unit = unit
+    self.unit = str(unit)
     self.accountant = accountant
     self.orders = tuple(
         float(o) for o in (orders or rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS))

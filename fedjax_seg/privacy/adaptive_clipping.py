@@ -40,6 +40,9 @@ import jax
 import jax.numpy as jnp
 
 MODES = ("geometric", "percentile")
+# L2 sensitivity of the count release to one unit: a centred indicator moves
+# the geometric count by 1/2; one unit moves one histogram bin by 1.
+_COUNT_SENSITIVITY = {"geometric": 0.5, "percentile": 1.0}
 
 
 class AdaptiveClipState(NamedTuple):
@@ -140,13 +143,53 @@ class AdaptiveClipping:
     if self.num_bins < 2:
       raise ValueError(f"num_bins must be >= 2, got {self.num_bins}.")
 
+  @classmethod
+  def with_noise_overhead(
+      cls,
+      *,
+      noise_multiplier: float,
+      overhead: float = 0.1,
+      mode: str = "geometric",
+      **kwargs,
+  ) -> "AdaptiveClipping":
+    """The count noise that costs a gradient-noise `overhead` at sigma z.
+
+    To spend the budget of an accounted noise multiplier z on the pair
+    (gradient, count), the gradient noise is raised to z_grad
+    (`gradient_noise_multiplier`). This picks the smallest count noise with
+    z_grad <= (1 + overhead) * z, i.e. a count mechanism multiplier
+    z_count = z / sqrt(1 - (1 + overhead)^-2); for any smaller accounted
+    sigma (another site, a later round of a decaying schedule) the overhead
+    is smaller still. So pass the LARGEST z the run will account.
+
+    Args:
+      noise_multiplier: the largest accounted z of the run (> 0).
+      overhead: allowed relative increase of the gradient noise (> 0); 0.1
+        raises it by 10%.
+      mode: "geometric" or "percentile".
+      **kwargs: the other `AdaptiveClipping` fields (`initial_l2_clip_norm`,
+        `target_quantile`, `expected_batch_size`, ...).
+    """
+    if not noise_multiplier > 0:
+      raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}.")
+    if not overhead > 0:
+      raise ValueError(f"overhead must be > 0, got {overhead}.")
+    sensitivity = _COUNT_SENSITIVITY[mode] if mode in MODES else 1.0
+    count_mechanism = noise_multiplier / (1 - (1 + overhead) ** -2) ** 0.5
+    return cls(count_noise_multiplier=sensitivity * count_mechanism,
+               mode=mode, **kwargs)
+
+  def gradient_noise_overhead(self, noise_multiplier: float) -> float:
+    """z_grad / z - 1 at accounted z: how much more gradient noise the count
+    release costs."""
+    return self.gradient_noise_multiplier(noise_multiplier) / noise_multiplier - 1
+
   # -- accounting -------------------------------------------------------------
 
   @property
   def count_mechanism_noise_multiplier(self) -> float:
     """Noise multiplier of the count release: 2*sigma_b or sigma_b (see module)."""
-    sensitivity = 0.5 if self.mode == "geometric" else 1.0
-    return self.count_noise_multiplier / sensitivity
+    return self.count_noise_multiplier / _COUNT_SENSITIVITY[self.mode]
 
   def accounted_noise_multiplier(self, gradient_noise_multiplier: float) -> float:
     """z of the (gradient, count) pair: (z_grad^-2 + z_count^-2)^-1/2."""

@@ -10,6 +10,7 @@ from typing import Mapping
 import dp_accounting
 from dp_accounting import pld
 from dp_accounting import rdp
+import numpy as np
 
 from fedjax_seg.privacy import accounting
 from fedjax_seg.privacy import schedules as schedules_lib
@@ -132,6 +133,8 @@ def calibrate_site_noise_multipliers(
     steps: int,
     schedule: schedules_lib.Schedule | None = None,
     accountant: str = "rdp",
+    max_batch_size: int | None = None,
+    steps_per_event: int = 1,
 ) -> dict[str, float]:
   """Site-adaptive noise: each site's sigma_k so all reach `target_epsilon`.
 
@@ -147,9 +150,20 @@ def calibrate_site_noise_multipliers(
     steps: planned local steps per site over the whole run.
     schedule: optional shape shared by all sites (each gets its own scale).
     accountant: "rdp" or "pld".
+    max_batch_size: if given, every step's Poisson sample is truncated to at
+      most this many units, and each sigma_k is then checked against exactly
+      what a `PrivacyLedger` will record (see `meet_target_in_ledger`).
+    steps_per_event: with `max_batch_size`, the ledger records one event per
+      this many steps (e.g. a round's local steps; sigma must be constant
+      within an event).
 
   Returns:
     {site: sigma_k} (or scales of `schedule`).
+
+  Formal guarantees:
+    With `max_batch_size` (and accountant "rdp"), a `PrivacyLedger` that
+    records, for site k, the events `planned_events(sigma_k, ...)` (float32
+    sigmas, as a device applies them) reports epsilon <= `target_epsilon`.
 
   Example:
     >>> sig = calibrate_site_noise_multipliers(
@@ -163,7 +177,91 @@ def calibrate_site_noise_multipliers(
     b = batch_size[site] if isinstance(batch_size, Mapping) else batch_size
     if size < 1 or b < 1:
       raise ValueError(f"site {site!r}: size {size} and batch {b} must be >= 1.")
-    result[site] = calibrate_noise_multiplier(
-        target_epsilon, delta, min(1.0, b / size), steps, schedule,
-        accountant=accountant)
+    rate = min(1.0, b / size)
+    sigma = calibrate_noise_multiplier(target_epsilon, delta, rate, steps,
+                                       schedule, accountant=accountant)
+    if max_batch_size is not None:
+      sigma = meet_target_in_ledger(
+          sigma, target_epsilon, delta, sampling_rate=rate, steps=steps,
+          schedule=schedule, steps_per_event=steps_per_event,
+          dataset_size=int(size), max_batch_size=max_batch_size)
+    result[site] = sigma
   return result
+
+
+def planned_events(
+    scale: float,
+    sampling_rate: float,
+    steps: int,
+    *,
+    schedule: schedules_lib.Schedule | None = None,
+    steps_per_event: int = 1,
+    dataset_size: int | None = None,
+    max_batch_size: int | None = None,
+) -> list[dp_accounting.DpEvent]:
+  """The events a ledger records for `steps` steps of sigma_t = scale * s(t).
+
+  One event per `steps_per_event` steps, with the float32 sigma of the
+  event's first step (what a device applies and reports back), truncated
+  sampling if `max_batch_size` is given. `steps` must be a multiple of
+  `steps_per_event` and the schedule constant within each event.
+  """
+  if steps_per_event < 1 or steps % steps_per_event:
+    raise ValueError(f"steps ({steps}) must be a positive multiple of "
+                     f"steps_per_event ({steps_per_event}).")
+  shape = (schedules_lib.evaluate(schedule, steps) if schedule is not None
+           else np.ones(steps))
+  events = []
+  for first in range(0, steps, steps_per_event):
+    block = shape[first:first + steps_per_event]
+    if not np.all(block == block[0]):
+      raise ValueError(f"the schedule changes within the event of steps "
+                       f"{first}..{first + steps_per_event - 1}.")
+    sigma = float(np.float32(scale * float(block[0])))
+    events.append(accounting.poisson_gaussian_event(
+        sigma, sampling_rate, steps_per_event, dataset_size=dataset_size,
+        max_batch_size=max_batch_size))
+  return events
+
+
+def meet_target_in_ledger(
+    sigma: float,
+    target_epsilon: float,
+    delta: float,
+    *,
+    sampling_rate: float,
+    steps: int,
+    dataset_size: int,
+    max_batch_size: int,
+    schedule: schedules_lib.Schedule | None = None,
+    steps_per_event: int = 1,
+    relative_margin: float = 1e-6,
+    growth: float = 1.0005,
+    max_tries: int = 200,
+) -> float:
+  """Raises a calibrated sigma until the ledger's figure meets the target.
+
+  Calibration accounts untruncated Poisson sampling in float64; a ledger
+  records truncated batches (adding the tiny truncation slack to delta) and
+  the float32 sigma a device applied, which can tip the last digit over the
+  target. This returns the smallest `sigma * growth**i` whose planned events
+  (`planned_events`) give a `PrivacyLedger` epsilon <= target * (1 -
+  relative_margin) (the margin absorbs conversions such as adaptive
+  clipping's accounted noise multiplier).
+
+  Raises:
+    ValueError: if no such sigma is found within `max_tries` steps.
+  """
+  for _ in range(max_tries):
+    planned = planned_events(
+        sigma, sampling_rate, steps, schedule=schedule,
+        steps_per_event=steps_per_event, dataset_size=dataset_size,
+        max_batch_size=max_batch_size)
+    scratch = accounting.PrivacyLedger(["site"], delta=delta)
+    if scratch.epsilon_if("site", planned) <= target_epsilon * (
+        1 - relative_margin):
+      return sigma
+    sigma *= growth
+  raise ValueError(f"could not meet target epsilon {target_epsilon} with "
+                   f"truncation at {max_batch_size} units; raise the maximum "
+                   "batch size.")

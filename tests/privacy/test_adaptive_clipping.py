@@ -153,3 +153,21 @@ def test_dp_sgd_with_adaptive_clipping_end_to_end():
   single.record("site", z_target, 1.0, 60)
   assert ledger.epsilon("site") == pytest.approx(single.epsilon("site"),
                                                  rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["geometric", "percentile"])
+def test_noise_overhead_constructor(mode):
+  """The count release raises the gradient noise by exactly the overhead at
+  the given sigma, and by less at any smaller sigma."""
+  ac = adaptive_clipping.AdaptiveClipping.with_noise_overhead(
+      noise_multiplier=2.0, overhead=0.1, mode=mode, initial_l2_clip_norm=1.0,
+      target_quantile=0.5, expected_batch_size=8)
+  assert ac.mode == mode
+  assert ac.gradient_noise_overhead(2.0) == pytest.approx(0.1, rel=1e-9)
+  assert ac.gradient_noise_overhead(1.0) < 0.1
+  z_grad = ac.gradient_noise_multiplier(2.0)
+  assert ac.accounted_noise_multiplier(z_grad) == pytest.approx(2.0, rel=1e-9)
+  with pytest.raises(ValueError, match="overhead"):
+    adaptive_clipping.AdaptiveClipping.with_noise_overhead(
+        noise_multiplier=2.0, overhead=0.0, initial_l2_clip_norm=1.0,
+        target_quantile=0.5, expected_batch_size=8)

@@ -1,5 +1,6 @@
 """Tests for fedjax_seg.privacy.calibration."""
 
+import numpy as np
 import pytest
 
 from fedjax_seg.privacy import accounting
@@ -64,3 +65,32 @@ def test_bad_targets_are_refused():
   with pytest.raises(ValueError, match="schedule"):
     calibration.calibrate_noise_multiplier(
         1.0, 1e-5, 0.1, 10, schedule=schedules.linear_schedule(1.0, 0.0, 5))
+
+
+def test_site_calibration_with_truncation_meets_the_target_in_the_ledger():
+  """With a truncated batch the calibrated sigma is checked against exactly
+  the events a ledger records (float32 sigmas, truncation slack)."""
+  sizes = {"small": 12, "large": 300}
+  rounds, local_steps, batch, b_max = 5, 2, 4, 24
+  shape = schedules.linear_schedule(1.0, 0.5, rounds - 1)
+  sigmas = calibration.calibrate_site_noise_multipliers(
+      8.0, 1e-5, site_sizes=sizes, batch_size=batch,
+      steps=rounds * local_steps,
+      schedule=schedules.per_round(shape, local_steps),
+      max_batch_size=b_max, steps_per_event=local_steps)
+  for site, n in sizes.items():
+    ledger = accounting.PrivacyLedger([site], delta=1e-5)
+    for r in range(rounds):
+      ledger.record(site, float(np.float32(sigmas[site] * float(shape(r)))),
+                    batch / n, local_steps, dataset_size=n,
+                    max_batch_size=b_max)
+    assert 0.99 * 8.0 <= ledger.epsilon(site) <= 8.0
+  events = calibration.planned_events(
+      1.0, 0.5, 4, schedule=schedules.per_round(shape, 2), steps_per_event=2,
+      dataset_size=10, max_batch_size=8)
+  assert len(events) == 2
+  assert events[0].event.noise_multiplier == 1.0
+  assert events[1].event.noise_multiplier == pytest.approx(
+      float(shape(1)), rel=1e-7)
+  with pytest.raises(ValueError, match="changes within the event"):
+    calibration.planned_events(1.0, 0.5, 4, schedule=shape, steps_per_event=2)
