@@ -1,6 +1,8 @@
 """Independent epsilon verifier: `python -m fedjax_seg.privacy.verify PATH`.
 
-PATH is a run's workdir (its `report.json` is read) or a `report.json` file.
+PATH is a run's workdir (its `report.json` is read), a `report.json` file,
+or a bare `PrivacyLedger` JSON dump (`ledger.to_json()`, e.g. from your own
+DP-SGD code; only the epsilons are checked then, see `verify_ledger`).
 
 What it recomputes, and from what:
   Every epsilon the report claims, from the events saved in the report's
@@ -709,6 +711,8 @@ def verify_report(report: Mapping) -> VerifyResult:
   """
   if not isinstance(report, Mapping):
     raise ReportError("report: expected a JSON object.")
+  if report.get("format") == LEDGER_FORMAT:
+    return verify_ledger(report)
   privacy = _get(report, "privacy", "", "object")
   path = "privacy"
   if not _get(privacy, "enabled", path, "bool"):
@@ -733,6 +737,47 @@ def verify_report(report: Mapping) -> VerifyResult:
                                  "site", interval, True, rows, problems)
   return VerifyResult(ok=not problems, rows=rows, problems=problems,
                       private=True, num_events=num_events)
+
+
+def verify_ledger(ledger: Mapping,
+                  value_discretization_interval: float = DEFAULT_PLD_INTERVAL
+                  ) -> VerifyResult:
+  """Checks a bare `PrivacyLedger.to_dict()` dump (e.g. your own code's).
+
+  A ledger alone carries no plan, so only check 1 of `verify_report` applies:
+  each site's RDP epsilon recomputed from its events, at the ledger's own
+  delta, must equal the ledger's `sites[s].epsilon`; the PLD epsilon is
+  recomputed and shown (a ledger dump claims none).
+  """
+  sites, orders = _parse_ledger(ledger, "ledger")
+  delta = float(_get(ledger, "delta", "ledger", "number"))
+  if not 0 < delta < 1:
+    raise ReportError(f"ledger.delta: must be in (0, 1), got {delta!r}.")
+  unit = _get(ledger, "unit", "ledger", "str")
+  relation = _get(ledger, "neighboring_relation", "ledger", "str")
+  rows, problems = [], []
+  if relation != NEIGHBORING_RELATION:
+    problems.append(f"FAIL ledger: neighboring_relation {relation!r}, "
+                    f"expected {NEIGHBORING_RELATION!r}")
+  for site, events in sites.items():
+    label = f"FAIL site {site!r}, ledger"
+    before = len(problems)
+    own = _claimed(ledger["sites"][site], "epsilon", f"ledger.sites.{site}")
+    eps_rdp, eps_pld = _recompute_site(events, orders, delta,
+                                       value_discretization_interval)
+    for what, value in (("RDP epsilon", eps_rdp), ("PLD epsilon", eps_pld)):
+      if isinstance(value, str):
+        problems.append(f"{label}: {what} {value}")
+    _compare(label, f"ledger's own RDP epsilon (ledger.sites.{site}.epsilon)",
+             own, eps_rdp, delta, problems)
+    rows.append(Row(
+        ledger="ledger", site=site, unit=unit, events=len(events),
+        claimed_rdp=own, rdp=None if isinstance(eps_rdp, str) else eps_rdp,
+        claimed_pld=None, pld=None if isinstance(eps_pld, str) else eps_pld,
+        ok=len(problems) == before))
+  return VerifyResult(ok=not problems, rows=rows, problems=problems,
+                      private=True,
+                      num_events=sum(len(e) for e in sites.values()))
 
 
 # -- command line -------------------------------------------------------------
@@ -790,7 +835,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       prog="python -m fedjax_seg.privacy.verify",
       description="Recompute every epsilon of a fedjax_seg report from its "
       "saved privacy ledger with plain dp_accounting.")
-  parser.add_argument("path", help="a run's workdir or its report.json")
+  parser.add_argument("path", help="a run's workdir, its report.json, or a "
+                      "PrivacyLedger JSON dump (ledger.to_json())")
   args = parser.parse_args(argv)
   quiet = _CountRdpConvergenceWarnings()
   absl_logger = logging.getLogger("absl")

@@ -73,3 +73,12 @@ def test_readme_privacy_example_runs():
       assert len(idx[~is_padding]) == 2
       kept_lowest += set(idx) == set(np.flatnonzero(take)[:2])
   assert overflows >= 10 and kept_lowest < overflows / 2
+  # The example's ledger recomputes with the independent verifier, and a
+  # tampered one does not.
+  from fedjax_seg.privacy import verify  # pylint: disable=g-import-not-at-top
+  dump = namespace["ledger"].to_dict()
+  result = verify.verify_report(dump)
+  assert result.ok and result.num_events == 200, result.problems
+  dump["sites"]["hospital_a"]["epsilon"] *= 0.99
+  result = verify.verify_report(dump)
+  assert not result.ok and "hospital_a" in result.problems[0]
