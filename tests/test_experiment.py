@@ -11,7 +11,7 @@ from fedjax_seg import experiment
 from fedjax_seg import privacy
 
 TINY = C.ExperimentConfig(
-    data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.25),
+    data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.0625),
     model=C.ModelConfig(widths=(4,)),
     federated=C.FederatedConfig(rounds=4, local_steps=1, batch_size=4),
     eval_every=2, checkpoint_every=1)
@@ -192,7 +192,7 @@ def test_config_validation_names_the_flag():
 def test_unet3d_on_patient_volumes(tmp_path):
   config = dataclasses.replace(
       TINY, data=C.DataConfig(image_size=16, num_slices=4,
-                              patients_scale=0.25, volumes=True),
+                              patients_scale=0.0625, volumes=True),
       federated=dataclasses.replace(TINY.federated, rounds=1, batch_size=2))
   report = experiment.train_and_evaluate(config, tmp_path / "3d")
   assert report["rounds_completed"] == 1

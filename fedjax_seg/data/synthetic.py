@@ -87,26 +87,33 @@ class SiteSpec:
       raise ValueError(f"site {self.name!r}: downsample must be >= 1.")
 
 
+# Site sizes (patients before the train/val/test split) are chosen for
+# patient-level DP: tens to hundreds of patients per site, 808 in all, unequal
+# (ratio 7.5 between the largest and the smallest), the smallest still small
+# (32 patients: 22 for training at the default split), as in a consortium of
+# a few large university hospitals and smaller regional ones. Per-patient
+# epsilon depends on these numbers (q = B / N_k), so they are public settings
+# of the dataset; `SyntheticConfig.patients_scale` scales them all.
 DEFAULT_SITES = (
-    SiteSpec("ct_scanner_a", "CT", 40, noise_std=12.0, blur_sigma=0.5,
+    SiteSpec("ct_scanner_a", "CT", 160, noise_std=12.0, blur_sigma=0.5,
              lesion_probability=0.6, lesion_hu=25.0),
-    SiteSpec("ct_scanner_b", "CT", 24, intensity_scale=1.05,
+    SiteSpec("ct_scanner_b", "CT", 96, intensity_scale=1.05,
              intensity_offset=-25.0, noise_std=20.0, blur_sigma=0.9,
              fov_scale=0.85, lesion_probability=0.45, lesion_hu=100.0),
-    SiteSpec("ct_low_dose", "CT", 12, intensity_offset=15.0, noise_std=38.0,
+    SiteSpec("ct_low_dose", "CT", 48, intensity_offset=15.0, noise_std=38.0,
              blur_sigma=0.3, fov_scale=1.15, lesion_probability=0.75,
              lesion_size=1.3, lesion_hu=15.0),
-    SiteSpec("mri_t1_1p5t", "MRI", 30, contrast="T1", noise_std=0.05,
+    SiteSpec("mri_t1_1p5t", "MRI", 120, contrast="T1", noise_std=0.05,
              blur_sigma=0.6, bias_field=0.25, lesion_probability=0.55),
-    SiteSpec("mri_t2_3t", "MRI", 18, contrast="T2", noise_std=0.04,
+    SiteSpec("mri_t2_3t", "MRI", 72, contrast="T2", noise_std=0.04,
              blur_sigma=0.4, bias_field=0.4, fov_scale=0.9,
              lesion_probability=0.65, lesion_size=0.9),
-    SiteSpec("mri_t1_lowfield", "MRI", 8, contrast="T1", noise_std=0.10,
+    SiteSpec("mri_t1_lowfield", "MRI", 32, contrast="T1", noise_std=0.10,
              blur_sigma=1.0, downsample=2, bias_field=0.6, fov_scale=1.1,
              lesion_probability=0.5, lesion_size=1.2),
-    SiteSpec("xray_digital", "XRAY", 60, gamma=0.8, noise_std=0.03,
+    SiteSpec("xray_digital", "XRAY", 240, gamma=0.8, noise_std=0.03,
              blur_sigma=0.5, lesion_probability=0.5, lesion_size=1.2),
-    SiteSpec("xray_film", "XRAY", 20, intensity_scale=0.8,
+    SiteSpec("xray_film", "XRAY", 80, intensity_scale=0.8,
              intensity_offset=0.1, gamma=1.4, noise_std=0.06, blur_sigma=1.2,
              downsample=2, fov_scale=0.9, lesion_probability=0.35,
              lesion_size=1.4),

@@ -10,7 +10,7 @@ from fedjax_seg.data import synthetic
 from tests.data import fixtures
 
 DATA = synthetic.generate(synthetic.SyntheticConfig(
-    image_size=16, num_slices=3, patients_scale=0.3))
+    image_size=16, num_slices=3, patients_scale=0.075))
 
 
 def test_patient_level_splits_are_disjoint_and_deterministic():

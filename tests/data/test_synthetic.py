@@ -8,7 +8,7 @@ import pytest
 from fedjax_seg.data import synthetic
 
 SMALL = synthetic.SyntheticConfig(image_size=24, num_slices=4,
-                                  patients_scale=0.25)
+                                  patients_scale=0.0625)
 
 
 def test_deterministic_in_the_seed():
@@ -21,7 +21,7 @@ def test_deterministic_in_the_seed():
 
 def test_more_patients_leave_existing_patients_unchanged():
   small = synthetic.generate(SMALL)
-  large = synthetic.generate(dataclasses.replace(SMALL, patients_scale=0.5))
+  large = synthetic.generate(dataclasses.replace(SMALL, patients_scale=0.125))
   for name in small.patient_names[:3] + small.patient_names[-2:]:
     i = small.patient_names.index(name)
     j = large.patient_names.index(name)
@@ -36,7 +36,7 @@ def test_default_sites_modalities_and_ragged_sizes():
   assert data.num_sites == 8
   assert set(data.site_modalities) == {"CT", "MRI", "XRAY"}
   patients = [config.num_patients(s) for s in range(8)]
-  assert min(patients) == 8 and max(patients) == 60
+  assert min(patients) == 32 and max(patients) == 240
   assert data.class_names == ("background", "organ", "lesion")
   assert set(np.unique(data.label)) == {0, 1, 2}
   assert np.isfinite(data.image).all()

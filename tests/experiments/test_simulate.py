@@ -8,7 +8,7 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-TINY_FLAGS = ["--image_size=16", "--num_slices=2", "--patients_scale=0.25",
+TINY_FLAGS = ["--image_size=16", "--num_slices=2", "--patients_scale=0.0625",
               "--widths=4", "--rounds=2", "--local_steps=1", "--batch_size=4",
               "--eval_every=1"]
 
