@@ -33,6 +33,8 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Synthetic image side.")
 _SOURCES = flags.DEFINE_list(
     "single_sites", ["xray_digital", "ct_scanner_a"],
     "Sites to train single-site models on.")
+_PATIENTS_SCALE = flags.DEFINE_float(
+    "patients_scale", 1.0, "Multiplies every synthetic site's patient count.")
 _SEED = flags.DEFINE_integer("seed", 0, "Data, split and training seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the figures as JSON here.")
 
@@ -49,7 +51,10 @@ def main(argv):
   del argv
   if _STEPS.value < 1 or _BATCH.value < 1:
     raise app.UsageError("--steps and --batch_size must be >= 1.")
+  if not _PATIENTS_SCALE.value > 0:
+    raise app.UsageError("--patients_scale must be > 0.")
   config = synthetic.SyntheticConfig(image_size=_IMAGE_SIZE.value,
+                                     patients_scale=_PATIENTS_SCALE.value,
                                      seed=_SEED.value)
   data = synthetic.generate(config)
   unknown = set(_SOURCES.value) - set(data.site_names)

@@ -56,7 +56,9 @@ DIAGNOSTICS_WARNING = (
     "(and, under site-level DP, the realised sampled sites), computed from "
     "private training data without noise.")
 # PLD discretisation of the report's epsilons (the verifier uses the same).
-PLD_DISCRETIZATION = 1e-4
+# 1e-3 gives a valid (pessimistic) bound within about 1e-5 of 1e-4's on the
+# default run, ten times faster (10 s per distinct event at 1e-4).
+PLD_DISCRETIZATION = 1e-3
 
 
 class _DropRdpConvergenceWarnings(pylogging.Filter):
@@ -249,7 +251,8 @@ def _trainer(config, model, plan, params):
       max_batch_size=plan.max_batch_size, learning_rate=f.learning_rate,
       optimizer=f.local_optimizer,
       prox_mu=f.prox_mu if f.algorithm == "fedprox" else 0.0,
-      microbatch_size=perf.microbatch_size, local_loop=perf.local_loop)
+      microbatch_size=perf.microbatch_size, local_loop=perf.local_loop,
+      chunk_size=perf.chunk_size)
   optimizer = {"fedavg": "fedavg", "fedprox": "fedavg", "fedbn": "fedavg",
                "fedavgm": "fedavgm", "fedadam": "fedadam",
                "fedyogi": "fedyogi"}[f.algorithm]

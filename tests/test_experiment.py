@@ -46,12 +46,12 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
   # Every output holds only covered, public or held-out values by default.
   rows = (tmp_path / "full" / experiment.ROUNDS_CSV).read_text()
   assert "loss" not in rows and "clipped_fraction" not in rows
-  assert rows.splitlines()[0].count("epsilon_per_slice_") == 8
+  assert rows.splitlines()[0].count("epsilon_per_patient_") == 8
   for row in full["history"]:
     assert set(row) <= {"round", "seconds", "epsilon", "sigma", "clip",
                         "participants", "val_dice_mean"}
   assumptions = full["privacy"]["assumptions"]
-  assert assumptions["unit"] == "example" and "seed" in assumptions["secret"]
+  assert assumptions["unit"] == "patient" and "seed" in assumptions["secret"]
   assert any("held-out" in s for s in assumptions["not_covered"])
   assert full["privacy"]["verified"]["ok"] is True
 

@@ -12,6 +12,19 @@ Each local step: Poisson-sample a fixed-shape padded batch -> per-example
 back from its state for the accountant) -> FedProx term -> local optimizer.
 Every key is `derive_key(root, round, site, step, purpose)`.
 
+The work of a step follows the realised sample, not the padded capacity
+(`ClientConfig.chunk_size`): the batch is processed in chunks and the loop
+stops after the last chunk holding a sampled unit (sampled units come first).
+Patients are packed into one slice buffer, so a step costs about the realised
+number of slices, not B_max times the longest patient. This changes no
+privacy figure: the same Poisson draws from the same keys, the same B_max,
+sigma and q, and the same clipped sums up to float summation order.
+
+The pieces, in the spirit of fedjax's client init / step / final:
+`client_init`, `sample_batch` (the realised sample in the layout its
+gradient needs), `make_private_gradient` / `nonprivate_gradient`,
+`local_step` and `final_output`; `make_client_update` composes them.
+
 This module knows nothing about images: the loss is any per-example loss
 `loss_fn(params, example) -> scalar`, `example` being one entry of the
 site's `examples` pytree.
@@ -27,17 +40,29 @@ import optax
 
 from fedjax_seg import privacy
 from fedjax_seg.federated import sampling
+from fedjax_seg.privacy import clipping as clipping_lib
 from fedjax_seg.privacy import keys as keys_lib
+from fedjax_seg.privacy import units as units_lib
 
 PyTree = chex.ArrayTree
-UNITS = ("example", "patient")
+# Record-level units (one vocabulary: `privacy.PrivacyUnit`).
+UNITS = units_lib.RECORD_UNITS
 LOCAL_OPTIMIZERS = ("sgd", "momentum", "adam")
 LOCAL_LOOPS = ("auto", "scan", "unroll")
 
 
-def resolve_local_loop(local_loop: str) -> str:
+def resolve_local_loop(local_loop: str, canonical_convs: bool = False) -> str:
+  """The concrete local loop for "auto".
+
+  On CPU, XLA runs convolutions inside a loop body slowly unless they were
+  rewritten by `privacy.canonicalize_convs` (BENCHMARKS.md): "auto" then
+  unrolls the local steps, except when every convolution of a step is
+  canonicalised (the chunked DP-SGD path), where `lax.scan` is as fast and
+  compiles once per run instead of once per step.
+  """
   if local_loop == "auto":
-    return "unroll" if jax.default_backend() == "cpu" else "scan"
+    return ("unroll" if jax.default_backend() == "cpu" and not canonical_convs
+            else "scan")
   return local_loop
 
 
@@ -100,9 +125,22 @@ class ClientConfig:
       (performance only).
     local_loop: how local steps are iterated (performance only): "scan"
       (`lax.scan`, one compiled step), "unroll" (a static Python loop, compile
-      time grows with local_steps), or "auto": "unroll" on CPU, where XLA runs
-      gradient convolutions inside a loop body about 15x slower (measured:
-      0.86 s vs 0.053 s per step of the tiny U-Net, jax 0.10.2), else "scan".
+      time grows with local_steps), or "auto": "scan", except on CPU when a
+      step has convolutions that are not canonicalised (the non-private and
+      full-capacity paths), which XLA runs about 15x slower inside a loop
+      body (0.86 s vs 0.053 s per step of the tiny U-Net, jax 0.10.2).
+    chunk_size: work follows the realised sample (performance only): units
+      (slices, also for unit="patient", whose sampled patients' slices are
+      packed into one buffer) are processed in chunks of this many, and only
+      the chunks up to the last sampled one are computed. None: the previous
+      full-capacity path (every one of the B_max slots, and for patients
+      B_max x the longest patient's slices), kept for comparison; there
+      `microbatch_size` applies. Default 4, the fastest measured on CPU
+      (BENCHMARKS.md, "Work that follows the realised sample").
+    canonicalize_convs: rewrite the convolutions of the chunked gradients into
+      the form XLA's CPU backend runs fast inside a loop
+      (`privacy.canonicalize_convs`; performance only). None: only when the
+      default backend is CPU.
   """
 
   local_steps: int = 1
@@ -113,8 +151,14 @@ class ClientConfig:
   prox_mu: float = 0.0
   microbatch_size: int | None = None
   local_loop: str = "auto"
+  chunk_size: int | None = 4
+  canonicalize_convs: bool | None = None
 
   def __post_init__(self):
+    if self.chunk_size is not None and not (
+        isinstance(self.chunk_size, int) and self.chunk_size >= 1):
+      raise ValueError(f"chunk_size must be None or an int >= 1, got "
+                       f"{self.chunk_size!r}.")
     if self.local_loop not in LOCAL_LOOPS:
       raise ValueError(f"local_loop must be one of {LOCAL_LOOPS}, got "
                        f"{self.local_loop!r}.")
@@ -208,6 +252,283 @@ def init_site_state(params: PyTree, dp: LocalDPConfig,
   return SiteState(local_params=local, clip=clip)
 
 
+# -- The pieces of a client update ------------------------------------------
+
+
+class Batch(NamedTuple):
+  """One local step's realised sample, in the layout its gradient needs.
+
+  Attributes:
+    examples: the sampled units' data, each leaf [B_max, ...]
+      (unit="example"), [B_max, L, ...] (unit="patient", chunk_size=None) or
+      [B_max * L, ...] (unit="patient", the sampled patients' slices packed,
+      see `sampling.pack_groups`).
+    mask: [B_max] bool, the sampled units (the batch slots; sampled first).
+    slice_mask: None (unit="example"), else the real slices of sampled
+      patients: [B_max, L] or, packed, [B_max * L] bool.
+    segment_ids: None, or (packed) [B_max * L] int32: each slice's batch slot.
+  """
+
+  examples: PyTree
+  mask: jax.Array
+  slice_mask: jax.Array | None = None
+  segment_ids: jax.Array | None = None
+
+
+def sample_batch(data: SiteData, sampling_rate: jax.Array, key: jax.Array,
+                 client: ClientConfig, dp: LocalDPConfig) -> Batch:
+  """A Poisson sample of the site's units (rate q, B_max slots) as a `Batch`.
+
+  The draws depend only on `key`, N_k, q and B_max, never on the layout:
+  packing the patients' slices (chunk_size set) reorders work, it does not
+  change which patients are sampled, nor truncate any of their slices.
+  """
+  gather = lambda positions: jax.tree.map(lambda a: a[positions],
+                                          data.examples)
+  if dp.unit == "patient":
+    idx, mask = sampling.poisson_sample(
+        key, data.num_groups, data.groups.shape[0], sampling_rate,
+        client.max_batch_size)
+    if client.chunk_size is None:
+      slice_mask = data.group_mask[idx] & mask[:, None]
+      return Batch(gather(data.groups[idx]), mask, slice_mask)
+    positions, segment_ids, slice_mask = sampling.pack_groups(
+        idx, mask, data.groups, data.group_mask)
+    return Batch(gather(positions), mask, slice_mask, segment_ids)
+  idx, mask = sampling.poisson_sample(
+      key, data.num_examples, jax.tree.leaves(data.examples)[0].shape[0],
+      sampling_rate, client.max_batch_size)
+  return Batch(gather(idx), mask)
+
+
+def make_private_gradient(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array], client: ClientConfig,
+    dp: LocalDPConfig,
+) -> Callable[[PyTree, Batch, jax.Array],
+              tuple[PyTree, privacy.ClipStats]]:
+  """`(params, batch, l2_clip_norm) -> (clipped_grad_sum, ClipStats)`.
+
+  Per-unit (example or patient) clipped gradient sum over a `Batch` from
+  `sample_batch` with the same `client` and `dp`: `privacy.clipped_grad` over
+  the full capacity (chunk_size=None), else `privacy.chunked_clipped_grad`
+  (examples) or `privacy.packed_group_clipped_grad` (patients), which give the
+  same sum and ClipStats (per unit, [B_max]) computing only the chunks that
+  hold sampled units.
+  """
+  unit = "group" if dp.unit == "patient" else "example"
+  if client.chunk_size is None:
+    full = privacy.clipped_grad(loss_fn, l2_clip_norm=dp.l2_clip_norm,
+                                unit=unit,
+                                microbatch_size=client.microbatch_size)
+    return lambda params, batch, clip: full(
+        params, batch.examples, ~batch.mask, slice_mask=batch.slice_mask,
+        l2_clip_norm=clip)
+  if unit == "group":
+    packed = privacy.packed_group_clipped_grad(
+        loss_fn, l2_clip_norm=dp.l2_clip_norm,
+        num_groups=client.max_batch_size, chunk_size=client.chunk_size,
+        canonicalize=client.canonicalize_convs)
+    return lambda params, batch, clip: packed(
+        params, batch.examples, batch.segment_ids, batch.slice_mask,
+        l2_clip_norm=clip)
+  chunked = privacy.chunked_clipped_grad(
+      loss_fn, l2_clip_norm=dp.l2_clip_norm, chunk_size=client.chunk_size,
+      canonicalize=client.canonicalize_convs)
+  return lambda params, batch, clip: chunked(params, batch.examples,
+                                             ~batch.mask, l2_clip_norm=clip)
+
+
+class UnitLossStats(NamedTuple):
+  """What a non-private step saw (computed from private data, not released).
+
+  Attributes:
+    loss_sum: [] summed per-unit loss (a patient's loss: its slices' mean).
+    num_real: [] int32, units in the realised batch.
+  """
+
+  loss_sum: jax.Array
+  num_real: jax.Array
+
+
+def _slices_and_weights(batch: Batch, max_batch_size: int):
+  """(slices [T, ...], real [T], unit weight [T], units in the batch [])."""
+  if batch.slice_mask is None:  # One slice per unit.
+    weight = jnp.where(batch.mask, 1.0, 0.0)
+    return (batch.examples, batch.mask, weight,
+            jnp.sum(batch.mask).astype(jnp.int32))
+  if batch.segment_ids is None:  # [B_max, L]: flatten the slots' slices.
+    per_slot = jnp.sum(batch.slice_mask, axis=1)
+    slices = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]),
+                          batch.examples)
+    real = batch.slice_mask.reshape(-1)
+    count = jnp.repeat(per_slot, batch.slice_mask.shape[1])
+  else:  # Packed.
+    per_slot = jax.ops.segment_sum(batch.slice_mask.astype(jnp.int32),
+                                   batch.segment_ids, max_batch_size)
+    slices, real = batch.examples, batch.slice_mask
+    count = per_slot[batch.segment_ids]
+  # A patient's loss is the mean over its real slices (as in DP training).
+  weight = jnp.where(real, 1.0 / jnp.maximum(count, 1), 0.0)
+  return slices, real, weight, jnp.sum(per_slot > 0).astype(jnp.int32)
+
+
+def _pad_rows(tree: PyTree, rows: int) -> PyTree:
+  return jax.tree.map(lambda x: jnp.concatenate(
+      [x, jnp.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)]), tree)
+
+
+def nonprivate_gradient(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
+    batch: Batch, client: ClientConfig) -> tuple[PyTree, UnitLossStats]:
+  """Gradient of the mean unit loss over the realised batch (no DP).
+
+  One masked batched gradient (no per-example work): the gradient of
+  sum_s where(real_s, w_s * loss_s, 0) / n over the batch's slices, w_s = 1
+  for examples and 1 / (the patient's real slices) for patients, n the units
+  in the batch (at least 1). Padding slots are zeroed with a select before the
+  loss, so garbage there reaches neither the loss nor the gradient. With
+  chunk_size set, only the chunks up to the last sampled one are computed.
+  Unlike the DP path, a real unit with a non-finite gradient is not isolated:
+  it makes the step's gradient non-finite.
+
+  Returns:
+    (gradient like params, `UnitLossStats`).
+  """
+  slices, real, weight, num_units = _slices_and_weights(
+      batch, client.max_batch_size)
+
+  def weighted_loss(params, chunk, chunk_real, chunk_weight):
+    def zero_padding(x):
+      keep = chunk_real.reshape((-1,) + (1,) * (x.ndim - 1))
+      return jnp.where(keep, x, jnp.zeros_like(x))
+
+    losses = jax.vmap(loss_fn, in_axes=(None, 0))(
+        params, jax.tree.map(zero_padding, chunk))
+    per_slice = jnp.where(chunk_real, losses * chunk_weight, 0.0)
+    return jnp.sum(per_slice), jnp.sum(jnp.nan_to_num(per_slice))
+
+  grad_fn = jax.grad(weighted_loss, has_aux=True)
+  c = client.chunk_size
+  if c is None:
+    grad, loss_sum = grad_fn(params, slices, real, weight)
+  else:
+    if resolve_canonicalize(client.canonicalize_convs):
+      grad_fn = privacy.canonicalize_convs(grad_fn)
+    capacity = -(-real.shape[0] // c) * c
+    slices = _pad_rows(slices, capacity)
+    real, weight = _pad_rows((real, weight), capacity)
+
+    def body(i, carry):
+      part = grad_fn(params, *jax.tree.map(
+          lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c),
+          (slices, real, weight)))
+      return jax.tree.map(jnp.add, carry, part)
+
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.float32))
+    grad, loss_sum = clipping_lib.chunked_loop(
+        body, zeros, clipping_lib.chunks_to_run(real, c))
+  count = jnp.maximum(num_units, 1).astype(jnp.float32)
+  grad = jax.tree.map(lambda g: g / count.astype(g.dtype), grad)
+  return grad, UnitLossStats(loss_sum, num_units)
+
+
+def resolve_canonicalize(canonicalize: bool | None) -> bool:
+  """`ClientConfig.canonicalize_convs` resolved for this platform."""
+  if canonicalize is None:
+    return jax.default_backend() == "cpu"
+  return canonicalize
+
+
+class LocalState(NamedTuple):
+  """What a site carries from one local step to the next."""
+
+  params: PyTree
+  opt_state: Any
+  noise_state: privacy.GaussianNoiseState
+  clip_state: Any
+  metrics: ClientMetrics
+
+
+def client_init(start: PyTree, site_state: SiteState,
+                local_opt: optax.GradientTransformation,
+                noise_tx: optax.GradientTransformationExtraArgs) -> LocalState:
+  """The local state before the first step (optimizer state reset)."""
+  zero = jnp.zeros([], jnp.float32)
+  izero = jnp.zeros([], jnp.int32)
+  metrics = ClientMetrics(zero, izero, izero, zero, zero, zero, izero)
+  return LocalState(start, local_opt.init(start), noise_tx.init(start),
+                    site_state.clip, metrics)
+
+
+def local_step(state: LocalState, batch: Batch, *, start: PyTree,
+               sampling_rate: jax.Array,
+               key_for: Callable[[jax.Array, keys_lib.Purpose], jax.Array],
+               step: jax.Array, loss_fn: Callable[[PyTree, PyTree], jax.Array],
+               private_gradient: Callable[..., Any] | None,
+               client: ClientConfig, dp: LocalDPConfig,
+               local_opt: optax.GradientTransformation,
+               noise_tx: optax.GradientTransformationExtraArgs) -> LocalState:
+  """One local step on `batch`: gradient -> noise -> FedProx -> optimizer.
+
+  `private_gradient` (from `make_private_gradient`) is used when DP is on;
+  without DP the step uses `nonprivate_gradient`. `key_for(step, purpose)`
+  derives the step's keys.
+  """
+  params, opt_state, noise_state, clip_state, metrics = state
+  adaptive = dp.adaptive_clipping if dp.enabled else None
+  if dp.enabled:
+    clip = clip_state.l2_clip_norm if adaptive else jnp.float32(
+        dp.l2_clip_norm)
+    grad_sum, stats = private_gradient(params, batch, clip)
+    grad, noise_state = noise_tx.update(
+        grad_sum, noise_state, params,
+        noise_key=key_for(step, keys_lib.Purpose.GRADIENT_NOISE),
+        l2_clip_norm=clip)
+    if adaptive:
+      clip_state = adaptive.update(
+          clip_state, stats.per_example_norms, stats.is_real,
+          key_for(step, keys_lib.Purpose.CLIP_COUNT_NOISE))
+    loss_sum = jnp.sum(stats.per_example_loss)
+    num_real, num_clipped = stats.num_real, stats.num_clipped
+  else:
+    grad, stats = nonprivate_gradient(loss_fn, params, batch, client)
+    loss_sum, num_real = stats.loss_sum, stats.num_real
+    num_clipped = jnp.zeros([], jnp.int32)
+  if client.prox_mu > 0:  # Data-independent: post-processing under DP.
+    grad = jax.tree.map(lambda g, p, s: g + client.prox_mu * (p - s), grad,
+                        params, start)
+  updates, opt_state = local_opt.update(grad, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  metrics = ClientMetrics(
+      loss_sum=metrics.loss_sum + loss_sum,
+      num_real=metrics.num_real + num_real,
+      num_clipped=metrics.num_clipped + num_clipped,
+      noise_multiplier=noise_state.noise_multiplier,
+      l2_clip_norm=(noise_state.l2_clip_norm if dp.enabled
+                    else jnp.float32(jnp.inf)),
+      sampling_rate=jnp.asarray(sampling_rate, jnp.float32),
+      steps=metrics.steps + 1)
+  return LocalState(params, opt_state, noise_state, clip_state, metrics)
+
+
+def final_output(state: LocalState, start: PyTree, site_state: SiteState,
+                 norm_mask=None) -> ClientOutput:
+  """The site's delta (params - start), new site state and metrics.
+
+  With a FedBN `norm_mask`, the masked leaves' delta is 0 (they are not
+  aggregated) and their trained values stay in the site state.
+  """
+  delta = jax.tree.map(lambda p, s: p - s, state.params, start)
+  local = site_state.local_params
+  if norm_mask is not None:  # FedBN: these leaves stay at the site.
+    delta = jax.tree.map(lambda m, d: jnp.zeros_like(d) if m else d,
+                         norm_mask, delta)
+    local = jax.tree.map(lambda m, p, l: p if m else l, norm_mask,
+                         state.params, local)
+  return ClientOutput(delta, SiteState(local, state.clip_state),
+                      state.metrics)
+
+
 def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
                        client: ClientConfig, dp: LocalDPConfig,
                        norm_mask=None) -> Callable[..., ClientOutput]:
@@ -220,12 +541,9 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     norm_mask: optional pytree of bools like params (FedBN): True leaves stay
       at the site and are not aggregated.
   """
-  grad_fn = privacy.clipped_grad(
-      loss_fn, l2_clip_norm=dp.l2_clip_norm,
-      unit="group" if dp.unit == "patient" else "example",
-      microbatch_size=client.microbatch_size)
+  private_gradient = (make_private_gradient(loss_fn, client, dp)
+                      if dp.enabled else None)
   local_opt = _local_optimizer(client)
-  adaptive = dp.adaptive_clipping if dp.enabled else None
 
   def client_update(global_params, site_state: SiteState, data: SiteData,
                     site_config: SiteConfig, round_index, site_index,
@@ -239,77 +557,25 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
       return keys_lib.derive_key(root_key, round_index=round_index,
                                  site=site_index, step=step, purpose=purpose)
 
-    def sample(step):
-      skey = key_for(step, keys_lib.Purpose.SAMPLE_BATCH)
-      if dp.unit == "patient":
-        idx, mask = sampling.poisson_sample(
-            skey, data.num_groups, data.groups.shape[0],
-            site_config.sampling_rate, client.max_batch_size)
-        positions = data.groups[idx]
-        slice_mask = data.group_mask[idx] & mask[:, None]
-        batch = jax.tree.map(lambda a: a[positions], data.examples)
-        return batch, mask, slice_mask
-      idx, mask = sampling.poisson_sample(
-          skey, data.num_examples, jax.tree.leaves(data.examples)[0].shape[0],
-          site_config.sampling_rate, client.max_batch_size)
-      return jax.tree.map(lambda a: a[idx], data.examples), mask, None
+    def step_fn(state, step):
+      batch = sample_batch(data, site_config.sampling_rate,
+                           key_for(step, keys_lib.Purpose.SAMPLE_BATCH),
+                           client, dp)
+      state = local_step(
+          state, batch, start=start, sampling_rate=site_config.sampling_rate,
+          key_for=key_for, step=step, loss_fn=loss_fn,
+          private_gradient=private_gradient, client=client, dp=dp,
+          local_opt=local_opt, noise_tx=noise_tx)
+      return state, None
 
-    def step_fn(carry, step):
-      params, opt_state, noise_state, clip_state, metrics = carry
-      batch, mask, slice_mask = sample(step)
-      if dp.enabled:
-        clip = clip_state.l2_clip_norm if adaptive else jnp.float32(
-            dp.l2_clip_norm)
-        grad_sum, stats = grad_fn(params, batch, ~mask,
-                                  slice_mask=slice_mask, l2_clip_norm=clip)
-        grad, noise_state = noise_tx.update(
-            grad_sum, noise_state, params,
-            noise_key=key_for(step, keys_lib.Purpose.GRADIENT_NOISE),
-            l2_clip_norm=clip)
-        if adaptive:
-          clip_state = adaptive.update(
-              clip_state, stats.per_example_norms, stats.is_real,
-              key_for(step, keys_lib.Purpose.CLIP_COUNT_NOISE))
-      else:
-        grad_sum, stats = grad_fn(params, batch, ~mask,
-                                  slice_mask=slice_mask, l2_clip_norm=jnp.inf)
-        count = jnp.maximum(stats.num_real, 1).astype(jnp.float32)
-        grad = jax.tree.map(lambda g: g / count, grad_sum)
-      if client.prox_mu > 0:  # Data-independent: post-processing under DP.
-        grad = jax.tree.map(lambda g, p, s: g + client.prox_mu * (p - s),
-                            grad, params, start)
-      updates, opt_state = local_opt.update(grad, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      metrics = ClientMetrics(
-          loss_sum=metrics.loss_sum + jnp.sum(stats.per_example_loss),
-          num_real=metrics.num_real + stats.num_real,
-          num_clipped=metrics.num_clipped + stats.num_clipped,
-          noise_multiplier=noise_state.noise_multiplier,
-          l2_clip_norm=(noise_state.l2_clip_norm if dp.enabled
-                        else jnp.float32(jnp.inf)),
-          sampling_rate=jnp.asarray(site_config.sampling_rate, jnp.float32),
-          steps=metrics.steps + 1)
-      return (params, opt_state, noise_state, clip_state, metrics), None
-
-    zero = jnp.zeros([], jnp.float32)
-    metrics0 = ClientMetrics(zero, jnp.zeros([], jnp.int32),
-                             jnp.zeros([], jnp.int32), zero, zero, zero,
-                             jnp.zeros([], jnp.int32))
-    carry = (start, local_opt.init(start), noise_tx.init(start),
-             site_state.clip, metrics0)
-    if resolve_local_loop(client.local_loop) == "scan":
-      carry, _ = jax.lax.scan(step_fn, carry, jnp.arange(client.local_steps))
+    state = client_init(start, site_state, local_opt, noise_tx)
+    canonical = dp.enabled and client.chunk_size is not None and (
+        client.canonicalize_convs is not False)
+    if resolve_local_loop(client.local_loop, canonical) == "scan":
+      state, _ = jax.lax.scan(step_fn, state, jnp.arange(client.local_steps))
     else:
       for step in range(client.local_steps):
-        carry, _ = step_fn(carry, jnp.int32(step))
-    params, _, _, clip_state, metrics = carry
-    delta = jax.tree.map(lambda p, s: p - s, params, start)
-    local = site_state.local_params
-    if norm_mask is not None:  # FedBN: these leaves stay at the site.
-      delta = jax.tree.map(lambda m, d: jnp.zeros_like(d) if m else d,
-                           norm_mask, delta)
-      local = jax.tree.map(lambda m, p, l: p if m else l, norm_mask, params,
-                           local)
-    return ClientOutput(delta, SiteState(local, clip_state), metrics)
+        state, _ = step_fn(state, jnp.int32(step))
+    return final_output(state, start, site_state, norm_mask)
 
   return client_update

@@ -54,6 +54,52 @@ def poisson_sample(key: jax.Array, num_units: jax.Array, capacity: int,
   return order.astype(jnp.int32), mask
 
 
+def pack_groups(indices: jax.Array, mask: jax.Array, groups: jax.Array,
+                group_mask: jax.Array) -> tuple[jax.Array, jax.Array,
+                                                 jax.Array]:
+  """A padded batch of groups (patients) as one packed buffer of slices.
+
+  The sampled groups' real slices are laid out one group after another, in
+  the batch order (sampled groups first, as `poisson_sample` orders them),
+  each group's slices contiguous, padding after. The buffer has the static
+  capacity B_max * L, which holds every possible batch: packing truncates
+  nothing, so the sample (and its privacy accounting) is unchanged; only the
+  order of the work changes.
+
+  Args:
+    indices: [B_max] int32 group positions (from `poisson_sample`).
+    mask: [B_max] bool, sampled groups.
+    groups: [P, L] int32 positions (in the example axis) of each group's
+      slices.
+    group_mask: [P, L] bool, real slices.
+
+  Returns:
+    (positions [B_max * L] int32 into the example axis, segment_ids
+    [B_max * L] int32 in [0, B_max): the batch slot of each slice's group,
+    slice_mask [B_max * L] bool: real slices of sampled groups). Where
+    `slice_mask` is False, position and segment are 0 and must be treated as
+    padding.
+  """
+  batch, length = indices.shape[0], groups.shape[-1]
+  real = group_mask[indices] & mask[:, None]  # [B_max, L]
+  # Each group's real slices first (a stable sort keeps their order).
+  order = jnp.argsort(~real, axis=1, stable=True)
+  positions = jnp.take_along_axis(groups[indices], order, axis=1)
+  counts = jnp.sum(real, axis=1)
+  ends = jnp.cumsum(counts)
+  slot = jnp.arange(batch * length)
+  # Slot t belongs to the first group whose slices end after t (groups with
+  # no slice end where the previous one does and are skipped).
+  segment = jnp.minimum(jnp.searchsorted(ends, slot, side="right"),
+                        batch - 1)
+  within = jnp.clip(slot - (ends - counts)[segment], 0, length - 1)
+  slice_mask = slot < ends[-1]
+  positions = jnp.where(slice_mask, positions[segment, within], 0)
+  segment = jnp.where(slice_mask, segment, 0)
+  return (positions.astype(jnp.int32), segment.astype(jnp.int32),
+          slice_mask)
+
+
 def max_batch_size_for(num_units: int, sampling_rate: float,
                        tail: float = 1e-12) -> int:
   """Smallest B_max whose per-step truncation probability is <= `tail`."""

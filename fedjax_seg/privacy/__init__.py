@@ -27,9 +27,14 @@ from fedjax_seg.privacy.adaptive_clipping import AdaptiveClipState
 from fedjax_seg.privacy.calibration import calibrate_noise_multiplier
 from fedjax_seg.privacy.calibration import calibrate_site_noise_multipliers
 from fedjax_seg.privacy.calibration import schedule_event
+from fedjax_seg.privacy.clipping import canonicalize_convs
+from fedjax_seg.privacy.clipping import chunked_clipped_grad
+from fedjax_seg.privacy.clipping import ChunkedClippedGrad
 from fedjax_seg.privacy.clipping import ClippedGrad
 from fedjax_seg.privacy.clipping import clipped_grad
 from fedjax_seg.privacy.clipping import ClipStats
+from fedjax_seg.privacy.clipping import packed_group_clipped_grad
+from fedjax_seg.privacy.clipping import PackedGroupClippedGrad
 from fedjax_seg.privacy.keys import derive_key
 from fedjax_seg.privacy.keys import Purpose
 from fedjax_seg.privacy.noise import gaussian_noise

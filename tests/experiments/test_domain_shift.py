@@ -12,7 +12,8 @@ def test_pooled_model_beats_a_model_of_another_modality(tmp_path):
   out = tmp_path / "shift.json"
   result = subprocess.run(
       [sys.executable, "-m", "experiments.domain_shift", "--steps=120",
-       "--batch_size=16", "--image_size=16", "--single_sites=xray_digital",
+       "--batch_size=16", "--image_size=16", "--patients_scale=0.25",
+       "--single_sites=xray_digital",
        f"--output={out}"], cwd=REPO, capture_output=True, text=True,
       check=False)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -7,6 +7,7 @@ import pytest
 
 from fedjax_seg import federated as fed
 from fedjax_seg import privacy
+from fedjax_seg.federated import sampling
 
 
 def test_poisson_sample_rate_padding_and_shape():
@@ -57,3 +58,50 @@ def test_participants_deterministic_with_counts_and_dropouts():
   assert dropped == pytest.approx(0.8, abs=0.03)
   with pytest.raises(ValueError, match="exactly one"):
     fed.sample_participants(root, 0, 10)
+
+
+def _pack_by_hand(idx, mask, groups, group_mask):
+  positions, segments = [], []
+  for slot, (i, m) in enumerate(zip(idx, mask)):
+    if m:
+      real = np.flatnonzero(group_mask[i])
+      positions += groups[i, real].tolist()
+      segments += [slot] * len(real)
+  return positions, segments
+
+
+@pytest.mark.parametrize("mask", [
+    [True, True, True, False, False],  # Sampled first, as poisson_sample does.
+    [False] * 5,  # Empty sample.
+    [True] * 5,  # Full sample.
+    [True, False, True, False, True],  # Any order packs the same way.
+])
+def test_pack_groups_lays_out_sampled_patients_slices_contiguously(mask):
+  rng = np.random.default_rng(0)
+  groups = rng.integers(0, 100, (7, 4)).astype(np.int32)
+  group_mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1],
+                         [0, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 0],
+                         [1, 0, 1, 0]], bool)  # Ragged; not only prefixes.
+  idx = np.array([2, 0, 3, 6, 5], np.int32)
+  mask = np.array(mask)
+  positions, segments, slice_mask = jax.jit(sampling.pack_groups)(
+      idx, mask, groups, group_mask)
+  assert positions.shape == segments.shape == slice_mask.shape == (20,)
+  want_pos, want_seg = _pack_by_hand(idx, mask, groups, group_mask)
+  n = len(want_pos)
+  np.testing.assert_array_equal(slice_mask, np.arange(20) < n)
+  np.testing.assert_array_equal(positions[:n], want_pos)
+  np.testing.assert_array_equal(segments[:n], want_seg)
+  np.testing.assert_array_equal(positions[n:], 0)
+  np.testing.assert_array_equal(segments[n:], 0)
+
+
+def test_pack_groups_holds_the_largest_possible_batch():
+  """Capacity B_max * L: every slice of B_max longest patients fits."""
+  groups = np.arange(12, dtype=np.int32).reshape(3, 4)
+  group_mask = np.ones((3, 4), bool)
+  positions, segments, slice_mask = sampling.pack_groups(
+      np.array([1, 0, 2], np.int32), np.ones(3, bool), groups, group_mask)
+  assert bool(slice_mask.all())
+  np.testing.assert_array_equal(positions, np.r_[4:8, 0:4, 8:12])
+  np.testing.assert_array_equal(segments, np.repeat([0, 1, 2], 4))

@@ -22,7 +22,14 @@ def init_params():
 
 
 def site_data(sizes=(12, 8, 5, 10), capacity=None, seed=0, patients=False):
-  """Stacked, padded sites; padding holds garbage (it must never matter)."""
+  """Stacked, padded sites; padding holds garbage (it must never matter).
+
+  `patients`: False (one slice per unit), True (patients of 2 consecutive
+  slices) or "ragged" (consecutive patients of 1, 3, 2, 1, 3, 2, ... slices,
+  the last one cut by the site's size).
+  """
+  if patients == "ragged":
+    return _ragged_site_data(sizes, capacity, seed)
   sizes = np.asarray(sizes, np.int32)
   m = capacity or int(sizes.max())
   rng = np.random.default_rng(seed)
@@ -45,6 +52,31 @@ def site_data(sizes=(12, 8, 5, 10), capacity=None, seed=0, patients=False):
     group_mask = ~pad[..., None]
     num_groups = sizes
   return fed.SiteData({"x": x, "y": y}, sizes, groups, group_mask, num_groups)
+
+
+def _ragged_site_data(sizes, capacity, seed):
+  base = site_data(sizes, capacity, seed)
+  sizes = np.asarray(sizes, np.int32)
+  m = base.examples["x"].shape[1]
+  per_site = []
+  for n in sizes:
+    patients, start = [], 0
+    while start < n:
+      length = min((1, 3, 2)[len(patients) % 3], n - start)
+      patients.append(np.arange(start, start + length))
+      start += length
+    per_site.append(patients)
+  p = max(len(x) for x in per_site)
+  groups = np.zeros((len(sizes), p, 3), np.int32)
+  group_mask = np.zeros((len(sizes), p, 3), bool)
+  for k, patients in enumerate(per_site):
+    for j, positions in enumerate(patients):
+      groups[k, j, :len(positions)] = positions
+      group_mask[k, j, :len(positions)] = True
+  assert groups.max() < m
+  return base._replace(groups=groups, group_mask=group_mask,
+                       num_groups=np.array([len(x) for x in per_site],
+                                           np.int32))
 
 
 def site_config(data, batch=4, sigma=1.0):

@@ -225,3 +225,278 @@ def test_bad_arguments_are_refused():
   grad_fn = clipping.clipped_grad(_linear_loss, l2_clip_norm=1.0)
   with pytest.raises(ValueError, match="is_padding_example"):
     grad_fn(jnp.zeros(2), jnp.ones((3, 2)), jnp.zeros(4, bool))
+
+
+# -- Work that follows the realised sample -------------------------------------
+
+
+def _smooth_loss(params, example):
+  """A non-linear per-example loss (gradients differ in direction and norm)."""
+  return (jnp.tanh(example["x"] @ params["a"]) ** 2
+          + jnp.sum(params["b"] * example["y"]) ** 2)
+
+
+def _smooth_params(key):
+  return {"a": jax.random.normal(key, (5,)),
+          "b": 0.5 * jnp.ones((2, 3))}
+
+
+def _padded_batch(key, capacity, n, nan_in_real=None):
+  """A batch with n real units first, then padding full of NaN / huge values."""
+  batch = {"x": 2.0 * jax.random.normal(jax.random.fold_in(key, 1),
+                                        (capacity, 5)),
+           "y": jax.random.normal(jax.random.fold_in(key, 2),
+                                  (capacity, 2, 3))}
+  is_padding = jnp.arange(capacity) >= n
+  garbage = jnp.where(jnp.arange(capacity) % 2 == 0, jnp.nan, 1e30)
+  batch["x"] = jnp.where(is_padding[:, None], garbage[:, None], batch["x"])
+  if nan_in_real is not None:
+    batch["y"] = batch["y"].at[nan_in_real, 1, 2].set(jnp.nan)
+  return batch, is_padding
+
+
+def _assert_same_clipping(got, want, rtol=1e-5):
+  (g1, s1), (g2, s2) = got, want
+  chex.assert_trees_all_close(g1, g2, rtol=rtol, atol=1e-6)
+  np.testing.assert_allclose(s1.per_example_norms, s2.per_example_norms,
+                             rtol=rtol, atol=1e-6)
+  np.testing.assert_allclose(s1.per_example_loss, s2.per_example_loss,
+                             rtol=rtol, atol=1e-6)
+  for field in ("num_clipped", "num_real", "num_nonfinite"):
+    assert int(getattr(s1, field)) == int(getattr(s2, field)), field
+  np.testing.assert_array_equal(s1.is_real, s2.is_real)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 9, 11, 12])
+@pytest.mark.parametrize("chunk_size", [4, 5])
+def test_chunked_equals_full_capacity_for_every_realised_size(n, chunk_size):
+  key = jax.random.key(n)
+  capacity = 12
+  nan_unit = 1 if n >= 2 else None
+  batch, is_padding = _padded_batch(key, capacity, n, nan_in_real=nan_unit)
+  params = _smooth_params(key)
+  full = clipping.clipped_grad(_smooth_loss, l2_clip_norm=0.8)
+  chunked = clipping.chunked_clipped_grad(_smooth_loss, l2_clip_norm=0.8,
+                                          chunk_size=chunk_size)
+  want = full(params, batch, is_padding)
+  got = jax.jit(chunked)(params, batch, is_padding)
+  _assert_same_clipping(got, want)
+  assert np.isfinite(np.asarray(got[0]["a"])).all()
+  if nan_unit is not None:  # The NaN unit is dropped whole and counted.
+    assert int(got[1].num_nonfinite) == 1
+    assert np.isinf(got[1].per_example_norms[nan_unit])
+  # A traced clip norm (adaptive clipping) and padding anywhere (not only at
+  # the end) give the same result too.
+  perm = jax.random.permutation(jax.random.fold_in(key, 9), capacity)
+  shuffled = jax.tree.map(lambda x: x[perm], batch)
+  got = jax.jit(lambda p, b, pad, c: chunked(p, b, pad, l2_clip_norm=c))(
+      params, shuffled, is_padding[perm], jnp.float32(0.8))
+  want = full(params, shuffled, is_padding[perm])
+  _assert_same_clipping(got, want)
+
+
+def test_chunked_runs_only_the_chunks_up_to_the_last_real_unit():
+  real = jnp.array([True] * 5 + [False] * 11)
+  assert int(clipping.chunks_to_run(real, 4)) == 2
+  assert int(clipping.chunks_to_run(jnp.zeros(16, bool), 4)) == 0
+  assert int(clipping.chunks_to_run(jnp.ones(16, bool), 4)) == 4
+  assert int(clipping.chunks_to_run(real.at[13].set(True), 4)) == 4
+  # The loss is evaluated on the computed chunks only: count its calls.
+  calls = []
+
+  def counting_loss(params, example):
+    jax.debug.callback(lambda: calls.append(1))
+    return _smooth_loss(params, example)
+
+  key = jax.random.key(0)
+  chunked = jax.jit(clipping.chunked_clipped_grad(
+      counting_loss, l2_clip_norm=1.0, chunk_size=4))
+  counts = []
+  for n in (16, 5, 0):
+    calls.clear()
+    batch, is_padding = _padded_batch(key, 16, n)
+    jax.block_until_ready(chunked(_smooth_params(key), batch, is_padding))
+    counts.append(len(calls))
+  # The callback fires once per computed chunk (vectorised over its units).
+  assert counts[0] > 0 and counts == [counts[0], counts[0] // 2, 0], counts
+
+
+def test_chunked_is_vmappable_over_sites():
+  key = jax.random.key(4)
+  params = _smooth_params(key)
+  sizes = [0, 3, 12]
+  batches = [_padded_batch(jax.random.fold_in(key, n), 12, n) for n in sizes]
+  batch = jax.tree.map(lambda *x: jnp.stack(x), *[b for b, _ in batches])
+  padding = jnp.stack([p for _, p in batches])
+  chunked = clipping.chunked_clipped_grad(_smooth_loss, l2_clip_norm=0.5,
+                                          chunk_size=4)
+  grads, stats = jax.jit(jax.vmap(chunked, in_axes=(None, 0, 0)))(
+      params, batch, padding)
+  full = clipping.clipped_grad(_smooth_loss, l2_clip_norm=0.5)
+  for k in range(len(sizes)):
+    take = lambda t, k=k: jax.tree.map(lambda x: x[k], t)
+    _assert_same_clipping((take(grads), take(stats)),
+                          full(params, take(batch), padding[k]))
+
+
+def _ragged_groups(key, sizes, max_slices, nan_slice=None):
+  """Groups of the given slice counts, as [G, L] (masked) and packed [T]."""
+  g = len(sizes)
+  x = 2.0 * jax.random.normal(key, (g, max_slices, 5))
+  y = jax.random.normal(jax.random.fold_in(key, 1), (g, max_slices, 2, 3))
+  slice_mask = np.arange(max_slices)[None, :] < np.asarray(sizes)[:, None]
+  # Masked slices hold garbage: NaN and huge values.
+  x = jnp.where(jnp.asarray(slice_mask)[..., None], x, jnp.nan)
+  y = jnp.where(jnp.asarray(slice_mask)[..., None, None], y, 1e30)
+  if nan_slice is not None:
+    x = x.at[nan_slice].set(jnp.nan)
+  grouped = {"x": x, "y": y}
+  # Packed: real slices group after group, then padding (garbage too).
+  rows = [(gi, si) for gi in range(g) for si in range(sizes[gi])]
+  capacity = g * max_slices
+  rows_g = np.array([r[0] for r in rows] + [0] * (capacity - len(rows)),
+                    np.int32)
+  rows_s = np.array([r[1] for r in rows] + [max_slices - 1] * (
+      capacity - len(rows)), np.int32)
+  packed = jax.tree.map(lambda a: a[rows_g, rows_s], grouped)
+  packed_mask = np.arange(capacity) < len(rows)
+  segment_ids = np.where(packed_mask, rows_g, 0).astype(np.int32)
+  return grouped, jnp.asarray(slice_mask), packed, segment_ids, packed_mask
+
+
+@pytest.mark.parametrize("sizes", [
+    (1, 3, 2, 4, 0, 0),  # Ragged, two empty slots (unsampled patients).
+    (0, 0, 0, 0, 0, 0),  # Empty sample.
+    (4, 4, 4, 4, 4, 4),  # Full sample, every patient of maximal length.
+    (4, 1, 1, 1, 1, 1),
+])
+@pytest.mark.parametrize("chunk_size", [3, 4])
+def test_packed_groups_equal_group_clipping(sizes, chunk_size):
+  key = jax.random.key(sum(sizes) + chunk_size)
+  params = _smooth_params(key)
+  grouped, slice_mask, packed, segment_ids, packed_mask = _ragged_groups(
+      key, sizes, 4)
+  full = clipping.clipped_grad(_smooth_loss, l2_clip_norm=0.3, unit="group")
+  fn = clipping.packed_group_clipped_grad(
+      _smooth_loss, l2_clip_norm=0.3, num_groups=len(sizes),
+      chunk_size=chunk_size)
+  want = full(params, grouped, jnp.zeros(len(sizes), bool),
+              slice_mask=slice_mask)
+  got = jax.jit(fn)(params, packed, segment_ids, packed_mask)
+  _assert_same_clipping(got, want)
+  np.testing.assert_array_equal(got[1].is_real, np.asarray(sizes) > 0)
+  # The buffer's order and the clip norm given at call time do not matter.
+  perm = np.random.default_rng(0).permutation(len(packed_mask))
+  got = jax.jit(lambda *a: fn(*a, l2_clip_norm=jnp.float32(0.3)))(
+      params, jax.tree.map(lambda a: a[perm], packed), segment_ids[perm],
+      packed_mask[perm])
+  _assert_same_clipping(got, want)
+
+
+def test_packed_group_with_a_nonfinite_slice_contributes_zero():
+  key = jax.random.key(7)
+  params = _smooth_params(key)
+  sizes = (2, 3, 1, 4)
+  grouped, slice_mask, packed, segment_ids, packed_mask = _ragged_groups(
+      key, sizes, 4, nan_slice=(1, 2))  # Patient 1's last real slice.
+  fn = clipping.packed_group_clipped_grad(
+      _smooth_loss, l2_clip_norm=10.0, num_groups=4, chunk_size=2)
+  got = jax.jit(fn)(params, packed, segment_ids, packed_mask)
+  full = clipping.clipped_grad(_smooth_loss, l2_clip_norm=10.0, unit="group")
+  _assert_same_clipping(got, full(params, grouped, slice_mask=slice_mask))
+  grad, stats = got
+  assert int(stats.num_nonfinite) == 1 and np.isinf(
+      stats.per_example_norms[1])
+  # Exactly the sum of the other patients (patient 1 contributes nothing).
+  others = jnp.array([True, False, True, True])
+  want, _ = full(params, grouped, ~others, slice_mask=slice_mask)
+  chex.assert_trees_all_close(grad, want, rtol=1e-5, atol=1e-6)
+
+
+@given(clip=st.floats(0.05, 5.0), seed=st.integers(0, 1000))
+@settings(max_examples=10, deadline=None)
+def test_packed_group_contribution_is_at_most_clip_norm(clip, seed):
+  key = jax.random.key(seed)
+  sizes = tuple(int(s) for s in jax.random.randint(key, (3,), 1, 5))
+  _, _, packed, segment_ids, packed_mask = _ragged_groups(key, sizes, 4)
+  fn = clipping.packed_group_clipped_grad(
+      _linear_loss, l2_clip_norm=clip, num_groups=3, chunk_size=4)
+  params = {"x": jnp.zeros(5), "y": jnp.zeros((2, 3))}
+  for j in range(3):  # Only group j's slices are real.
+    only = jnp.asarray(packed_mask & (segment_ids == j))
+    grad, stats = fn(params, packed, segment_ids, only)
+    assert _global_norm(grad) <= clip * (1 + 1e-5)
+    assert int(stats.num_real) == 1
+  assert fn.sensitivity() == clip
+
+
+def test_canonicalize_convs_keeps_values_and_removes_other_layouts():
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (3, 2, 9, 8))  # NCHW
+  w = jax.random.normal(jax.random.fold_in(key, 1), (4, 2, 3, 3))  # OIHW
+
+  def loss(w, x):
+    y = jax.lax.conv_general_dilated(
+        x, w, (2, 1), ((1, 1), (0, 2)), rhs_dilation=(1, 2),
+        dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    z = jax.lax.conv_general_dilated(
+        jnp.tanh(y), jnp.ones((2, 2, 2, 2)), (1, 1), "SAME",
+        dimension_numbers=("NCHW", "OIHW", "NHWC"), feature_group_count=2)
+    return jnp.sum(z ** 2)
+
+  def per_example(w, x):
+    return jax.vmap(jax.value_and_grad(
+        lambda w, xi: loss(w, xi[None]), argnums=(0, 1)), (None, 0))(w, x)
+
+  fast = clipping.canonicalize_convs(jax.jit(per_example))
+  chex.assert_trees_all_close(jax.jit(fast)(w, x), per_example(w, x),
+                              rtol=1e-5, atol=1e-5)
+  canon = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+  convs = [e for e in jax.make_jaxpr(fast)(w, x).eqns
+           if e.primitive is jax.lax.conv_general_dilated_p]
+  assert len(convs) >= 4  # Forward and backward convolutions.
+  for eqn in convs:
+    dn = eqn.params["dimension_numbers"]
+    assert (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == (
+        canon), dn
+
+
+def test_chunked_paths_with_and_without_conv_canonicalization_agree():
+  key = jax.random.key(2)
+  w = 0.5 * jax.random.normal(key, (3, 3, 1, 2))
+
+  def conv_loss(w, example):
+    y = jax.lax.conv_general_dilated(
+        example["image"][None], w, (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.mean((y[0, ..., 0] - example["label"]) ** 2) + jnp.mean(
+        y[..., 1] ** 2)
+
+  batch = {"image": jax.random.normal(jax.random.fold_in(key, 1),
+                                      (6, 8, 8, 1)),
+           "label": jax.random.normal(jax.random.fold_in(key, 2), (6, 8, 8))}
+  padding = jnp.arange(6) >= 4
+  want = clipping.clipped_grad(conv_loss, l2_clip_norm=0.1)(w, batch, padding)
+  for canonicalize in (True, False):
+    fn = clipping.chunked_clipped_grad(conv_loss, l2_clip_norm=0.1,
+                                       chunk_size=3, canonicalize=canonicalize)
+    _assert_same_clipping(jax.jit(fn)(w, batch, padding), want)
+    packed = clipping.packed_group_clipped_grad(
+        conv_loss, l2_clip_norm=0.1, num_groups=6, chunk_size=4,
+        canonicalize=canonicalize)
+    got = jax.jit(packed)(w, batch, jnp.arange(6, dtype=jnp.int32), ~padding)
+    _assert_same_clipping(got, want)
+
+
+def test_sample_following_arguments_are_checked():
+  with pytest.raises(ValueError, match="chunk_size"):
+    clipping.chunked_clipped_grad(_linear_loss, l2_clip_norm=1.0,
+                                  chunk_size=0)
+  with pytest.raises(ValueError, match="num_groups"):
+    clipping.packed_group_clipped_grad(_linear_loss, l2_clip_norm=1.0,
+                                       num_groups=0, chunk_size=2)
+  fn = clipping.packed_group_clipped_grad(_linear_loss, l2_clip_norm=1.0,
+                                          num_groups=2, chunk_size=2)
+  with pytest.raises(ValueError, match="segment_ids"):
+    fn(jnp.zeros(2), jnp.ones((3, 2)), jnp.zeros(4, jnp.int32),
+       jnp.ones(3, bool))
