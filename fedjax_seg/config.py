@@ -179,6 +179,10 @@ class PrivacyConfig:
            "must be >= 0.")
     _check(0 < self.site_sampling_rate <= 1, "site_sampling_rate",
            "must be in (0, 1].")
+    _check(not (self.unit == "site" and self.adaptive_clipping != "off"
+                and self.site_noise_multiplier <= 0), "site_noise_multiplier",
+           "must be > 0 with --adaptive_clipping (the clip-count release "
+           "needs noise).")
     _check(not (self.site_level and self.unit != "site"
                 and self.adaptive_clipping != "off"), "adaptive_clipping",
            "with --site_level on top of record-level DP it is ambiguous "
@@ -311,6 +315,12 @@ class ExperimentConfig:
     _check(self.eval_every >= 1, "eval_every", "must be >= 1.")
     _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1.")
     _check(self.seed >= 0, "seed", "must be >= 0.")
+    if self.privacy.use_site_level and self.federated.algorithm == "fedbn":
+      raise ConfigError(
+          "--algorithm: fedbn keeps each site's normalisation parameters at "
+          "the site, outside the site-level DP mechanism, and evaluating "
+          "with them would reveal which sites were sampled; use another "
+          "algorithm with site-level DP.")
     if self.privacy.use_site_level and self.federated.sites_per_round:
       raise ConfigError("--sites_per_round: with site-level DP, sites are "
                         "Poisson-sampled with --site_sampling_rate; leave "

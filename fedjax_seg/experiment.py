@@ -152,8 +152,13 @@ class _Plan:
 
   def to_meta(self) -> dict:
     """What a checkpoint keeps to refuse a resumption that changes it."""
+    count = lambda ac: None if ac is None else ac.count_noise_multiplier
     return {"recorded_sigma": self.recorded_sigma.tolist(),
-            "site_recorded_sigma": self.site_recorded_sigma}
+            "applied_sigma": np.vectorize(_f32)(self.applied_sigma).tolist(),
+            "site_recorded_sigma": self.site_recorded_sigma,
+            "site_applied_sigma": self.site_applied_sigma,
+            "count_noise_multiplier": count(self.adaptive),
+            "site_count_noise_multiplier": count(self.site_adaptive)}
 
 
 def _record_level_adaptive(config, largest_sigma):
@@ -171,12 +176,16 @@ def _adaptive_clipping(p: config_lib.PrivacyConfig, initial: float,
                                if p.adaptive_clipping == "geometric" else 1.0),
                 mode=p.adaptive_clipping)
   if p.count_noise_multiplier:
-    return privacy.AdaptiveClipping(
+    adaptive = privacy.AdaptiveClipping(
         count_noise_multiplier=p.count_noise_multiplier, **kwargs)
-  # The default count noise raises the gradient noise by 10% for the largest
-  # sigma of the run (less for every other site and round).
-  return privacy.AdaptiveClipping.with_noise_overhead(
-      noise_multiplier=largest_sigma, overhead=0.1, **kwargs)
+  else:
+    # The default count noise raises the gradient noise by 10% for the
+    # largest sigma of the run (less for every other site and round).
+    adaptive = privacy.AdaptiveClipping.with_noise_overhead(
+        noise_multiplier=largest_sigma, overhead=0.1, **kwargs)
+  # The device draws the count noise in float32: account that value.
+  return dataclasses.replace(
+      adaptive, count_noise_multiplier=_f32(adaptive.count_noise_multiplier))
 
 
 def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
@@ -474,12 +483,22 @@ def _check_noise_plan_unchanged(meta, plan: _Plan, config) -> None:
   difference cancels the noise), and a calibration for another number of
   rounds would end above the target epsilon.
   """
-  old = np.asarray(meta["noise_plan"]["recorded_sigma"], np.float64)
-  new = plan.recorded_sigma
-  n = min(len(old), len(new))
+  saved, now = meta["noise_plan"], plan.to_meta()
   old_rounds = meta["config"]["federated"]["rounds"]
-  if (not np.array_equal(old[:n], new[:n])
-      or meta["noise_plan"]["site_recorded_sigma"] != plan.site_recorded_sigma):
+  done = int(meta["rounds_completed"])
+  if config.federated.rounds < done:
+    raise config_lib.ConfigError(
+        f"--rounds={config.federated.rounds}: the checkpoint already holds "
+        f"{done} completed rounds; resume with --rounds >= {done}.")
+  n = min(len(saved["recorded_sigma"]), len(now["recorded_sigma"]))
+  same = all(
+      np.array_equal(np.asarray(saved[key][:n], np.float64),
+                     np.asarray(now[key][:n], np.float64))
+      for key in ("recorded_sigma", "applied_sigma")) and all(
+          saved[key] == now[key] for key in (
+              "site_recorded_sigma", "site_applied_sigma",
+              "count_noise_multiplier", "site_count_noise_multiplier"))
+  if not same:
     raise config_lib.ConfigError(
         f"--rounds: the checkpoint was planned for {old_rounds} rounds and "
         f"--rounds={config.federated.rounds} changes the noise of rounds it "
@@ -785,7 +804,14 @@ def _nan_to_none(x):
       else x
 
 
-def _assumptions(config, plan: _Plan) -> dict:
+def _diagnostics_released(config, history) -> bool:
+  """Whether any output holds NOT COVERED diagnostics (this run's flag, or
+  rows of an earlier part of a resumed run)."""
+  return config.release_training_diagnostics or any(
+      NOT_COVERED_KEY in row for row in history)
+
+
+def _assumptions(config, plan: _Plan, diagnostics_released: bool) -> dict:
   """What the epsilons cover and what is public, for report.json."""
   p = config.privacy
   public = [
@@ -811,7 +837,7 @@ def _assumptions(config, plan: _Plan) -> dict:
       "for resumption): the simulator's internal state, not a release; the "
       "final parameters are covered",
   ]
-  if config.release_training_diagnostics:
+  if diagnostics_released:
     not_covered.append(DIAGNOSTICS_WARNING)
   covered = ("the trained parameters and everything computed from them "
              "(post-processing), every epsilon, the noised adaptive-clipping "
@@ -850,7 +876,8 @@ def _privacy_section(run: _Run, state: RunState) -> dict:
              "accountant": "rdp", "pld_accountant": "pld",
              "pld_value_discretization_interval": PLD_DISCRETIZATION,
              "epsilon_label": plan.unit.epsilon_label,
-             "assumptions": _assumptions(config, plan)}
+             "assumptions": _assumptions(
+                 config, plan, _diagnostics_released(config, state.history))}
   if not p.enabled:
     section.update(
         warning="NOT PRIVATE: trained without clipping or noise.",
@@ -939,7 +966,7 @@ def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
                  "mean_round_seconds": (float(np.mean(round_times[1:]))
                                         if len(round_times) > 1 else None)},
   }
-  if config.release_training_diagnostics:
+  if _diagnostics_released(config, state.history):
     report["training_diagnostics"] = {
         "warning": DIAGNOSTICS_WARNING,
         "where": f"history[*].{NOT_COVERED_KEY}"}

@@ -43,6 +43,14 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
       TINY.federated, rounds=6))
   with pytest.raises(C.ConfigError, match="--rounds"):
     experiment.train_and_evaluate(longer, tmp_path / "resumed")
+  shorter = dataclasses.replace(TINY, federated=dataclasses.replace(
+      TINY.federated, rounds=1))
+  with pytest.raises(C.ConfigError, match="--rounds=1: the checkpoint"):
+    experiment.train_and_evaluate(shorter, tmp_path / "resumed")
+  # Diagnostics written by an earlier part of a resumed run stay marked.
+  assert not experiment._diagnostics_released(TINY, full["history"])
+  marked = full["history"] + [{experiment.NOT_COVERED_KEY: {}}]
+  assert experiment._diagnostics_released(TINY, marked)
   # Every output holds only covered, public or held-out values by default.
   rows = (tmp_path / "full" / experiment.ROUNDS_CSV).read_text()
   assert "loss" not in rows and "clipped_fraction" not in rows
@@ -187,6 +195,12 @@ def test_config_validation_names_the_flag():
     C.ModelConfig(norm="batch")
   with pytest.raises(C.ConfigError, match="--backend"):
     C.PerformanceConfig(backend="gpu")
+  with pytest.raises(C.ConfigError, match="--algorithm"):
+    C.ExperimentConfig(privacy=C.PrivacyConfig(unit="site"),
+                       federated=C.FederatedConfig(algorithm="fedbn"))
+  with pytest.raises(C.ConfigError, match="--site_noise_multiplier"):
+    C.PrivacyConfig(unit="site", adaptive_clipping="geometric",
+                    site_noise_multiplier=0.0)
 
 
 def test_unet3d_on_patient_volumes(tmp_path):
