@@ -104,8 +104,27 @@ def _group_loss(
   return loss
 
 
+class _ClipNormSensitivity:
+  """The `sensitivity` method shared by the clipped-gradient callables."""
+
+  def sensitivity(
+      self,
+      neighboring_relation: dp_accounting.NeighboringRelation = (
+          dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+      ),
+  ) -> float:
+    """L2 sensitivity of the clipped sum, in the units of the gradient.
+
+    C under add/remove-one (and zero-out) of a unit, 2C under replace-one.
+    When a clip norm is passed at call time, that value takes C's place.
+    """
+    return jp_clipping.BoundedSensitivityCallable(
+        self, self.l2_clip_norm, has_aux=True
+    ).sensitivity(neighboring_relation)
+
+
 @dataclasses.dataclass(frozen=True)
-class ClippedGrad:
+class ClippedGrad(_ClipNormSensitivity):
   """Callable returned by `clipped_grad`; see there for the contract.
 
   Call as `fn(params, batch, is_padding_example=None, *, slice_mask=None,
@@ -201,20 +220,6 @@ class ClippedGrad:
     )
     return grad_sum, stats
 
-  def sensitivity(
-      self,
-      neighboring_relation: dp_accounting.NeighboringRelation = (
-          dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-      ),
-  ) -> float:
-    """L2 sensitivity of the clipped sum, in the units of the gradient.
-
-    C under add/remove-one (and zero-out) of a unit, 2C under replace-one.
-    When a clip norm is passed at call time, that value takes C's place.
-    """
-    return jp_clipping.BoundedSensitivityCallable(
-        self, self.l2_clip_norm, has_aux=True
-    ).sensitivity(neighboring_relation)
 
 
 def clipped_grad(
@@ -500,7 +505,7 @@ def _check_chunk_size(chunk_size: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkedClippedGrad:
+class ChunkedClippedGrad(_ClipNormSensitivity):
   """Callable returned by `chunked_clipped_grad`; see there for the contract.
 
   Call as `fn(params, batch, is_padding_example=None, *, l2_clip_norm=None)
@@ -581,16 +586,6 @@ class ChunkedClippedGrad:
     )
     return grad_sum, stats
 
-  def sensitivity(
-      self,
-      neighboring_relation: dp_accounting.NeighboringRelation = (
-          dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-      ),
-  ) -> float:
-    """L2 sensitivity of the clipped sum (as `ClippedGrad.sensitivity`)."""
-    return jp_clipping.BoundedSensitivityCallable(
-        self, self.l2_clip_norm, has_aux=True
-    ).sensitivity(neighboring_relation)
 
 
 def chunked_clipped_grad(
@@ -652,7 +647,7 @@ def chunked_clipped_grad(
 
 
 @dataclasses.dataclass(frozen=True)
-class PackedGroupClippedGrad:
+class PackedGroupClippedGrad(_ClipNormSensitivity):
   """Callable returned by `packed_group_clipped_grad`; see there.
 
   Call as `fn(params, slices, segment_ids, slice_mask, *, l2_clip_norm=None)
@@ -758,16 +753,6 @@ class PackedGroupClippedGrad:
 
     return jax.tree.map(clip_and_sum, group_grads), stats
 
-  def sensitivity(
-      self,
-      neighboring_relation: dp_accounting.NeighboringRelation = (
-          dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-      ),
-  ) -> float:
-    """L2 sensitivity of the clipped sum (as `ClippedGrad.sensitivity`)."""
-    return jp_clipping.BoundedSensitivityCallable(
-        self, self.l2_clip_norm, has_aux=True
-    ).sensitivity(neighboring_relation)
 
 
 def packed_group_clipped_grad(
