@@ -1,10 +1,6 @@
 """Tests for fedjax_seg.federated rounds: backends, FedAvg, padding, keys."""
 
 import dataclasses
-import os
-import pathlib
-import subprocess
-import sys
 
 import chex
 import jax
@@ -17,7 +13,6 @@ from fedjax_seg.federated import sampling
 from fedjax_seg.privacy import keys
 from tests.federated import toy
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 DATA = toy.site_data()
 CFG = toy.site_config(DATA)
 PART = np.array([True, True, False, True])
@@ -58,10 +53,7 @@ for sizes in [(12, 8, 5, 10, 7, 9), (4,) * 8]:  # 6 sites: padded to 8.
                               atol=1e-5)
 print("shard ok")
 """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                          capture_output=True, text=True, check=False)
+  result = toy.run_on_8_cpu_devices(code)
   assert result.returncode == 0 and "shard ok" in result.stdout, (
       result.stderr[-3000:])
 

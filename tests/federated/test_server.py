@@ -1,10 +1,5 @@
 """Tests for fedjax_seg.federated.server: absent sites never reach the model."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,7 +10,6 @@ from fedjax_seg import federated as fed
 from fedjax_seg.federated import server as server_lib
 from tests.federated import toy
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 PART = np.array([True, True, False, True])
 
 
@@ -73,9 +67,6 @@ chex.assert_tree_all_finite(got[0].params)
 chex.assert_trees_all_close(got[0].params, ref[0].params, rtol=1e-6)
 print("shard ok")
 """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                          capture_output=True, text=True, check=False)
+  result = toy.run_on_8_cpu_devices(code)
   assert result.returncode == 0 and "shard ok" in result.stdout, (
       result.stderr[-3000:])

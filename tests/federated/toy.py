@@ -1,5 +1,10 @@
 """A tiny linear-regression federation for the federated tests."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +113,15 @@ def run(tr, data, cfg, rounds=3, participating=None, seed=0):
         jax.random.key(seed))
     outputs.append(out)
   return server_state, site_states, outputs
+
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def run_on_8_cpu_devices(code: str) -> subprocess.CompletedProcess:
+  """Runs `code` in a fresh Python with 8 forced CPU devices (the device
+  count must be set before jax starts, so not in this process)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                        capture_output=True, text=True, check=False)
