@@ -1,7 +1,7 @@
 r"""Simulate federated training of a segmentation U-Net under DP.
 
 With no flags: the built-in synthetic dataset (8 sites, CT/MRI/X-ray), the
-tiny U-Net, FedAvg with example-level DP-SGD in every site.
+tiny U-Net, FedAvg with patient-level DP-SGD in every site.
 
   python -m experiments.simulate --workdir=runs/default
   python -m experiments.simulate --flagfile=experiments/flags/nonprivate.flags \

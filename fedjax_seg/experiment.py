@@ -562,12 +562,12 @@ def _run_round(run: _Run, state: RunState, round_index: int,
   site_config = fed.SiteConfig(
       jnp.asarray(plan.sampling_rates, jnp.float32),
       jnp.asarray(plan.applied_sigma[round_index], jnp.float32))
-  t0 = time.time()
+  t0 = time.perf_counter()
   server_state, site_states, out = run.trainer.run_round(
       state.server_state, state.site_states, run.site_data, site_config, part,
       round_index, run.root)
   jax.block_until_ready(server_state.params)
-  seconds = time.time() - t0
+  seconds = time.perf_counter() - t0
   state = dataclasses.replace(state, server_state=server_state,
                               site_states=site_states)
   return state, jax.tree.map(np.asarray, out), seconds
@@ -617,7 +617,7 @@ def _round_row(run: _Run, state: RunState, round_index: int,
   p = config.privacy
   names = plan.site_names
   row = {
-      "round": round_index + 1, "seconds": seconds,
+      "round": round_index + 1, "device_seconds": seconds,
       "epsilon": (_main_ledger(config, state).epsilons() if p.enabled
                   else {s: None for s in names}),
       "sigma": dict(zip(names, map(float, plan.accounted_sigma[round_index]))),
@@ -688,11 +688,31 @@ def _log_round(run: _Run, row: dict, round_times: list) -> None:
              f"{d['train_loss']:.4f}, clipped {d['clipped_fraction']:.3f}")
     if "participants" in d:
       extra += f", {len(d['participants'])} sites sampled"
+  noise = (f"sigma {max(row['sigma'].values()):.3f}" if p.record_level
+           else f"z {run.plan.site_applied_sigma:.3f} (site)" if p.enabled
+           else "no noise")
   logging.info(
-      "round %d/%d | %s | sigma %.3f | C %s%s | %.1f s | ETA %.0f s%s%s",
-      row["round"], f.rounds, eps, max(row["sigma"].values()), clip, sites,
-      row["seconds"], eta, f" | val Dice {row['val_dice_mean']:.3f}"
-      if "val_dice_mean" in row else "", extra)
+      "round %d/%d | %s | %s | C %s%s | %.2f s (device %.2f s) | ETA %.0f s"
+      "%s%s", row["round"], f.rounds, eps, noise, clip, sites,
+      row["wall_seconds"], row["device_seconds"], eta,
+      f" | val Dice {row['val_dice_mean']:.3f}" if "val_dice_mean" in row
+      else "", extra)
+
+
+def _time_round(row: dict, round_start: float, evaluation: float) -> None:
+  """The whole round's wall time and its parts (public: they depend on the
+  machine, not on the data beyond what the round's shapes fix).
+
+  wall_seconds: from choosing the participants to now (budget check, device
+  round, device-to-host copies, accounting, history row, validation, log,
+  checkpoint); device_seconds: the jitted round until its parameters are
+  ready; evaluation_seconds: validation (0 in rounds without it);
+  host_seconds: the rest.
+  """
+  wall = time.perf_counter() - round_start
+  row["wall_seconds"] = wall
+  row["evaluation_seconds"] = evaluation
+  row["host_seconds"] = max(0.0, wall - row["device_seconds"] - evaluation)
 
 
 def _checkpoint(run: _Run, state: RunState) -> None:
@@ -732,6 +752,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig,
   stopped_reason = "completed"
   round_times = []
   for r in range(first_round, f.rounds):
+    round_start = time.perf_counter()
     part = _participants(config, run.plan, run.root, r)
     reason = _check_budget(run, state, r, part)
     if reason is not None:
@@ -739,16 +760,22 @@ def train_and_evaluate(config: config_lib.ExperimentConfig,
       logging.warning("stopping before round %d: %s", r + 1, reason)
       break
     state, out, seconds = _run_round(run, state, r, part)
-    round_times.append(seconds)
     _record_round(run, state, r, part, out)
     row = _round_row(run, state, r, part, out, seconds)
+    evaluation = 0.0
     if (r + 1) % config.eval_every == 0 or r + 1 == f.rounds:
+      eval_start = time.perf_counter()
       _evaluate_validation(run, state, row)
+      evaluation = time.perf_counter() - eval_start
     state.history.append(row)
     state.rounds_completed = r + 1
+    _time_round(row, round_start, evaluation)
+    round_times.append(row["wall_seconds"])
     _log_round(run, row, round_times)
     if (r + 1) % config.checkpoint_every == 0 or r + 1 == f.rounds:
       _checkpoint(run, state)
+      # The checkpoint's copy of the row was timed up to the save.
+      _time_round(row, round_start, evaluation)
     if (config.stop_after_rounds is not None
         and len(round_times) >= config.stop_after_rounds and r + 1 < f.rounds):
       logging.warning("stopping after %d rounds of this run (as if killed)",
@@ -959,18 +986,32 @@ def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
                  "machine": platform.machine(),
                  "cpu_count": os.cpu_count(),
                  "backend": config.performance.backend},
-      "timing": {"total_seconds": seconds,
-                 "rounds_this_run": len(round_times),
-                 "first_round_seconds": (round_times[0] if round_times
-                                         else None),
-                 "mean_round_seconds": (float(np.mean(round_times[1:]))
-                                        if len(round_times) > 1 else None)},
+      "timing": _timing(seconds, state.history[-len(round_times):]
+                        if round_times else []),
   }
   if _diagnostics_released(config, state.history):
     report["training_diagnostics"] = {
         "warning": DIAGNOSTICS_WARNING,
         "where": f"history[*].{NOT_COVERED_KEY}"}
   return report
+
+
+def _timing(total_seconds: float, rows: list) -> dict:
+  """Whole-run and per-round timing of this run's rounds (public)."""
+  timing = {"total_seconds": total_seconds, "rounds_this_run": len(rows),
+            "first_round_wall_seconds": (rows[0]["wall_seconds"] if rows
+                                         else None)}
+  later = rows[1:]  # The first round compiles.
+  for key in ("wall_seconds", "device_seconds", "host_seconds"):
+    timing[f"median_round_{key}"] = (
+        float(np.median([r[key] for r in later])) if later else None)
+  if later:
+    # Host share of a round without validation (what a round costs on top
+    # of the device work); validation rounds are reported apart.
+    plain = [r for r in later if not r["evaluation_seconds"]] or later
+    timing["median_host_fraction"] = float(np.median(
+        [r["host_seconds"] / r["wall_seconds"] for r in plain]))
+  return timing
 
 
 def _write_outputs(workdir: pathlib.Path, report: dict, history: list,
@@ -981,7 +1022,8 @@ def _write_outputs(workdir: pathlib.Path, report: dict, history: list,
   names = list(plan.site_names)
   label = report["privacy"]["epsilon_label"].replace(" ", "_")
   has = lambda key: any(key in row for row in history)
-  header = ["round", "seconds", "val_dice_mean"]
+  header = ["round", "wall_seconds", "device_seconds", "host_seconds",
+            "evaluation_seconds", "val_dice_mean"]
   header += [f"{label}_{s}" for s in names] + [f"sigma_{s}" for s in names]
   if has("clip"):
     header += [f"clip_{s}" for s in names]
@@ -995,8 +1037,10 @@ def _write_outputs(workdir: pathlib.Path, report: dict, history: list,
                ("train_loss", "clipped_fraction", "sites_sampled")]
   writer.writerow(header)
   for row in history:
-    line = [row["round"], f"{row['seconds']:.3f}",
-            row.get("val_dice_mean", "")]
+    line = [row["round"]] + [
+        f"{row[k]:.4f}" if k in row else "" for k in (
+            "wall_seconds", "device_seconds", "host_seconds",
+            "evaluation_seconds")] + [row.get("val_dice_mean", "")]
     line += [row["epsilon"][s] for s in names]
     line += [row["sigma"][s] for s in names]
     if has("clip"):

@@ -17,6 +17,10 @@ TINY = C.ExperimentConfig(
     eval_every=2, checkpoint_every=1)
 
 
+TIMING = {"wall_seconds", "device_seconds", "host_seconds",
+          "evaluation_seconds"}
+
+
 def test_killed_and_resumed_run_is_bit_identical(tmp_path):
   full = experiment.train_and_evaluate(TINY, tmp_path / "full")
   # Site-adaptive noise: every site ends at (just under) the target epsilon.
@@ -56,8 +60,12 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
   assert "loss" not in rows and "clipped_fraction" not in rows
   assert rows.splitlines()[0].count("epsilon_per_patient_") == 8
   for row in full["history"]:
-    assert set(row) <= {"round", "seconds", "epsilon", "sigma", "clip",
-                        "participants", "val_dice_mean"}
+    assert set(row) <= {"round", "epsilon", "sigma", "clip",
+                        "participants", "val_dice_mean"} | TIMING
+    assert row["wall_seconds"] >= row["device_seconds"] + row[
+        "evaluation_seconds"]
+  assert rows.splitlines()[0].startswith(
+      "round,wall_seconds,device_seconds,host_seconds,evaluation_seconds,")
   assumptions = full["privacy"]["assumptions"]
   assert assumptions["unit"] == "patient" and "seed" in assumptions["secret"]
   assert any("held-out" in s for s in assumptions["not_covered"])

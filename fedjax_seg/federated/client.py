@@ -12,6 +12,11 @@ Each local step: Poisson-sample a fixed-shape padded batch -> per-example
 back from its state for the accountant) -> FedProx term -> local optimizer.
 Every key is `derive_key(root, round, site, step, purpose)`.
 
+Without record-level DP (site-level DP, whose guarantee comes from clipping
+the site's update at the server; or no DP) a step does no per-example work:
+a fixed-size batch drawn without replacement (`sampling.shuffled_batch`) and
+one batched gradient of the masked mean loss (`nonprivate_gradient`).
+
 The work of a step follows the realised sample, not the padded capacity
 (`ClientConfig.chunk_size`): the batch is processed in chunks and the loop
 stops after the last chunk holding a sampled unit (sampled units come first).
@@ -49,6 +54,7 @@ PyTree = chex.ArrayTree
 UNITS = units_lib.RECORD_UNITS
 LOCAL_OPTIMIZERS = ("sgd", "momentum", "adam")
 LOCAL_LOOPS = ("auto", "scan", "unroll")
+BATCH_SAMPLINGS = ("auto", "poisson", "shuffle")
 
 
 def resolve_local_loop(local_loop: str, canonical_convs: bool = False) -> str:
@@ -57,7 +63,7 @@ def resolve_local_loop(local_loop: str, canonical_convs: bool = False) -> str:
   On CPU, XLA runs convolutions inside a loop body slowly unless they were
   rewritten by `privacy.canonicalize_convs` (BENCHMARKS.md): "auto" then
   unrolls the local steps, except when every convolution of a step is
-  canonicalised (the chunked DP-SGD path), where `lax.scan` is as fast and
+  canonicalised (the chunked DP-SGD path and the non-private path), where `lax.scan` is as fast and
   compiles once per run instead of once per step.
   """
   if local_loop == "auto":
@@ -126,8 +132,8 @@ class ClientConfig:
     local_loop: how local steps are iterated (performance only): "scan"
       (`lax.scan`, one compiled step), "unroll" (a static Python loop, compile
       time grows with local_steps), or "auto": "scan", except on CPU when a
-      step has convolutions that are not canonicalised (the non-private and
-      full-capacity paths), which XLA runs about 15x slower inside a loop
+      step has convolutions that are not canonicalised (the full-capacity DP
+      path, chunk_size=None), which XLA runs about 15x slower inside a loop
       body (0.86 s vs 0.053 s per step of the tiny U-Net, jax 0.10.2).
     chunk_size: work follows the realised sample (performance only): units
       (slices, also for unit="patient", whose sampled patients' slices are
@@ -141,6 +147,12 @@ class ClientConfig:
       the form XLA's CPU backend runs fast inside a loop
       (`privacy.canonicalize_convs`; performance only). None: only when the
       default backend is CPU.
+    batch_sampling: how a local step's batch is drawn. "poisson": each unit
+      independently with rate q (padded to max_batch_size), what record-level
+      DP accounting assumes; "shuffle": exactly min(B, N_k) units without
+      replacement from a per-round epoch order (`sampling.shuffled_batch`),
+      refused with record-level DP; "auto": "poisson" with record-level DP,
+      else "shuffle".
   """
 
   local_steps: int = 1
@@ -153,8 +165,12 @@ class ClientConfig:
   local_loop: str = "auto"
   chunk_size: int | None = 4
   canonicalize_convs: bool | None = None
+  batch_sampling: str = "auto"
 
   def __post_init__(self):
+    if self.batch_sampling not in BATCH_SAMPLINGS:
+      raise ValueError(f"batch_sampling must be one of {BATCH_SAMPLINGS}, "
+                       f"got {self.batch_sampling!r}.")
     if self.chunk_size is not None and not (
         isinstance(self.chunk_size, int) and self.chunk_size >= 1):
       raise ValueError(f"chunk_size must be None or an int >= 1, got "
@@ -275,29 +291,56 @@ class Batch(NamedTuple):
   segment_ids: jax.Array | None = None
 
 
-def sample_batch(data: SiteData, sampling_rate: jax.Array, key: jax.Array,
-                 client: ClientConfig, dp: LocalDPConfig) -> Batch:
-  """A Poisson sample of the site's units (rate q, B_max slots) as a `Batch`.
+def resolve_batch_sampling(client: ClientConfig, dp: LocalDPConfig) -> str:
+  """`client.batch_sampling` for this DP setting ("poisson" or "shuffle")."""
+  if client.batch_sampling == "auto":
+    return "poisson" if dp.enabled else "shuffle"
+  if client.batch_sampling == "shuffle" and dp.enabled:
+    raise ValueError("batch_sampling='shuffle' with record-level DP: its "
+                     "accounting assumes Poisson-sampled batches.")
+  return client.batch_sampling
 
-  The draws depend only on `key`, N_k, q and B_max, never on the layout:
-  packing the patients' slices (chunk_size set) reorders work, it does not
-  change which patients are sampled, nor truncate any of their slices.
+
+def sample_batch(data: SiteData, sampling_rate: jax.Array, key: jax.Array,
+                 client: ClientConfig, dp: LocalDPConfig,
+                 step: jax.Array | int = 0) -> Batch:
+  """A local step's batch of the site's units as a `Batch`.
+
+  Poisson (`resolve_batch_sampling`): each unit with rate q, B_max slots,
+  `key` a fresh `Purpose.SAMPLE_BATCH` key of this step. The draws depend
+  only on `key`, N_k, q and B_max, never on the layout: packing the patients'
+  slices (chunk_size set) reorders work, it does not change which patients
+  are sampled, nor truncate any of their slices.
+
+  Shuffle: the `step`-th B units of the round's epoch order
+  (`sampling.shuffled_batch`), `key` the round's `Purpose.LOCAL_EPOCH_ORDER`
+  key (the same for every step); B slots, patients' slices packed.
   """
   gather = lambda positions: jax.tree.map(lambda a: a[positions],
                                           data.examples)
+  shuffle = resolve_batch_sampling(client, dp) == "shuffle"
   if dp.unit == "patient":
-    idx, mask = sampling.poisson_sample(
-        key, data.num_groups, data.groups.shape[0], sampling_rate,
-        client.max_batch_size)
+    if shuffle:
+      idx, mask = sampling.shuffled_batch(
+          key, data.num_groups, data.groups.shape[0],
+          client.expected_batch_size, step)
+    else:
+      idx, mask = sampling.poisson_sample(
+          key, data.num_groups, data.groups.shape[0], sampling_rate,
+          client.max_batch_size)
     if client.chunk_size is None:
       slice_mask = data.group_mask[idx] & mask[:, None]
       return Batch(gather(data.groups[idx]), mask, slice_mask)
     positions, segment_ids, slice_mask = sampling.pack_groups(
         idx, mask, data.groups, data.group_mask)
     return Batch(gather(positions), mask, slice_mask, segment_ids)
-  idx, mask = sampling.poisson_sample(
-      key, data.num_examples, jax.tree.leaves(data.examples)[0].shape[0],
-      sampling_rate, client.max_batch_size)
+  capacity = jax.tree.leaves(data.examples)[0].shape[0]
+  if shuffle:
+    idx, mask = sampling.shuffled_batch(key, data.num_examples, capacity,
+                                        client.expected_batch_size, step)
+  else:
+    idx, mask = sampling.poisson_sample(key, data.num_examples, capacity,
+                                        sampling_rate, client.max_batch_size)
   return Batch(gather(idx), mask)
 
 
@@ -387,15 +430,17 @@ def nonprivate_gradient(
   for examples and 1 / (the patient's real slices) for patients, n the units
   in the batch (at least 1). Padding slots are zeroed with a select before the
   loss, so garbage there reaches neither the loss nor the gradient. With
-  chunk_size set, only the chunks up to the last sampled one are computed.
-  Unlike the DP path, a real unit with a non-finite gradient is not isolated:
-  it makes the step's gradient non-finite.
+  chunk_size set, a batch with more slots than the expected batch (a Poisson
+  batch, packed patients' slices) is computed in chunks up to the last real
+  one; a shuffled batch of examples (B slots) is one gradient. Unlike the DP path, a real unit with a
+  non-finite gradient is not isolated: it makes the step's gradient
+  non-finite.
 
   Returns:
     (gradient like params, `UnitLossStats`).
   """
   slices, real, weight, num_units = _slices_and_weights(
-      batch, client.max_batch_size)
+      batch, batch.mask.shape[0])
 
   def weighted_loss(params, chunk, chunk_real, chunk_weight):
     def zero_padding(x):
@@ -408,12 +453,15 @@ def nonprivate_gradient(
     return jnp.sum(per_slice), jnp.sum(jnp.nan_to_num(per_slice))
 
   grad_fn = jax.grad(weighted_loss, has_aux=True)
+  if resolve_canonicalize(client.canonicalize_convs):
+    # So that the step runs at full speed inside `lax.scan` on CPU too.
+    grad_fn = privacy.canonicalize_convs(grad_fn)
   c = client.chunk_size
-  if c is None:
+  # Chunks pay only where a padded tail can be skipped: more slots than the
+  # expected batch (a Poisson batch, packed patients' slices).
+  if c is None or real.shape[0] <= client.expected_batch_size:
     grad, loss_sum = grad_fn(params, slices, real, weight)
   else:
-    if resolve_canonicalize(client.canonicalize_convs):
-      grad_fn = privacy.canonicalize_convs(grad_fn)
     capacity = -(-real.shape[0] // c) * c
     slices = _pad_rows(slices, capacity)
     real, weight = _pad_rows((real, weight), capacity)
@@ -541,6 +589,7 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     norm_mask: optional pytree of bools like params (FedBN): True leaves stay
       at the site and are not aggregated.
   """
+  shuffle = resolve_batch_sampling(client, dp) == "shuffle"
   private_gradient = (make_private_gradient(loss_fn, client, dp)
                       if dp.enabled else None)
   local_opt = _local_optimizer(client)
@@ -557,10 +606,15 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
       return keys_lib.derive_key(root_key, round_index=round_index,
                                  site=site_index, step=step, purpose=purpose)
 
+    # Shuffled batches read one epoch order per round (step 0's key);
+    # Poisson batches draw a fresh key per step.
+    epoch_key = key_for(0, keys_lib.Purpose.LOCAL_EPOCH_ORDER)
+
     def step_fn(state, step):
-      batch = sample_batch(data, site_config.sampling_rate,
-                           key_for(step, keys_lib.Purpose.SAMPLE_BATCH),
-                           client, dp)
+      key = epoch_key if shuffle else key_for(step,
+                                              keys_lib.Purpose.SAMPLE_BATCH)
+      batch = sample_batch(data, site_config.sampling_rate, key, client, dp,
+                           step)
       state = local_step(
           state, batch, start=start, sampling_rate=site_config.sampling_rate,
           key_for=key_for, step=step, loss_fn=loss_fn,
@@ -569,8 +623,10 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
       return state, None
 
     state = client_init(start, site_state, local_opt, noise_tx)
-    canonical = dp.enabled and client.chunk_size is not None and (
-        client.canonicalize_convs is not False)
+    # Every convolution of a step is canonicalised on the chunked DP path
+    # and on the non-private path.
+    canonical = resolve_canonicalize(client.canonicalize_convs) and (
+        not dp.enabled or client.chunk_size is not None)
     if resolve_local_loop(client.local_loop, canonical) == "scan":
       state, _ = jax.lax.scan(step_fn, state, jnp.arange(client.local_steps))
     else:

@@ -83,7 +83,8 @@ class FederatedTrainer:
     self._client_update = client_lib.make_client_update(
         loss_fn, client, local_dp, norm_mask)
     self._jit_client = jax.jit(self._client_update)
-    self._jit_server = jax.jit(self._server)
+    self._jit_finish = jax.jit(self._finish)
+    self._placeholders = {}
     self._jit_round = jax.jit(self._round)
     self._mesh = None
     if self.backend == "shard":
@@ -183,39 +184,52 @@ class FederatedTrainer:
                   participating, r, root_key):
     num_sites = participating.shape[0]
     take = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
-    deltas, states, metrics = [], [], []
     host_part = np.asarray(participating)
-    zero_delta = metric_zeros = None
+    placeholder = None
+    outputs = []
     for k in range(num_sites):
-      if not host_part[k]:
-        deltas.append(None)
-        states.append(take(site_states, k))
-        metrics.append(None)
+      if host_part[k]:
+        outputs.append(self._jit_client(
+            server_state.params, take(site_states, k), take(data, k),
+            take(site_config, k), r, jnp.int32(k), root_key))
         continue
-      out = self._jit_client(server_state.params, take(site_states, k),
-                             take(data, k), take(site_config, k), r,
-                             jnp.int32(k), root_key)
-      deltas.append(out.delta)
-      states.append(out.site_state)
-      metrics.append(out.metrics)
-      zero_delta = jax.tree.map(jnp.zeros_like, out.delta)
-      metric_zeros = jax.tree.map(jnp.zeros_like, out.metrics)
-    if zero_delta is None:  # Nobody trained this round.
-      zero_delta = jax.tree.map(jnp.zeros_like, server_state.params)
-      shapes = jax.eval_shape(self._client_update, server_state.params,
-                              take(site_states, 0), take(data, 0),
-                              take(site_config, 0), r, jnp.int32(0), root_key)
-      metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                  shapes.metrics)
-    stack = lambda items: jax.tree.map(lambda *x: jnp.stack(x), *items)
-    deltas = stack([d if d is not None else zero_delta for d in deltas])
-    metrics = stack([m if m is not None else metric_zeros for m in metrics])
-    server_state, server_metrics = self._jit_server(
-        server_state, deltas, participating, data.num_examples, r, root_key)
-    return server_state, stack(states), RoundOutput(metrics, server_metrics)
+      if placeholder is None:
+        placeholder = self._placeholder(server_state.params, site_states,
+                                        data, site_config, r, root_key)
+      outputs.append(placeholder)
+    return self._jit_finish(server_state, site_states, tuple(outputs),
+                            participating, data.num_examples, r, root_key)
+
+  def _placeholder(self, params, site_states, data, site_config, r, root_key):
+    """A zero `ClientOutput` for sites that sit a round out (loop backend),
+    made once per shape: its delta and metrics are selected away."""
+    inputs = (params, site_states, data, site_config)
+    key = str(jax.tree.map(lambda x: (jnp.shape(x), str(jnp.result_type(x))),
+                           inputs))
+    if key not in self._placeholders:
+      take = lambda tree: jax.tree.map(lambda x: x[0], tree)
+      shapes = jax.eval_shape(self._client_update, params, take(site_states),
+                              take(data), take(site_config), r, jnp.int32(0),
+                              root_key)
+      self._placeholders[key] = jax.tree.map(
+          lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return self._placeholders[key]
+
+  def _finish(self, server_state, site_states, outputs, participating,
+              num_examples, round_index, root_key):
+    """The loop backend's round end as one program: stack the S sites'
+    outputs, keep the states of sites that did not run, serve."""
+    out = jax.tree.map(lambda *x: jnp.stack(x), *outputs)
+    new_sites = _select(participating, out.site_state, site_states)
+    metrics = _select(participating, out.metrics,
+                      jax.tree.map(jnp.zeros_like, out.metrics))
+    server_state, server_metrics = self._server(
+        server_state, out.delta, participating, num_examples, round_index,
+        root_key)
+    return server_state, new_sites, RoundOutput(metrics, server_metrics)
 
   def compilations(self) -> int:
     """How many programs the jitted round has compiled (for recompile tests)."""
     if self.backend == "loop":
-      return self._jit_client._cache_size() + self._jit_server._cache_size()
+      return self._jit_client._cache_size() + self._jit_finish._cache_size()
     return self._jit_round._cache_size()

@@ -1,4 +1,4 @@
-"""Poisson sampling as fixed-shape padded batches, and site participation.
+"""Batches as fixed-shape padded arrays (Poisson or shuffled), participation.
 
 Privacy accounting assumes Poisson sampling: each unit (example or patient)
 of site k is in a step's batch independently with probability q_k = B / N_k.
@@ -8,6 +8,12 @@ first `max_batch_size` sampled units plus padding, with a mask. If more than
 the sampled units is kept, since the candidates are in random order); the
 ledger accounts for this (`record(..., dataset_size=N, max_batch_size=B_max)`)
 and `max_batch_size_for` picks B_max so that truncation is negligible.
+
+Where the local training is not record-level private (site-level DP, whose
+guarantee comes from clipping the site's update and sampling sites; or no DP)
+nothing requires Poisson batches, and `shuffled_batch` draws fixed-size
+batches without replacement from a per-round epoch order instead: B slots,
+no padding capacity to carry.
 """
 
 import jax
@@ -98,6 +104,59 @@ def pack_groups(indices: jax.Array, mask: jax.Array, groups: jax.Array,
   segment = jnp.where(slice_mask, segment, 0)
   return (positions.astype(jnp.int32), segment.astype(jnp.int32),
           slice_mask)
+
+
+def _epoch_order(key: jax.Array, num_units: jax.Array, capacity: int,
+                 epoch: jax.Array) -> jax.Array:
+  """[capacity] int32: a uniform permutation of [0, N) first, padding after."""
+  # One uniform per position from fold_in: the order of the real units does
+  # not depend on how much padding follows them.
+  epoch_key = jax.random.fold_in(key, epoch)
+  positions = jnp.arange(capacity)
+  draws = jax.vmap(lambda i: jax.random.uniform(
+      jax.random.fold_in(epoch_key, i)))(positions)
+  draws = jnp.where(positions < num_units, draws, 2.0)
+  return jnp.argsort(draws).astype(jnp.int32)
+
+
+def shuffled_batch(key: jax.Array, num_units: jax.Array, capacity: int,
+                   batch_size: int,
+                   step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Local step `step`'s batch: the next min(B, N) units of an epoch order.
+
+  Fixed-size sampling without replacement, for local training that is not
+  record-level private (its accounting never assumes Poisson batches). The
+  units of a round are read in a random order, epoch after epoch: epoch e is
+  the permutation drawn from `fold_in(key, e)` (so the order is a pure
+  function of the key: of seed, round and site), and step s takes positions
+  [s * b, (s + 1) * b) of the concatenated epochs, b = min(B, N). Within an
+  epoch no unit repeats; a batch that crosses into the next epoch may meet a
+  unit again only after every unit has been seen once.
+
+  Args:
+    key: a fresh key per (round, site) (`Purpose.LOCAL_EPOCH_ORDER`), the same
+      for every step of the round.
+    num_units: [] int, N_k; positions >= N_k are padding.
+    capacity: static size of the site's unit axis (>= N_k).
+    batch_size: static B, the batch slots.
+    step: [] int, the local step.
+
+  Returns:
+    (indices [B] int32 into the unit axis, mask [B] bool: the first
+    min(B, N_k) slots are real). Masked entries point at position 0.
+  """
+  n = jnp.asarray(num_units, jnp.int32)
+  b = jnp.minimum(batch_size, n)
+  position = jnp.asarray(step, jnp.int32) * b + jnp.arange(batch_size)
+  safe_n = jnp.maximum(n, 1)
+  epoch = position // safe_n
+  # A batch spans at most two epochs (b <= N): draw just those two orders.
+  first = epoch[0]
+  orders = jnp.stack([_epoch_order(key, n, capacity, first),
+                      _epoch_order(key, n, capacity, first + 1)])
+  indices = orders[epoch - first, position % safe_n]
+  mask = jnp.arange(batch_size) < b
+  return jnp.where(mask, indices, 0).astype(jnp.int32), mask
 
 
 def max_batch_size_for(num_units: int, sampling_rate: float,

@@ -97,6 +97,49 @@ def _dropout(x, rate, key):
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+def _max_pool2(x: jax.Array) -> jax.Array:
+  """2^d max pooling with stride 2 of [B, *spatial, C] (even sizes).
+
+  The same values as `nnx.max_pool(x, (2,) * d, strides=(2,) * d)`, as a
+  reshape and a max: XLA's CPU backend runs the gradient of a window
+  reduction (select-and-scatter) 1.3-3x slower (BENCHMARKS.md). Gradients
+  agree except at exact ties inside a window, which after the blocks' ReLU
+  are zeros whose gradient the ReLU stops anyway.
+  """
+  spatial = x.shape[1:-1]
+  split = [x.shape[0]]
+  for n in spatial:
+    split += [n // 2, 2]
+  pooled_axes = tuple(range(2, 2 * len(spatial) + 1, 2))
+  return jnp.max(x.reshape(split + [x.shape[-1]]), axis=pooled_axes)
+
+
+def _upsample2(upconv: nnx.ConvTranspose, x: jax.Array,
+               dtype: Any) -> jax.Array:
+  """`upconv(x)` for a ConvTranspose with kernel 2^d and stride 2, as one
+  contraction and a depth-to-space reshape (same parameters, same values).
+
+  Each output pixel 2i + a gets exactly one input pixel i, through the
+  kernel tap flipped along every spatial axis (lax.conv_transpose without
+  transpose_kernel): y[2i + a] = sum_c x[i, c] w[1 - a, c, :] + b. XLA's
+  CPU backend runs the lhs-dilated convolution behind ConvTranspose and its
+  gradient 2-8x slower than this matmul (BENCHMARKS.md).
+  """
+  d = x.ndim - 2
+  kernel = jnp.flip(upconv.kernel[...], axis=tuple(range(d))).astype(dtype)
+  x = x.astype(dtype)
+  letters = "dhw"[-d:]
+  taps = "ajk"[-d:]
+  out = "b" + "".join(l + t for l, t in zip(letters, taps)) + "o"
+  y = jnp.einsum(f"b{letters}i,{taps}io->{out}", x, kernel)
+  shape = (x.shape[0],) + tuple(2 * n for n in x.shape[1:-1]) + (
+      kernel.shape[-1],)
+  y = y.reshape(shape)
+  if upconv.bias is not None:
+    y = y + upconv.bias[...].astype(dtype)
+  return y
+
+
 class ConvBlock(nnx.Module):
   """Two (conv 3^d -> norm -> ReLU) layers, optionally residual."""
 
@@ -144,16 +187,15 @@ class UNet(nnx.Module):
   def __call__(self, x, dropout_key=None):
     keys = (jax.random.split(dropout_key, 2 * len(self.down))
             if dropout_key is not None else [None] * (2 * len(self.down)))
-    window = (2,) * self.config.spatial_dims
     skips = []
     h = x.astype(self.config.dtype)
     for i, block in enumerate(self.down):
       if i > 0:
-        h = nnx.max_pool(h, window, strides=window)
+        h = _max_pool2(h)
       h = block(h, keys[i])
       skips.append(h)
     for j, (upconv, block) in enumerate(zip(self.upconv, self.up)):
-      h = upconv(h)
+      h = _upsample2(upconv, h, self.config.dtype)
       h = jnp.concatenate([h, skips[-2 - j]], axis=-1)
       h = block(h, keys[len(self.down) + j])
     return self.head(h).astype(jnp.float32)

@@ -39,6 +39,7 @@ class Purpose(enum.IntEnum):
   DATA_SPLIT = 10  # Train/val/test partition of patients.
   EVALUATION = 11  # Anything random during evaluation.
   AUDIT = 12  # Canary insertion and auditing.
+  LOCAL_EPOCH_ORDER = 13  # Shuffled local batches (no record-level DP).
 
 
 def derive_key(

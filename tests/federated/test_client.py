@@ -16,6 +16,9 @@ import pytest
 from fedjax_seg import federated as fed
 from fedjax_seg import privacy
 from fedjax_seg.federated import client as client_lib
+from fedjax_seg.federated import sampling
+from fedjax_seg.federated import server as server_lib
+from fedjax_seg.privacy import keys
 from tests.federated import toy
 
 PART = np.array([True, True, False, True])
@@ -138,3 +141,99 @@ def test_chunk_size_is_validated():
     fed.ClientConfig(chunk_size=0)
   assert fed.ClientConfig().chunk_size == 4
   assert fed.ClientConfig(chunk_size=None).chunk_size is None
+
+
+# -- Without record-level DP: no per-example work ---------------------------
+
+
+def _mlp_loss(params, example):
+  """A loss whose per-example weight gradient [k, 3, 7] no array of a
+  batched gradient has (the data are [k, 3], the activations [k, 7])."""
+  hidden = jnp.tanh(example["x"] @ params["w"])
+  return (hidden @ params["v"] - example["y"]) ** 2
+
+
+def _mlp_params():
+  return {"w": 0.3 * jnp.ones((toy.DIM, 7)), "v": 0.1 * jnp.ones((7,))}
+
+
+def _shapes_in(jaxpr):
+  """Every variable shape in a jaxpr, its sub-jaxprs included."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    shapes += [tuple(v.aval.shape) for v in eqn.outvars
+               if hasattr(v.aval, "shape")]
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      shapes += _shapes_in(sub)
+  return shapes
+
+
+@pytest.mark.parametrize("unit", ["example", "patient"])
+def test_without_record_level_dp_a_step_computes_no_per_example_gradient(
+    unit):
+  data, cfg = _data(unit)
+  take = lambda t: jax.tree.map(lambda x: jnp.asarray(x)[0], t)
+  shapes = {}
+  for enabled in (False, True):
+    dp = fed.LocalDPConfig(enabled=enabled, unit=unit, l2_clip_norm=0.5)
+    update = client_lib.make_client_update(_mlp_loss, BASE, dp)
+    state = client_lib.init_site_state(_mlp_params(), dp)
+    jaxpr = jax.make_jaxpr(update)(_mlp_params(), state, take(data),
+                                   take(cfg), 0, 0, jax.random.key(0))
+    shapes[enabled] = _shapes_in(jaxpr.jaxpr)
+  per_example = lambda s: len(s) == 3 and s[0] > 1 and s[1:] == (toy.DIM, 7)
+  # The control: DP-SGD materialises per-unit weight gradients ...
+  assert any(per_example(s) for s in shapes[True])
+  # ... the non-private / site-level step does not.
+  assert not any(per_example(s) for s in shapes[False])
+
+
+def test_site_level_round_is_plain_batched_sgd_then_dp_fedavg():
+  """Under site-level DP the local steps are plain SGD on fixed-size
+  shuffled batches; the round is the server's DP-FedAvg of those deltas."""
+  data = toy.site_data()
+  cfg = toy.site_config(data)
+  site_dp = fed.SiteLevelDPConfig(l2_clip_norm=0.05, noise_multiplier=1.5,
+                                  expected_sites=3.0)
+  client = dataclasses.replace(BASE, local_steps=3)
+  root = jax.random.key(0)
+  tr = fed.FederatedTrainer(_mlp_loss, client, fed.LocalDPConfig(enabled=False),
+                            fed.ServerConfig(), site_dp, backend="vmap")
+  server_state, site_states = tr.init(_mlp_params(), 4)
+  got, _, out = tr.run_round(server_state, site_states, data, cfg, PART, 0,
+                             root)
+  deltas = []
+  capacity = data.examples["x"].shape[1]
+  for k in range(4):
+    p = _mlp_params()
+    key = keys.derive_key(root, round_index=0, site=k, step=0,
+                          purpose=keys.Purpose.LOCAL_EPOCH_ORDER)
+    for t in range(3):
+      idx, mask = sampling_shuffled(key, data.num_examples[k], capacity, 4, t)
+      ex = jax.tree.map(lambda a: jnp.asarray(a)[k, idx[mask]], data.examples)
+      grad = jax.grad(lambda q: jnp.mean(jax.vmap(
+          lambda e: _mlp_loss(q, e))(ex)))(p)
+      p = jax.tree.map(lambda a, g: a - BASE.learning_rate * g, p, grad)
+    deltas.append(jax.tree.map(lambda a, b: a - b, p, _mlp_params()))
+  deltas = jax.tree.map(lambda *d: jnp.stack(d), *deltas)
+  want, metrics = server_lib.server_update(
+      server_state, deltas, jnp.asarray(PART), jnp.asarray(data.num_examples),
+      fed.ServerConfig(), site_dp, jnp.int32(0), root)
+  chex.assert_trees_all_close(got.params, want.params, rtol=1e-5, atol=1e-6)
+  assert int(metrics.num_clipped) > 0  # The site clip was exercised.
+  # What the site-level accountant reads is unchanged.
+  assert float(out.server.noise_multiplier) == 1.5
+  np.testing.assert_array_equal(out.client.steps, np.where(PART, 3, 0))
+
+
+def sampling_shuffled(key, n, capacity, batch, step):
+  idx, mask = sampling.shuffled_batch(key, n, capacity, batch, step)
+  return np.asarray(idx), np.asarray(mask)
+
+
+def test_shuffled_batches_are_refused_with_record_level_dp():
+  client = dataclasses.replace(BASE, batch_sampling="shuffle")
+  with pytest.raises(ValueError, match="Poisson"):
+    client_lib.make_client_update(toy.loss_fn, client, fed.LocalDPConfig())
+  with pytest.raises(ValueError, match="batch_sampling"):
+    fed.ClientConfig(batch_sampling="random")

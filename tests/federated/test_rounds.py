@@ -58,21 +58,44 @@ print("shard ok")
       result.stderr[-3000:])
 
 
-def test_no_privacy_round_equals_fedavg_by_hand():
-  tr = toy.trainer("vmap", dp=False, steps=2)
+def _epoch_stream(root, k, num_units, capacity):
+  """Site k's round-0 epoch order, written out from its definition."""
+  key = keys.derive_key(root, round_index=0, site=int(k), step=0,
+                        purpose=keys.Purpose.LOCAL_EPOCH_ORDER)
+  def order(epoch):
+    epoch_key = jax.random.fold_in(key, epoch)
+    u = np.array([float(jax.random.uniform(jax.random.fold_in(epoch_key, i)))
+                  for i in range(capacity)])
+    return np.argsort(np.where(np.arange(capacity) < num_units, u, 2.0),
+                      kind="stable")[:num_units]
+  return np.concatenate([order(0), order(1), order(2)])
+
+
+@pytest.mark.parametrize("batch_sampling", ["auto", "poisson"])
+def test_no_privacy_round_equals_fedavg_by_hand(batch_sampling):
+  """Without DP: plain batched SGD on fixed-size shuffled batches (auto), or
+  on Poisson batches when asked, then a size-weighted FedAvg."""
+  client = fed.ClientConfig(local_steps=2, expected_batch_size=4,
+                            max_batch_size=12, learning_rate=0.05,
+                            batch_sampling=batch_sampling)
+  tr = toy.trainer("vmap", dp=False, client=client)
   server, _, _ = toy.run(tr, DATA, CFG, rounds=1, participating=PART)
   root = jax.random.key(0)
   params0 = toy.init_params()
   deltas, weights = [], []
+  capacity = DATA.examples["x"].shape[1]
   for k in np.flatnonzero(PART):
     p = params0
+    stream = _epoch_stream(root, k, DATA.num_examples[k], capacity)
     for t in range(2):
-      key = keys.derive_key(root, round_index=0, site=int(k), step=t,
-                            purpose=keys.Purpose.SAMPLE_BATCH)
-      idx, mask = sampling.poisson_sample(
-          key, DATA.num_examples[k], DATA.examples["x"].shape[1],
-          CFG.sampling_rate[k], 12)
-      idx = np.asarray(idx)[np.asarray(mask)]
+      if batch_sampling == "auto":
+        idx = stream[t * 4:(t + 1) * 4]
+      else:
+        key = keys.derive_key(root, round_index=0, site=int(k), step=t,
+                              purpose=keys.Purpose.SAMPLE_BATCH)
+        idx, mask = sampling.poisson_sample(
+            key, DATA.num_examples[k], capacity, CFG.sampling_rate[k], 12)
+        idx = np.asarray(idx)[np.asarray(mask)]
       ex = {"x": DATA.examples["x"][k, idx], "y": DATA.examples["y"][k, idx]}
       grad = jax.grad(lambda q: jnp.mean(jax.vmap(
           lambda e: toy.loss_fn(q, e))(ex)))(p)

@@ -1,5 +1,6 @@
 """Tests for fedjax_seg.federated.sampling."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +106,42 @@ def test_pack_groups_holds_the_largest_possible_batch():
   assert bool(slice_mask.all())
   np.testing.assert_array_equal(positions, np.r_[4:8, 0:4, 8:12])
   np.testing.assert_array_equal(segments, np.repeat([0, 1, 2], 4))
+
+
+@pytest.mark.parametrize("num_units,batch", [(10, 4), (8, 4), (3, 4), (1, 1)])
+def test_shuffled_batch_reads_each_epoch_once_without_replacement(
+    num_units, batch):
+  key = jax.random.key(7)
+  capacity = 12
+  draw = jax.jit(lambda step: sampling.shuffled_batch(
+      key, num_units, capacity, batch, step))
+  steps = 3 * num_units  # Enough for several epochs.
+  batches = [draw(s) for s in range(steps)]
+  b = min(batch, num_units)
+  for idx, mask in batches:
+    chex.assert_shape((idx, mask), (batch,))
+    np.testing.assert_array_equal(mask, np.arange(batch) < b)
+    assert (np.asarray(idx)[np.asarray(mask)] < num_units).all()  # No padding.
+    np.testing.assert_array_equal(np.asarray(idx)[~np.asarray(mask)], 0)
+  stream = np.concatenate([np.asarray(i)[np.asarray(m)] for i, m in batches])
+  epochs = stream[: (len(stream) // num_units) * num_units].reshape(
+      -1, num_units)
+  for epoch in epochs:  # Each epoch is a permutation of the site's units.
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(num_units))
+  if num_units > 2:  # The order differs between epochs ...
+    assert len({tuple(e) for e in epochs}) > 1
+  if num_units >= 8:  # ... and is shuffled (identity: 1 in 8! per epoch).
+    assert not (epochs == np.arange(num_units)).all(axis=1).any()
+
+
+def test_shuffled_batch_is_a_function_of_the_key_and_ignores_padding():
+  same = [sampling.shuffled_batch(jax.random.key(3), 9, cap, 4, step)[0]
+          for cap in (9, 30) for step in (1, 2)]
+  np.testing.assert_array_equal(same[0], same[2])  # Padding changes nothing.
+  np.testing.assert_array_equal(same[1], same[3])
+  other = sampling.shuffled_batch(jax.random.key(4), 9, 9, 4, 1)[0]
+  assert not np.array_equal(same[0], other)
+  # vmap over sites with different sizes.
+  idx, mask = jax.vmap(lambda n: sampling.shuffled_batch(
+      jax.random.key(0), n, 12, 4, 0))(jnp.array([12, 2, 0]))
+  np.testing.assert_array_equal(mask.sum(1), [4, 2, 0])

@@ -96,3 +96,31 @@ def test_bad_configs_and_inputs_are_refused():
   with pytest.raises(ValueError, match="channels"):
     TINY.init(jax.random.key(0), (1, 32, 32, 2))
   assert unet.is_norm_param(("down", 0, "norm1", "scale"))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_upsampling_and_pooling_equal_flax_layers(spatial_dims):
+  """The matmul upsampling and reshape pooling compute what
+  nnx.ConvTranspose / nnx.max_pool compute (values and gradients)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  d = spatial_dims
+  upconv = nnx.ConvTranspose(6, 4, (2,) * d, strides=(2,) * d,
+                             rngs=nnx.Rngs(3))
+  upconv.bias[...] = jax.random.normal(jax.random.key(5), (4,))
+  x = jax.random.normal(jax.random.key(0), (3,) + (4,) * d + (6,))
+  chex.assert_trees_all_close(unet._upsample2(upconv, x, jnp.float32),
+                              upconv(x), atol=1e-5)
+  graph, state = nnx.split(upconv)
+  def loss(state, x, ours):
+    layer = nnx.merge(graph, state)
+    y = unet._upsample2(layer, x, jnp.float32) if ours else layer(x)
+    return jnp.sum(jnp.sin(y))
+  chex.assert_trees_all_close(
+      jax.grad(loss, argnums=(0, 1))(state, x, True),
+      jax.grad(loss, argnums=(0, 1))(state, x, False), atol=1e-4)
+  window = (2,) * d
+  pool = lambda x: nnx.max_pool(x, window, strides=window)
+  np.testing.assert_array_equal(unet._max_pool2(x), pool(x))
+  pool_loss = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
+  chex.assert_trees_all_close(pool_loss(unet._max_pool2), pool_loss(pool),
+                              atol=1e-6)
