@@ -415,11 +415,6 @@ def _slices_and_weights(batch: Batch, max_batch_size: int):
   return slices, real, weight, jnp.sum(per_slot > 0).astype(jnp.int32)
 
 
-def _pad_rows(tree: PyTree, rows: int) -> PyTree:
-  return jax.tree.map(lambda x: jnp.concatenate(
-      [x, jnp.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)]), tree)
-
-
 def nonprivate_gradient(
     loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
     batch: Batch, client: ClientConfig) -> tuple[PyTree, UnitLossStats]:
@@ -453,7 +448,7 @@ def nonprivate_gradient(
     return jnp.sum(per_slice), jnp.sum(jnp.nan_to_num(per_slice))
 
   grad_fn = jax.grad(weighted_loss, has_aux=True)
-  if resolve_canonicalize(client.canonicalize_convs):
+  if clipping_lib.resolve_canonicalize(client.canonicalize_convs):
     # So that the step runs at full speed inside `lax.scan` on CPU too.
     grad_fn = privacy.canonicalize_convs(grad_fn)
   c = client.chunk_size
@@ -463,8 +458,8 @@ def nonprivate_gradient(
     grad, loss_sum = grad_fn(params, slices, real, weight)
   else:
     capacity = -(-real.shape[0] // c) * c
-    slices = _pad_rows(slices, capacity)
-    real, weight = _pad_rows((real, weight), capacity)
+    slices = clipping_lib.pad_leading(slices, capacity)
+    real, weight = clipping_lib.pad_leading((real, weight), capacity)
 
     def body(i, carry):
       part = grad_fn(params, *jax.tree.map(
@@ -478,13 +473,6 @@ def nonprivate_gradient(
   count = jnp.maximum(num_units, 1).astype(jnp.float32)
   grad = jax.tree.map(lambda g: g / count.astype(g.dtype), grad)
   return grad, UnitLossStats(loss_sum, num_units)
-
-
-def resolve_canonicalize(canonicalize: bool | None) -> bool:
-  """`ClientConfig.canonicalize_convs` resolved for this platform."""
-  if canonicalize is None:
-    return jax.default_backend() == "cpu"
-  return canonicalize
 
 
 class LocalState(NamedTuple):
@@ -625,8 +613,9 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     state = client_init(start, site_state, local_opt, noise_tx)
     # Every convolution of a step is canonicalised on the chunked DP path
     # and on the non-private path.
-    canonical = resolve_canonicalize(client.canonicalize_convs) and (
-        not dp.enabled or client.chunk_size is not None)
+    canonical = clipping_lib.resolve_canonicalize(
+        client.canonicalize_convs) and (not dp.enabled
+                                        or client.chunk_size is not None)
     if resolve_local_loop(client.local_loop, canonical) == "scan":
       state, _ = jax.lax.scan(step_fn, state, jnp.arange(client.local_steps))
     else:

@@ -431,13 +431,14 @@ def canonicalize_convs(fn: Callable[..., Any]) -> Callable[..., Any]:
   return wrapped
 
 
-def _resolve_canonicalize(canonicalize: bool | None) -> bool:
+def resolve_canonicalize(canonicalize: bool | None) -> bool:
+  """A `canonicalize` setting resolved: None means "on CPU only"."""
   if canonicalize is None:
     return jax.default_backend() == "cpu"
   return canonicalize
 
 
-def _pad_leading(tree: PyTree, size: int) -> PyTree:
+def pad_leading(tree: PyTree, size: int) -> PyTree:
   """Every leaf padded with zeros along axis 0 to `size` rows."""
 
   def pad(x):
@@ -542,7 +543,7 @@ class ChunkedClippedGrad(_ClipNormSensitivity):
     real = ~is_padding_example.astype(jnp.bool_)
     c = self.chunk_size
     capacity = -(-batch_size // c) * c
-    batch = _pad_leading(batch, capacity)
+    batch = pad_leading(batch, capacity)
     real_padded = jnp.concatenate(
         [real, jnp.zeros((capacity - batch_size,), jnp.bool_)])
     per_chunk = ClippedGrad(self.loss_fn, self.l2_clip_norm, "example", None,
@@ -551,7 +552,7 @@ class ChunkedClippedGrad(_ClipNormSensitivity):
     def chunk_grad(params, chunk, chunk_real, clip):
       return per_chunk(params, chunk, ~chunk_real, l2_clip_norm=clip)
 
-    if _resolve_canonicalize(self.canonicalize):
+    if resolve_canonicalize(self.canonicalize):
       chunk_grad = canonicalize_convs(chunk_grad)
 
     def body(i, carry):
@@ -685,7 +686,7 @@ class PackedGroupClippedGrad(_ClipNormSensitivity):
     g, c = self.num_groups, self.chunk_size
     capacity = -(-num_slices // c) * c
     extra = capacity - num_slices
-    slices = _pad_leading(slices, capacity)
+    slices = pad_leading(slices, capacity)
     mask = jnp.concatenate([slice_mask.astype(jnp.bool_),
                             jnp.zeros((extra,), jnp.bool_)])
     # Padding slices point at group 0; every use of them is masked.
@@ -722,7 +723,7 @@ class PackedGroupClippedGrad(_ClipNormSensitivity):
                     0.0), chunk_seg, g)
       return group_grads, bad, loss
 
-    if _resolve_canonicalize(self.canonicalize):
+    if resolve_canonicalize(self.canonicalize):
       chunk_sums = canonicalize_convs(chunk_sums)
 
     def body(i, carry):
