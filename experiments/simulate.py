@@ -12,117 +12,21 @@ preset is --model, DP on/off is --dp/--nodp). Outputs in --workdir:
 report.json, rounds.csv, PNG plots, checkpoints (a rerun resumes).
 """
 
-import dataclasses
-import re
-import types
-import typing
-
 from absl import app
 from absl import flags
 from absl import logging
 
 from fedjax_seg import config as config_lib
+from fedjax_seg import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
                                "Output directory (resumes if it has a run).")
-
-_SECTIONS = {
-    "data": config_lib.DataConfig,
-    "model": config_lib.ModelConfig,
-    "privacy": config_lib.PrivacyConfig,
-    "federated": config_lib.FederatedConfig,
-    "performance": config_lib.PerformanceConfig,
-}
-_TOP_LEVEL = ("seed", "eval_every", "checkpoint_every", "stop_after_rounds",
-              "release_training_diagnostics")
-_RENAMED = {"preset": "model", "enabled": "dp"}
-_FLAGS: dict[str, tuple[str | None, str, type]] = {}
-
-
-def _field_help(cls) -> dict[str, str]:
-  """Per-field help from the class docstring's Attributes section."""
-  doc = cls.__doc__ or ""
-  out, current = {}, None
-  for line in doc.splitlines():
-    m = re.match(r"^    ([a-z_, ]+): (.*)$", line)
-    if m:
-      current = [n.strip() for n in m.group(1).split(",")]
-      for n in current:
-        out[n] = m.group(2)
-    elif current and line.startswith("      "):
-      for n in current:
-        out[n] += " " + line.strip()
-    else:
-      current = None
-  return out
-
-
-def _base_type(annotation):
-  args = typing.get_args(annotation)
-  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-    annotation = next(a for a in args if a is not type(None))
-  return annotation
-
-
-def _define(section, cls, field, helps):
-  name = _RENAMED.get(field.name, field.name)
-  default = field.default
-  kind = _base_type(field.type if not isinstance(field.type, str)
-                    else eval(field.type, vars(config_lib)))  # pylint: disable=eval-used
-  help_text = helps.get(field.name, f"{cls.__name__}.{field.name}")
-  optional = type(None) in typing.get_args(
-      field.type if not isinstance(field.type, str)
-      else eval(field.type, vars(config_lib)))  # pylint: disable=eval-used
-  if optional:  # A string flag, so that --name=none gives None.
-    flags.DEFINE_string(name, None if default is None else str(default),
-                        help_text + " ('none' for None)")
-  elif typing.get_origin(kind) is tuple:
-    flags.DEFINE_list(name, [str(v) for v in default], help_text)
-  elif kind is bool:
-    flags.DEFINE_bool(name, default, help_text)
-  elif kind is int:
-    flags.DEFINE_integer(name, default, help_text)
-  elif kind is float:
-    flags.DEFINE_float(name, default, help_text)
-  else:
-    flags.DEFINE_string(name, default, help_text)
-  _FLAGS[name] = (section, field.name, kind)
-
-
-for _section, _cls in _SECTIONS.items():
-  _helps = _field_help(_cls)
-  for _field in dataclasses.fields(_cls):
-    _define(_section, _cls, _field, _helps)
-_helps = _field_help(config_lib.ExperimentConfig)
-for _field in dataclasses.fields(config_lib.ExperimentConfig):
-  if _field.name in _TOP_LEVEL:
-    _define(None, config_lib.ExperimentConfig, _field, _helps)
-
-
-def _convert(name: str, value, kind):
-  if value is None or (isinstance(value, str)
-                       and value.strip().lower() in ("", "none")):
-    return None
-  try:
-    if typing.get_origin(kind) is tuple:
-      item = typing.get_args(kind)[0]
-      return tuple(item(v) for v in value)
-    if kind in (int, float) and isinstance(value, str):
-      return kind(value)
-  except ValueError as e:
-    raise app.UsageError(f"--{name}: cannot read {value!r} ({e}).") from e
-  return value
+config_flags.define_config_flags()
 
 
 def config_from_flags() -> config_lib.ExperimentConfig:
   """Builds and validates the config (raises ConfigError naming a flag)."""
-  sections = {s: {} for s in _SECTIONS}
-  top = {}
-  for name, (section, field, kind) in _FLAGS.items():
-    value = _convert(name, flags.FLAGS[name].value, kind)
-    (sections[section] if section else top)[field] = value
-  return config_lib.ExperimentConfig(
-      **{s: _SECTIONS[s](**v) for s, v in sections.items()}, **top)
+  return config_flags.config_from_flags()
 
 
 def main(argv):

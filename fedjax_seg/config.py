@@ -40,6 +40,9 @@ class DataConfig:
     held_out_sites: sites excluded from training (evaluated only).
     volumes: train a 3D U-Net on whole patient volumes (synthetic CT/MRI
       sites; one example = one patient volume of num_slices slices).
+    data_seed: seed of the synthetic data and of the train/val/test split
+      (None: --seed). A sweep over --seed keeps it fixed, so its members
+      train on the same data.
   """
 
   dataset: str = "synthetic"
@@ -50,9 +53,12 @@ class DataConfig:
   split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
   held_out_sites: tuple[str, ...] = ()
   volumes: bool = False
+  data_seed: int | None = None
 
   def __post_init__(self):
     _check(bool(self.dataset), "dataset", "must not be empty.")
+    _check(self.data_seed is None or self.data_seed >= 0, "data_seed",
+           "must be >= 0.")
     _check(not self.volumes or self.dataset == "synthetic", "volumes",
            "3D volumes come from the synthetic dataset only (prepared "
            "datasets hold 2D slices).")
@@ -288,6 +294,9 @@ class ExperimentConfig:
   """A whole simulation.
 
   Attributes:
+    seed: root seed of every random draw (model init, sampling, noise).
+    sweep_member: folded into the root key after the seed (a sweep's member
+      index, so that no two members share a key); None for a plain run.
     eval_every: evaluate on the validation split every k rounds (and at the
       end on the test split).
     checkpoint_every: checkpoint every k rounds (and at the end).
@@ -306,6 +315,7 @@ class ExperimentConfig:
   federated: FederatedConfig = FederatedConfig()
   performance: PerformanceConfig = PerformanceConfig()
   seed: int = 0
+  sweep_member: int | None = None
   eval_every: int = 5
   checkpoint_every: int = 5
   stop_after_rounds: int | None = None
@@ -315,6 +325,8 @@ class ExperimentConfig:
     _check(self.eval_every >= 1, "eval_every", "must be >= 1.")
     _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1.")
     _check(self.seed >= 0, "seed", "must be >= 0.")
+    _check(self.sweep_member is None or self.sweep_member >= 0,
+           "sweep_member", "must be >= 0.")
     if self.privacy.use_site_level and self.federated.algorithm == "fedbn":
       raise ConfigError(
           "--algorithm: fedbn keeps each site's normalisation parameters at "
@@ -328,3 +340,8 @@ class ExperimentConfig:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+  @property
+  def data_seed(self) -> int:
+    """The seed of the data and split (--data_seed, else --seed)."""
+    return self.seed if self.data.data_seed is None else self.data.data_seed

@@ -414,11 +414,23 @@ class _Run:
   checkpointer: _Checkpointer
 
 
-def _setup(config, workdir: pathlib.Path) -> tuple[_Run, Any]:
-  """Loads data, plans the noise, builds model and trainer (writes nothing
-  before the data and settings are checked). Returns (run, initial params)."""
+def root_key(config: config_lib.ExperimentConfig) -> jax.Array:
+  """The run's root key: the seed, then the sweep member index folded in."""
+  root = jax.random.key(config.seed)
+  if config.sweep_member is not None:
+    root = jax.random.fold_in(root, config.sweep_member)
+  return root
+
+
+def _setup(config, workdir: pathlib.Path, splits=None,
+           trainer=None) -> tuple[_Run, Any]:
+  """Loads data (unless `splits` are given), plans the noise, builds model
+  and trainer (unless given; it must have the config's static settings);
+  writes nothing before the data and settings are checked. Returns (run,
+  initial params)."""
   p = config.privacy
-  splits = load_data(config.data, config.seed)
+  if splits is None:
+    splits = load_data(config.data, config.data_seed)
   train = sites_lib.stack_sites(splits["train"])
   val = sites_lib.stack_sites(splits["val"])
   test = sites_lib.stack_sites(splits["test"])
@@ -427,7 +439,7 @@ def _setup(config, workdir: pathlib.Path) -> tuple[_Run, Any]:
   model = models.SegmentationModel(config.model.unet_config(
       in_channels=train.image.shape[-1], num_classes=len(train.class_names),
       spatial_dims=train.image.ndim - 3))
-  root = jax.random.key(config.seed)
+  root = root_key(config)
   init_key = privacy.derive_key(root, round_index=0, site=0, step=0,
                                 purpose=privacy.Purpose.MODEL_INIT)
   params = model.init(init_key, (1,) + train.image.shape[2:])
@@ -436,7 +448,8 @@ def _setup(config, workdir: pathlib.Path) -> tuple[_Run, Any]:
     if probe.shape[0] >= 2:
       models.check_per_example_independence(jax.jit(model.apply), params,
                                             probe)
-  trainer = _trainer(config, model, plan, params)
+  if trainer is None:
+    trainer = _trainer(config, model, plan, params)
   run = _Run(config, workdir, plan, model, trainer,
              segmentation_task.site_data(train), val, test, root,
              _Checkpointer(workdir))
@@ -555,17 +568,28 @@ def _record_level_event(config, plan: _Plan, round_index: int, k: int):
       max_batch_size=plan.max_batch_size)
 
 
+def round_arrays(config, plan: _Plan, round_index: int):
+  """(SiteConfig, server learning rate) of a round: every per-round value the
+  device program reads as an array, so that runs that differ only in these
+  (sweep members) share one compiled program."""
+  f, p = config.federated, config.privacy
+  num_sites = len(plan.site_names)
+  full = lambda v: jnp.full((num_sites,), v, jnp.float32)
+  site_config = fed.SiteConfig(
+      jnp.asarray(plan.sampling_rates, jnp.float32),
+      jnp.asarray(plan.applied_sigma[round_index], jnp.float32),
+      l2_clip_norm=full(p.l2_clip_norm), learning_rate=full(f.learning_rate))
+  return site_config, jnp.float32(f.server_learning_rate)
+
+
 def _run_round(run: _Run, state: RunState, round_index: int,
                part: np.ndarray):
   """One federated round on the device: (new state, output, seconds)."""
-  plan = run.plan
-  site_config = fed.SiteConfig(
-      jnp.asarray(plan.sampling_rates, jnp.float32),
-      jnp.asarray(plan.applied_sigma[round_index], jnp.float32))
+  site_config, server_lr = round_arrays(run.config, run.plan, round_index)
   t0 = time.perf_counter()
   server_state, site_states, out = run.trainer.run_round(
       state.server_state, state.site_states, run.site_data, site_config, part,
-      round_index, run.root)
+      round_index, run.root, server_lr)
   jax.block_until_ready(server_state.params)
   seconds = time.perf_counter() - t0
   state = dataclasses.replace(state, server_state=server_state,
@@ -590,11 +614,13 @@ def _record_round(run: _Run, state: RunState, round_index: int,
             f"site {plan.site_names[k]}: applied sigma {got}, steps "
             f"{int(m.steps[k])}, q {float(m.sampling_rate[k])} != planned "
             f"{want}, {f.local_steps}, {plan.sampling_rates[k]}")
-    for k in np.flatnonzero(_charged_sites(config, plan, part)):
-      name = plan.site_names[k]
-      state.ledger.record_event(name, _record_level_event(config, plan,
-                                                          round_index, k))
-      state.charged_rounds[name].append(round_index)
+    charged = np.flatnonzero(_charged_sites(config, plan, part))
+    # All charged sites' RDP in one vectorised evaluation.
+    state.ledger.record_events({
+        plan.site_names[k]: _record_level_event(config, plan, round_index, k)
+        for k in charged})
+    for k in charged:
+      state.charged_rounds[plan.site_names[k]].append(round_index)
   if p.use_site_level:
     got = float(out.server.noise_multiplier)
     if got != plan.site_applied_sigma:
@@ -722,21 +748,8 @@ def _checkpoint(run: _Run, state: RunState) -> None:
                         state.meta(run.config, run.plan))
 
 
-def train_and_evaluate(config: config_lib.ExperimentConfig,
-                       workdir: str | os.PathLike) -> dict:
-  """Runs (or resumes) a simulation; returns the report (also written).
-
-  The steps, over one `RunState`: setup (data, noise plan, model, trainer),
-  restore or init, then per round: participants, check budget, run round,
-  record round (ledgers), row (+ validation), log, checkpoint; at the end
-  the test evaluation, the report (verified against the ledger with
-  `privacy.verify`), CSV and plots.
-  """
-  workdir = pathlib.Path(workdir)
-  enable_compilation_cache()
-  start_time = time.time()
-  p, f = config.privacy, config.federated
-  if not p.enabled:
+def _warn_about_settings(config) -> None:
+  if not config.privacy.enabled:
     logging.warning("=" * 70)
     logging.warning("DP IS DISABLED (--nodp): this run has NO privacy "
                     "guarantee. Its epsilons are infinite.")
@@ -746,20 +759,82 @@ def train_and_evaluate(config: config_lib.ExperimentConfig,
                     "clipped fraction (and under site-level DP the sampled "
                     "sites) are written un-noised: NOT COVERED BY THE "
                     "GUARANTEE.")
-  run, params = _setup(config, workdir)
-  state = _restore_or_init(run, params)
-  first_round = state.rounds_completed
-  stopped_reason = "completed"
-  round_times = []
-  for r in range(first_round, f.rounds):
-    round_start = time.perf_counter()
-    part = _participants(config, run.plan, run.root, r)
-    reason = _check_budget(run, state, r, part)
+
+
+class Simulation:
+  """One run, stepped round by round.
+
+  `train_and_evaluate` drives one; a sweep (`fedjax_seg.sweep`) drives
+  several in lockstep and runs their device rounds together. Per round:
+  `begin_round` (participants, budget check), the device round (`run_round`,
+  or the sweep's batched one), `end_round` (ledgers, history row,
+  validation, log, checkpoint); at the end `finish` (test evaluation,
+  verified report, CSV, plots).
+
+  Args:
+    config: the run's settings.
+    workdir: its output directory (resumes from its latest checkpoint).
+    splits: preloaded `load_data(config.data, config.data_seed)` (a sweep
+      loads the data once for all members).
+    trainer: a `FederatedTrainer` with this config's static settings (a
+      sweep shares one between members that differ only in round arrays).
+  """
+
+  def __init__(self, config: config_lib.ExperimentConfig,
+               workdir: str | os.PathLike, *, splits=None, trainer=None):
+    self.workdir = pathlib.Path(workdir)
+    self.config = config
+    self.start_time = time.time()
+    _warn_about_settings(config)
+    self.run, params = _setup(config, self.workdir, splits, trainer)
+    self.state = _restore_or_init(self.run, params)
+    self.first_round = self.state.rounds_completed
+    self.stopped_reason = "completed"
+    self.round_times: list[float] = []
+    self.stopped = self.state.rounds_completed >= config.federated.rounds
+    self._round_start = 0.0
+
+  @property
+  def next_round(self) -> int:
+    return self.state.rounds_completed
+
+  def begin_round(self) -> np.ndarray | None:
+    """The participants [S] bool of the next round, or None when the run
+    stops (all rounds done, or the budget would be exceeded)."""
+    if self.stopped:
+      return None
+    r = self.next_round
+    self._round_start = time.perf_counter()
+    part = _participants(self.config, self.run.plan, self.run.root, r)
+    reason = _check_budget(self.run, self.state, r, part)
     if reason is not None:
-      stopped_reason = reason
+      self.stopped_reason = reason
+      self.stopped = True
       logging.warning("stopping before round %d: %s", r + 1, reason)
-      break
-    state, out, seconds = _run_round(run, state, r, part)
+      return None
+    return part
+
+  def round_arrays(self):
+    """(SiteConfig, server learning rate) of the next round."""
+    return round_arrays(self.config, self.run.plan, self.next_round)
+
+  def run_round(self, part: np.ndarray):
+    """This run's device round alone: (server_state, site_states, output as
+    numpy, device seconds)."""
+    state, out, seconds = _run_round(self.run, self.state, self.next_round,
+                                     part)
+    return state.server_state, state.site_states, out, seconds
+
+  def end_round(self, part: np.ndarray, server_state, site_states, out,
+                seconds: float) -> bool:
+    """Accounts, records, evaluates, logs and checkpoints the round just run
+    on the device. Returns False if the process should stop here as if
+    killed (--stop_after_rounds)."""
+    config, run = self.config, self.run
+    f = config.federated
+    r = self.next_round
+    state = self.state = dataclasses.replace(
+        self.state, server_state=server_state, site_states=site_states)
     _record_round(run, state, r, part, out)
     row = _round_row(run, state, r, part, out, seconds)
     evaluation = 0.0
@@ -769,44 +844,75 @@ def train_and_evaluate(config: config_lib.ExperimentConfig,
       evaluation = time.perf_counter() - eval_start
     state.history.append(row)
     state.rounds_completed = r + 1
-    _time_round(row, round_start, evaluation)
-    round_times.append(row["wall_seconds"])
-    _log_round(run, row, round_times)
+    _time_round(row, self._round_start, evaluation)
+    self.round_times.append(row["wall_seconds"])
+    _log_round(run, row, self.round_times)
     if (r + 1) % config.checkpoint_every == 0 or r + 1 == f.rounds:
       _checkpoint(run, state)
       # The checkpoint's copy of the row was timed up to the save.
-      _time_round(row, round_start, evaluation)
+      _time_round(row, self._round_start, evaluation)
+    if r + 1 >= f.rounds:
+      self.stopped = True
     if (config.stop_after_rounds is not None
-        and len(round_times) >= config.stop_after_rounds and r + 1 < f.rounds):
+        and len(self.round_times) >= config.stop_after_rounds
+        and r + 1 < f.rounds):
       logging.warning("stopping after %d rounds of this run (as if killed)",
-                      len(round_times))
-      return {"rounds_completed": r + 1, "stopped_reason": "interrupted"}
+                      len(self.round_times))
+      return False
+    return True
 
-  if (stopped_reason != "completed" and state.rounds_completed > first_round
-      and state.rounds_completed % config.checkpoint_every):
-    _checkpoint(run, state)  # Not saved yet by the loop.
-  if p.enabled and p.record_level and p.target_epsilon is not None:
-    worst = state.ledger.max_epsilon()
-    if worst > p.target_epsilon:
-      above = (f"{run.plan.unit.epsilon_label} {worst:.4f} is above "
-               f"--target_epsilon={p.target_epsilon}")
-      logging.warning("%s", above)
-      stopped_reason += f" ({above})"
-  test_result = centralized.evaluate(run.model, _site_params(run, state),
-                                     run.test, with_hd95=True)
-  report = _report(run, state, test_result, stopped_reason,
-                   time.time() - start_time, round_times)
-  report["final_params_sha256"] = params_digest(state.server_state.params)
-  if p.enabled:
-    from fedjax_seg.privacy import verify  # pylint: disable=g-import-not-at-top
-    result = verify.verify_report(report)
-    report["privacy"]["verified"] = {
-        "ok": result.ok, "problems": result.problems,
-        "by": "python -m fedjax_seg.privacy.verify (plain dp_accounting)"}
-    if not result.ok:
-      logging.error("privacy verification FAILED: %s", result.problems)
-  _write_outputs(workdir, report, state.history, run.plan)
-  return report
+  def finish(self) -> dict:
+    """Test evaluation, the verified report and every output file."""
+    config, run, state = self.config, self.run, self.state
+    p = config.privacy
+    if (self.stopped_reason != "completed"
+        and state.rounds_completed > self.first_round
+        and state.rounds_completed % config.checkpoint_every):
+      _checkpoint(run, state)  # Not saved yet by the loop.
+    stopped_reason = self.stopped_reason
+    if p.enabled and p.record_level and p.target_epsilon is not None:
+      worst = state.ledger.max_epsilon()
+      if worst > p.target_epsilon:
+        above = (f"{run.plan.unit.epsilon_label} {worst:.4f} is above "
+                 f"--target_epsilon={p.target_epsilon}")
+        logging.warning("%s", above)
+        stopped_reason += f" ({above})"
+    test_result = centralized.evaluate(run.model, _site_params(run, state),
+                                       run.test, with_hd95=True)
+    report = _report(run, state, test_result, stopped_reason,
+                     time.time() - self.start_time, self.round_times)
+    report["final_params_sha256"] = params_digest(state.server_state.params)
+    if p.enabled:
+      from fedjax_seg.privacy import verify  # pylint: disable=g-import-not-at-top
+      result = verify.verify_report(report)
+      report["privacy"]["verified"] = {
+          "ok": result.ok, "problems": result.problems,
+          "by": "python -m fedjax_seg.privacy.verify (plain dp_accounting)"}
+      if not result.ok:
+        logging.error("privacy verification FAILED: %s", result.problems)
+    _write_outputs(self.workdir, report, state.history, run.plan)
+    return report
+
+
+INTERRUPTED = {"stopped_reason": "interrupted"}
+
+
+def train_and_evaluate(config: config_lib.ExperimentConfig,
+                       workdir: str | os.PathLike) -> dict:
+  """Runs (or resumes) a simulation; returns the report (also written).
+
+  The steps, over one `RunState` (see `Simulation`): setup (data, noise
+  plan, model, trainer), restore or init, then per round: participants,
+  check budget, run round, record round (ledgers), row (+ validation), log,
+  checkpoint; at the end the test evaluation, the report (verified against
+  the ledger with `privacy.verify`), CSV and plots.
+  """
+  enable_compilation_cache()
+  sim = Simulation(config, workdir)
+  while (part := sim.begin_round()) is not None:
+    if not sim.end_round(part, *sim.run_round(part)):
+      return dict(INTERRUPTED, rounds_completed=sim.state.rounds_completed)
+  return sim.finish()
 
 
 def params_digest(params) -> str:

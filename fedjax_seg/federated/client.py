@@ -196,10 +196,19 @@ class SiteConfig(NamedTuple):
   Attributes:
     sampling_rate: [] q_k.
     noise_multiplier: [] sigma of the gradient noise this round.
+    l2_clip_norm: [] record-level clip norm C, or None for
+      `LocalDPConfig.l2_clip_norm` (ignored with adaptive clipping, whose
+      state holds C).
+    learning_rate: [] local learning rate, or None for
+      `ClientConfig.learning_rate`.
+    As arrays, C and the learning rate can differ between the members of a
+    sweep that share one compiled program.
   """
 
   sampling_rate: jax.Array
   noise_multiplier: jax.Array
+  l2_clip_norm: jax.Array | None = None
+  learning_rate: jax.Array | None = None
 
 
 class SiteState(NamedTuple):
@@ -243,12 +252,16 @@ class ClientOutput(NamedTuple):
   metrics: ClientMetrics
 
 
-def _local_optimizer(config: ClientConfig) -> optax.GradientTransformation:
+def _local_optimizer(config: ClientConfig,
+                     learning_rate=None) -> optax.GradientTransformation:
+  """The local optimizer; `learning_rate` (maybe traced) overrides the
+  config's."""
+  lr = config.learning_rate if learning_rate is None else learning_rate
   if config.optimizer == "sgd":
-    return optax.sgd(config.learning_rate)
+    return optax.sgd(lr)
   if config.optimizer == "momentum":
-    return optax.sgd(config.learning_rate, momentum=0.9)
-  return optax.adam(config.learning_rate)
+    return optax.sgd(lr, momentum=0.9)
+  return optax.adam(lr)
 
 
 def merge_local(global_params: PyTree, local_params, norm_mask) -> PyTree:
@@ -503,18 +516,21 @@ def local_step(state: LocalState, batch: Batch, *, start: PyTree,
                private_gradient: Callable[..., Any] | None,
                client: ClientConfig, dp: LocalDPConfig,
                local_opt: optax.GradientTransformation,
-               noise_tx: optax.GradientTransformationExtraArgs) -> LocalState:
+               noise_tx: optax.GradientTransformationExtraArgs,
+               l2_clip_norm: jax.Array | None = None) -> LocalState:
   """One local step on `batch`: gradient -> noise -> FedProx -> optimizer.
 
   `private_gradient` (from `make_private_gradient`) is used when DP is on;
   without DP the step uses `nonprivate_gradient`. `key_for(step, purpose)`
-  derives the step's keys.
+  derives the step's keys. `l2_clip_norm` (maybe traced) overrides
+  `dp.l2_clip_norm` without adaptive clipping.
   """
   params, opt_state, noise_state, clip_state, metrics = state
   adaptive = dp.adaptive_clipping if dp.enabled else None
   if dp.enabled:
-    clip = clip_state.l2_clip_norm if adaptive else jnp.float32(
-        dp.l2_clip_norm)
+    fixed = dp.l2_clip_norm if l2_clip_norm is None else l2_clip_norm
+    clip = clip_state.l2_clip_norm if adaptive else jnp.asarray(
+        fixed, jnp.float32)
     grad_sum, stats = private_gradient(params, batch, clip)
     grad, noise_state = noise_tx.update(
         grad_sum, noise_state, params,
@@ -580,11 +596,11 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
   shuffle = resolve_batch_sampling(client, dp) == "shuffle"
   private_gradient = (make_private_gradient(loss_fn, client, dp)
                       if dp.enabled else None)
-  local_opt = _local_optimizer(client)
 
   def client_update(global_params, site_state: SiteState, data: SiteData,
                     site_config: SiteConfig, round_index, site_index,
                     root_key) -> ClientOutput:
+    local_opt = _local_optimizer(client, site_config.learning_rate)
     start = merge_local(global_params, site_state.local_params, norm_mask)
     noise_tx = privacy.gaussian_noise(
         site_config.noise_multiplier, l2_clip_norm=None,
@@ -607,7 +623,8 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
           state, batch, start=start, sampling_rate=site_config.sampling_rate,
           key_for=key_for, step=step, loss_fn=loss_fn,
           private_gradient=private_gradient, client=client, dp=dp,
-          local_opt=local_opt, noise_tx=noise_tx)
+          local_opt=local_opt, noise_tx=noise_tx,
+          l2_clip_norm=site_config.l2_clip_norm)
       return state, None
 
     state = client_init(start, site_state, local_opt, noise_tx)

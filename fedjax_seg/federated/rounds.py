@@ -85,7 +85,8 @@ class FederatedTrainer:
     self._jit_client = jax.jit(self._client_update)
     self._jit_finish = jax.jit(self._finish)
     self._placeholders = {}
-    self._jit_round = jax.jit(self._round)
+    self._jit_round = jax.jit(self._round, static_argnames=("backend",))
+    self._jit_members = {}
     self._mesh = None
     if self.backend == "shard":
       # Auto axis: XLA moves the (replicated) inputs into the site layout.
@@ -107,20 +108,21 @@ class FederatedTrainer:
   # -- the round --------------------------------------------------------------
 
   def _server(self, server_state, deltas, participating, num_examples,
-              round_index, root_key):
+              round_index, root_key, server_learning_rate):
     return server_lib.server_update(
         server_state, deltas, participating, num_examples, self.server_config,
-        self.site_dp, round_index, root_key)
+        self.site_dp, round_index, root_key, server_learning_rate)
 
   def _all_sites(self, params, site_states, data, site_config, round_index,
-                 root_key):
+                 root_key, backend=None):
+    backend = backend or self.backend
     num_sites = data.num_examples.shape[0]
     site_ids = jnp.arange(num_sites, dtype=jnp.int32)
     per_site = lambda st, d, c, k: self._client_update(
         params, st, d, c, round_index, k, root_key)
-    if self.backend == "vmap":
+    if backend == "vmap":
       return jax.vmap(per_site)(site_states, data, site_config, site_ids)
-    if self.backend == "map":
+    if backend == "map":
       return jax.lax.map(lambda xs: per_site(*xs),
                          (site_states, data, site_config, site_ids))
     # shard: each device vmaps over its block of sites.
@@ -136,30 +138,33 @@ class FederatedTrainer:
                  root_key)
 
   def _round(self, server_state, site_states, data, site_config,
-             participating, round_index, root_key):
+             participating, round_index, root_key, server_learning_rate=None,
+             backend=None):
     out = self._all_sites(server_state.params, site_states, data, site_config,
-                          round_index, root_key)
+                          round_index, root_key, backend)
     new_sites = _select(participating, out.site_state, site_states)
     metrics = _select(participating, out.metrics,
                       jax.tree.map(jnp.zeros_like, out.metrics))
     server_state, server_metrics = self._server(
         server_state, out.delta, participating, data.num_examples,
-        round_index, root_key)
+        round_index, root_key, server_learning_rate)
     return server_state, new_sites, RoundOutput(metrics, server_metrics)
 
   def run_round(self, server_state, site_states, data: client_lib.SiteData,
                 site_config: client_lib.SiteConfig, participating,
-                round_index: int, root_key):
+                round_index: int, root_key, server_learning_rate=None):
     """One round. `participating` is [S] bool (host or device array).
 
     Returns (server_state, site_states, RoundOutput). The round index is
     passed as an int32 array, so rounds never recompile.
+    `server_learning_rate` ([] array) overrides the server config's.
     """
     participating = jnp.asarray(participating, bool)
     r = jnp.int32(round_index)
     if self.backend == "loop":
       return self._loop_round(server_state, site_states, data, site_config,
-                              participating, r, root_key)
+                              participating, r, root_key,
+                              server_learning_rate)
     num_sites = participating.shape[0]
     pad = 0
     if self.backend == "shard":
@@ -173,7 +178,7 @@ class FederatedTrainer:
                                        jnp.zeros((pad,), bool)])
     server_state, site_states, output = self._jit_round(
         server_state, site_states, data, site_config, participating, r,
-        root_key)
+        root_key, server_learning_rate)
     if pad:
       site_states, client_metrics = jax.tree.map(
           lambda x: x[:num_sites], (site_states, output.client))
@@ -181,7 +186,7 @@ class FederatedTrainer:
     return server_state, site_states, output
 
   def _loop_round(self, server_state, site_states, data, site_config,
-                  participating, r, root_key):
+                  participating, r, root_key, server_learning_rate):
     num_sites = participating.shape[0]
     take = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
     host_part = np.asarray(participating)
@@ -198,7 +203,8 @@ class FederatedTrainer:
                                         data, site_config, r, root_key)
       outputs.append(placeholder)
     return self._jit_finish(server_state, site_states, tuple(outputs),
-                            participating, data.num_examples, r, root_key)
+                            participating, data.num_examples, r, root_key,
+                            server_learning_rate)
 
   def _placeholder(self, params, site_states, data, site_config, r, root_key):
     """A zero `ClientOutput` for sites that sit a round out (loop backend),
@@ -216,7 +222,7 @@ class FederatedTrainer:
     return self._placeholders[key]
 
   def _finish(self, server_state, site_states, outputs, participating,
-              num_examples, round_index, root_key):
+              num_examples, round_index, root_key, server_learning_rate):
     """The loop backend's round end as one program: stack the S sites'
     outputs, keep the states of sites that did not run, serve."""
     out = jax.tree.map(lambda *x: jnp.stack(x), *outputs)
@@ -225,8 +231,35 @@ class FederatedTrainer:
                       jax.tree.map(jnp.zeros_like, out.metrics))
     server_state, server_metrics = self._server(
         server_state, out.delta, participating, num_examples, round_index,
-        root_key)
+        root_key, server_learning_rate)
     return server_state, new_sites, RoundOutput(metrics, server_metrics)
+
+  def run_member_rounds(self, server_states, site_states,
+                        data: client_lib.SiteData,
+                        site_configs: client_lib.SiteConfig, participating,
+                        round_index: int, root_keys,
+                        server_learning_rates=None):
+    """One round of M sweep members in one program (`jax.vmap` over a
+    leading member axis of every argument but `data` and `round_index`).
+
+    The members share the data and every static setting of this trainer;
+    they differ in what is an array: noise multipliers, clip norms, learning
+    rates (`site_configs`, [M, S] leaves), server learning rates ([M]), root
+    keys ([M]) and states. The sites run with this trainer's backend, or
+    "vmap" where it is "loop" (a Python loop cannot be vmapped).
+    """
+    backend = "vmap" if self.backend == "loop" else self.backend
+    if backend == "shard" and participating.shape[1] % jax.device_count():
+      backend = "vmap"  # The site axis would need padding inside vmap.
+    if backend not in self._jit_members:
+      round_fn = lambda ss, st, d, c, p, r, k, lr: self._round(
+          ss, st, d, c, p, r, k, lr, backend)
+      self._jit_members[backend] = jax.jit(jax.vmap(
+          round_fn, in_axes=(0, 0, None, 0, 0, None, 0, 0)))
+    return self._jit_members[backend](
+        server_states, site_states, data, site_configs,
+        jnp.asarray(participating, bool), jnp.int32(round_index), root_keys,
+        server_learning_rates)
 
   def compilations(self) -> int:
     """How many programs the jitted round has compiled (for recompile tests)."""

@@ -63,8 +63,10 @@ class ServerConfig:
       raise ValueError(f"server learning_rate must be > 0, got "
                        f"{self.learning_rate}.")
 
-  def optimizer_transform(self) -> optax.GradientTransformation:
-    lr = self.learning_rate
+  def optimizer_transform(self, learning_rate=None
+                          ) -> optax.GradientTransformation:
+    """The server optimizer; `learning_rate` (maybe traced) overrides."""
+    lr = self.learning_rate if learning_rate is None else learning_rate
     if self.optimizer == "fedavg":
       return optax.sgd(lr)
     if self.optimizer == "fedavgm":
@@ -132,11 +134,13 @@ def init_server_state(params: PyTree, config: ServerConfig,
 def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
                   num_examples: jax.Array, config: ServerConfig,
                   site_dp: SiteLevelDPConfig | None, round_index,
-                  root_key) -> tuple[ServerState, ServerMetrics]:
+                  root_key, learning_rate=None
+                  ) -> tuple[ServerState, ServerMetrics]:
   """Aggregates the sites' deltas ([S, ...] leaves) into new server params.
 
   Non-participating sites (participating[k] False) contribute nothing, however
-  their delta looks.
+  their delta looks. `learning_rate` ([] array, maybe traced) overrides
+  `config.learning_rate`.
   """
   part = participating.astype(jnp.float32)
   zero = jnp.zeros([], jnp.float32)
@@ -190,7 +194,7 @@ def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
         jnp.float32(site_dp.noise_multiplier), clip.astype(jnp.float32),
         jnp.sum(participating & ((norms > clip) | ~finite)).astype(jnp.int32),
         jnp.sum(participating).astype(jnp.int32))
-  tx = config.optimizer_transform()
+  tx = config.optimizer_transform(learning_rate)
   pseudo_grad = jax.tree.map(lambda d: -d, mean_delta)
   updates, opt_state = tx.update(pseudo_grad, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: jnp.where(any_site, p + u, p),

@@ -9,7 +9,6 @@ from typing import Mapping
 
 import dp_accounting
 from dp_accounting import pld
-from dp_accounting import rdp
 import numpy as np
 
 from fedjax_seg.privacy import accounting
@@ -94,7 +93,7 @@ def calibrate_noise_multiplier(
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}.")
   if accountant == "rdp":
-    make_accountant = lambda: rdp.RdpAccountant(neighboring_relation=_ADD_REMOVE)
+    make_accountant = accounting.VectorizedRdpAccountant
   elif accountant == "pld":
     make_accountant = lambda: pld.PLDAccountant(_ADD_REMOVE)
   else:
