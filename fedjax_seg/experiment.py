@@ -248,7 +248,8 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
                site_adaptive, site_applied, site_recorded, training)
 
 
-def _trainer(config, model, plan, params):
+def _trainer_settings(config, plan, params) -> dict:
+  """The FederatedTrainer's settings (all but the loss)."""
   p, f, perf = config.privacy, config.federated, config.performance
   local_dp = client_lib.LocalDPConfig(
       enabled=p.record_level,
@@ -275,9 +276,29 @@ def _trainer(config, model, plan, params):
         expected_sites=p.site_sampling_rate * int(plan.training_sites.sum()),
         adaptive_clipping=plan.site_adaptive)
   norm_mask = models.norm_param_mask(params) if f.algorithm == "fedbn" else None
-  return fed.FederatedTrainer(segmentation_task.example_loss(model), client,
-                              local_dp, server, site_dp, norm_mask,
-                              backend=perf.backend)
+  return dict(client=client, local_dp=local_dp, server=server, site_dp=site_dp,
+              norm_mask=norm_mask, backend=perf.backend)
+
+
+def trainer_signature(config, plan, params) -> tuple:
+  """The trainer's static settings, without the values every round reads as
+  arrays (`round_arrays`: clip norm, learning rates; sigmas always are).
+
+  Runs with equal signatures compute the same program and can share one
+  `FederatedTrainer` (one compilation), e.g. sweep members that differ in
+  noise schedule, target epsilon, clip norm, learning rates or seed.
+  """
+  t = _trainer_settings(config, plan, params)
+  client = dataclasses.replace(t["client"], learning_rate=1.0)
+  local_dp = dataclasses.replace(t["local_dp"], l2_clip_norm=1.0)
+  server = dataclasses.replace(t["server"], learning_rate=1.0)
+  mask = None if t["norm_mask"] is None else str(t["norm_mask"])
+  return (client, local_dp, server, t["site_dp"], mask, t["backend"])
+
+
+def _trainer(config, model, plan, params):
+  return fed.FederatedTrainer(segmentation_task.example_loss(model),
+                              **_trainer_settings(config, plan, params))
 
 
 def _participants(config, plan, root, round_index):
@@ -423,11 +444,11 @@ def root_key(config: config_lib.ExperimentConfig) -> jax.Array:
 
 
 def _setup(config, workdir: pathlib.Path, splits=None,
-           trainer=None) -> tuple[_Run, Any]:
+           trainers: dict | None = None) -> tuple[_Run, Any]:
   """Loads data (unless `splits` are given), plans the noise, builds model
-  and trainer (unless given; it must have the config's static settings);
-  writes nothing before the data and settings are checked. Returns (run,
-  initial params)."""
+  and trainer (taken from, or added to, `trainers`, keyed by
+  `trainer_signature`, when given); writes nothing before the data and
+  settings are checked. Returns (run, initial params)."""
   p = config.privacy
   if splits is None:
     splits = load_data(config.data, config.data_seed)
@@ -448,8 +469,13 @@ def _setup(config, workdir: pathlib.Path, splits=None,
     if probe.shape[0] >= 2:
       models.check_per_example_independence(jax.jit(model.apply), params,
                                             probe)
-  if trainer is None:
+  if trainers is None:
     trainer = _trainer(config, model, plan, params)
+  else:
+    signature = trainer_signature(config, plan, params)
+    if signature not in trainers:
+      trainers[signature] = _trainer(config, model, plan, params)
+    trainer = trainers[signature]
   run = _Run(config, workdir, plan, model, trainer,
              segmentation_task.site_data(train), val, test, root,
              _Checkpointer(workdir))
@@ -776,17 +802,19 @@ class Simulation:
     workdir: its output directory (resumes from its latest checkpoint).
     splits: preloaded `load_data(config.data, config.data_seed)` (a sweep
       loads the data once for all members).
-    trainer: a `FederatedTrainer` with this config's static settings (a
-      sweep shares one between members that differ only in round arrays).
+    trainers: {signature: FederatedTrainer} shared between runs (a sweep's
+      members with equal `trainer_signature` use one trainer, one
+      compilation).
   """
 
   def __init__(self, config: config_lib.ExperimentConfig,
-               workdir: str | os.PathLike, *, splits=None, trainer=None):
+               workdir: str | os.PathLike, *, splits=None,
+               trainers: dict | None = None):
     self.workdir = pathlib.Path(workdir)
     self.config = config
     self.start_time = time.time()
     _warn_about_settings(config)
-    self.run, params = _setup(config, self.workdir, splits, trainer)
+    self.run, params = _setup(config, self.workdir, splits, trainers)
     self.state = _restore_or_init(self.run, params)
     self.first_round = self.state.rounds_completed
     self.stopped_reason = "completed"

@@ -73,3 +73,66 @@ def write_all(workdir: pathlib.Path, report: dict, history: list) -> None:
          title=f"Dice vs {label}")
   ax.legend(fontsize=7)
   _save(fig, workdir / PLOTS[3])
+
+
+SWEEP_PLOTS = ("frontier.png", "dice_per_site_per_member.png",
+               "sigma_schedules.png")
+
+
+def write_sweep(workdir: pathlib.Path, summary: dict) -> None:
+  """A sweep's privacy-utility frontier (test Dice vs epsilon, mean and per
+  modality, one marker per member, non-private members as lines), Dice per
+  site per member (heat map), and each member's sigma over rounds (mean
+  over sites)."""
+  entries = summary["members"]
+  private = [e for e in entries if e["private"]]
+  public = [e for e in entries if not e["private"]]
+  modalities = sorted({m for e in entries for m in e["dice_per_modality"]})
+  panels = ["mean"] + modalities
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4),
+                           squeeze=False)
+  for ax, panel in zip(axes[0], panels):
+    value = ((lambda e: e["dice_mean"]) if panel == "mean" else
+             (lambda e, p=panel: e["dice_per_modality"].get(p)))
+    for e in private:
+      v = value(e)
+      if v is not None and e["epsilon_max"] is not None:
+        ax.scatter(e["epsilon_max"], v, s=25)
+        ax.annotate(str(e["index"]), (e["epsilon_max"], v), fontsize=6)
+    for e in public:
+      v = value(e)
+      if v is not None:
+        ax.axhline(v, color="k", ls="--", lw=1,
+                   label=f"non-private ({e['index']})")
+    ax.set(xlabel=f"{private[0]['epsilon_label'] if private else 'epsilon'}"
+           " (max over sites)", ylabel="test Dice",
+           title=f"Dice ({panel})")
+    if public:
+      ax.legend(fontsize=7)
+  _save(fig, workdir / SWEEP_PLOTS[0])
+
+  sites = list(entries[0]["dice_per_site"])
+  grid = np.array([[np.nan if e["dice_per_site"][s] is None
+                    else e["dice_per_site"][s] for s in sites]
+                   for e in entries], float)
+  fig, ax = plt.subplots(figsize=(1 + 0.8 * len(sites),
+                                  1 + 0.3 * len(entries)))
+  image = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+  ax.set_xticks(range(len(sites)), sites, rotation=45, ha="right",
+                fontsize=7)
+  ax.set_yticks(range(len(entries)), [e["name"][:40] for e in entries],
+                fontsize=6)
+  ax.set_title("test Dice per site per member")
+  fig.colorbar(image, ax=ax)
+  _save(fig, workdir / SWEEP_PLOTS[1])
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for e in private:
+    sigma = e.get("accounted_sigma_per_round") or {}
+    if sigma:
+      mean = np.mean(np.array(list(sigma.values()), float), axis=0)
+      ax.plot(np.arange(1, len(mean) + 1), mean, label=e["name"][:40])
+  ax.set(xlabel="round", ylabel="accounted sigma (mean over sites)",
+         title="noise schedules")
+  ax.legend(fontsize=5, ncol=2)
+  _save(fig, workdir / SWEEP_PLOTS[2])

@@ -65,20 +65,28 @@ def test_unknown_dataset_in_data_dir(tmp_path):
 
 
 def test_every_flagfile_parses():
-  """Each flagfile gives a valid config (one process: imports are slow)."""
+  """Each flagfile gives a valid config (one process: imports are slow);
+  sweep_*.flags are read by experiments.sweep and give their members."""
   code = """
 import sys, pathlib
 from absl import flags
-from experiments import simulate
+from experiments import sweep as sweep_main  # simulate's flags and --sweep*.
+from fedjax_seg import config_flags, sweep
 for flagfile in sorted(pathlib.Path('experiments/flags').glob('*.flags')):
   for flag in flags.FLAGS:  # Back to defaults between flagfiles.
     flags.FLAGS[flag].unparse()
   flags.FLAGS(['x', f'--flagfile={flagfile}', '--data_dir=/nonexistent'])
-  simulate.config_from_flags()
+  config = config_flags.config_from_flags()
+  if flagfile.name.startswith('sweep_'):
+    grid = sweep.parse_sweep_flags(flags.FLAGS.sweep)
+    if flags.FLAGS.nonprivate_reference:
+      grid.append({'dp': False})
+    print('members', flagfile.name, len(sweep.build_members(config, grid)))
   print('ok', flagfile.name)
 """
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO,
                           capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   names = {p.name for p in (REPO / "experiments" / "flags").glob("*.flags")}
-  assert result.stdout.count("ok ") == len(names) >= 9
+  assert result.stdout.count("ok ") == len(names) >= 10
+  assert "members sweep_schedules.flags 16" in result.stdout
