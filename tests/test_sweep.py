@@ -11,8 +11,8 @@ from fedjax_seg import config_flags
 from fedjax_seg import experiment
 from fedjax_seg import sweep
 
-# One test worker runs this module, so the sweep fixture runs once.
-pytestmark = pytest.mark.xdist_group("sweep")
+# Tests are distributed to workers by file (setup.cfg: --dist=loadfile), so
+# one worker runs this module and the sweep fixture runs once.
 
 TINY = dict(image_size=16, num_slices=2, patients_scale=0.0625, rounds=2,
             eval_every=1, checkpoint_every=1)
@@ -28,7 +28,7 @@ def tiny_base(**extra):
   return config_flags.config_from_values(dict(TINY, **extra))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def loop_sweep(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("sweep")
   members = sweep.build_members(tiny_base(), MEMBERS)

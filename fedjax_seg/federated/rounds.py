@@ -245,12 +245,11 @@ class FederatedTrainer:
     The members share the data and every static setting of this trainer;
     they differ in what is an array: noise multipliers, clip norms, learning
     rates (`site_configs`, [M, S] leaves), server learning rates ([M]), root
-    keys ([M]) and states. The sites run with this trainer's backend, or
-    "vmap" where it is "loop" (a Python loop cannot be vmapped).
+    keys ([M]) and states. The sites run batched inside ("vmap"), or with
+    `lax.map` when this trainer's backend is "map"; neither the member axis
+    nor the sites are split over devices here (one device).
     """
-    backend = "vmap" if self.backend == "loop" else self.backend
-    if backend == "shard" and participating.shape[1] % jax.device_count():
-      backend = "vmap"  # The site axis would need padding inside vmap.
+    backend = "map" if self.backend == "map" else "vmap"
     if backend not in self._jit_members:
       round_fn = lambda ss, st, d, c, p, r, k, lr: self._round(
           ss, st, d, c, p, r, k, lr, backend)

@@ -80,11 +80,13 @@ def _log_erfc(x):
   return np.log(2.0) + special.log_ndtr(-x * np.sqrt(2.0))
 
 
-def _log_a_fractional(q, sigma, alpha: float):
-  """log A_alpha for fractional alpha > 1, 0 < q < 1; q, sigma: [E].
+def _log_a_fractional(q, sigma, alpha):
+  """log A_alpha for fractional alpha > 1, 0 < q < 1; q, sigma, alpha: [N]
+  (one order per element).
 
-  dp_accounting's `_compute_log_a_frac`, one term index at a time for all
-  mechanisms; inf where the series does not converge within 1000 terms.
+  dp_accounting's `_compute_log_a_frac`, a block of term indices at a time
+  for all elements; inf where the series does not converge within 1000
+  terms.
   """
   num = q.shape[0]
   z0 = sigma ** 2 * np.log(1.0 / q - 1.0) + 0.5
@@ -102,9 +104,10 @@ def _log_a_fractional(q, sigma, alpha: float):
       break
     i = np.arange(start, min(start + _BLOCK, MAX_TERMS_FRACTIONAL),
                   dtype=np.float64)[None, :]  # [1, T]
-    j = alpha - i
-    log_coef = _log_comb(alpha, i)
     a = active
+    al = alpha[a, None]
+    j = al - i
+    log_coef = _log_comb(al, i)
     lq, l1q = log_q[a, None], log1mq[a, None]
     log_s0 = (log_coef + i * lq + j * l1q + i * (i - 1) * inv_two_var[a, None]
               + np.log(0.5) + _log_erfc((i - z0[a, None]) / root2_sigma[a, None]))
@@ -161,13 +164,22 @@ def poisson_gaussian_rdp(sampling_rate, noise_multiplier,
   sub = np.flatnonzero((q > 0) & (q < 1) & (sigma > 0))
   if sub.size:
     qs, ss = q[sub], sigma[sub]
+    fractional = []
     for o, alpha in enumerate(orders):
       if np.isinf(alpha):
         out[sub, o] = np.inf
       elif float(alpha).is_integer():
         out[sub, o] = _log_a_integer(qs, ss, int(alpha)) / (alpha - 1)
       else:
-        out[sub, o] = _log_a_fractional(qs, ss, float(alpha)) / (alpha - 1)
+        fractional.append(o)
+    if fractional:  # All fractional orders of all mechanisms at once.
+      alphas = orders[fractional]
+      grid_q = np.repeat(qs, len(alphas))
+      grid_s = np.repeat(ss, len(alphas))
+      grid_a = np.tile(alphas, len(qs))
+      log_a = _log_a_fractional(grid_q, grid_s, grid_a).reshape(
+          len(qs), len(alphas))
+      out[np.ix_(sub, fractional)] = log_a / (alphas - 1)
   return out.reshape(shape + (orders.size,))
 
 
