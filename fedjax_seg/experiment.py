@@ -293,7 +293,10 @@ def trainer_signature(config, plan, params) -> tuple:
   local_dp = dataclasses.replace(t["local_dp"], l2_clip_norm=1.0)
   server = dataclasses.replace(t["server"], learning_rate=1.0)
   mask = None if t["norm_mask"] is None else str(t["norm_mask"])
-  return (client, local_dp, server, t["site_dp"], mask, t["backend"])
+  # The model too: the shared trainer's loss is built from the first
+  # member's model.
+  return (config.model, client, local_dp, server, t["site_dp"], mask,
+          t["backend"])
 
 
 def _trainer(config, model, plan, params):
@@ -436,7 +439,11 @@ class _Run:
 
 
 def root_key(config: config_lib.ExperimentConfig) -> jax.Array:
-  """The run's root key: the seed, then the sweep member index folded in."""
+  """The run's root key: the seed, then the sweep member index folded in.
+
+  A member's keys are five folds deep (member, round, site, step, purpose),
+  a plain run's four, so they never coincide with a plain run's keys of the
+  same seed (up to hash collisions)."""
   root = jax.random.key(config.seed)
   if config.sweep_member is not None:
     root = jax.random.fold_in(root, config.sweep_member)

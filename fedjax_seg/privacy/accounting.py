@@ -145,7 +145,12 @@ def _gaussian_parts(event: dp_accounting.DpEvent, count: int = 1):
       and isinstance(event.event, dp_accounting.GaussianDpEvent)):
     return [(event.sampling_probability, event.event.noise_multiplier, count)]
   if isinstance(event, dp_accounting.SelfComposedDpEvent):
-    return _gaussian_parts(event.event, count * event.count)
+    if int(event.count) != event.count or event.count < 1:
+      # dp_accounting refuses these too; a count of 0 would turn the inf
+      # RDP of an order into nan (0 * inf), and epsilon into 0.
+      raise ValueError(f"a SelfComposedDpEvent count must be an integer "
+                       f">= 1, got {event.count}.")
+    return _gaussian_parts(event.event, count * int(event.count))
   if isinstance(event, dp_accounting.ComposedDpEvent):
     parts = [_gaussian_parts(e, count) for e in event.events]
     if any(p is None for p in parts):
@@ -181,8 +186,7 @@ def events_rdp(events: Sequence[dp_accounting.DpEvent],
       _check_event_args(sigma, q, 0)
     rdp_each = rdp_vectorized.poisson_gaussian_rdp(
         np.asarray(qs), np.asarray(sigmas), orders)  # [P, O]
-    counts = np.asarray(counts, np.float64)[:, None]
-    # A no-noise step is inf at every order; 0 steps are skipped above.
+    counts = np.asarray(counts, np.float64)[:, None]  # All >= 1.
     np.add.at(out, np.asarray(owner), counts * rdp_each)
   return out
 
@@ -248,7 +252,8 @@ class VectorizedRdpAccountant(dp_accounting.PrivacyAccountant):
   def __init__(self, orders: Sequence[float] | None = None):
     super().__init__(_ADD_REMOVE)
     self._orders = tuple(float(o) for o in (
-        orders or rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS))
+        rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS if orders is None
+        else orders))
     self._rdp = np.zeros(len(self._orders))
     self._reference = rdp.RdpAccountant(list(self._orders), _ADD_REMOVE)
 
@@ -263,8 +268,9 @@ class VectorizedRdpAccountant(dp_accounting.PrivacyAccountant):
     return None
 
   def get_epsilon(self, target_delta: float) -> float:
+    rdp_vector = np.where(np.isnan(self._rdp), np.inf, self._rdp)
     return float(rdp.rdp_privacy_accountant.compute_epsilon(
-        self._orders, self._rdp, target_delta)[0])
+        self._orders, rdp_vector, target_delta)[0])
 
 
 def event_to_dict(event: dp_accounting.DpEvent) -> dict:
@@ -458,6 +464,8 @@ class PrivacyLedger:
 
   def _epsilon_from_rdp(self, rdp_vector: np.ndarray, p_trunc: float,
                         site: str) -> float:
+    # dp_accounting's conversion would read a nan order as epsilon 0.
+    rdp_vector = np.where(np.isnan(rdp_vector), np.inf, rdp_vector)
     if p_trunc == 0.0:
       return float(rdp.rdp_privacy_accountant.compute_epsilon(
           self.orders, rdp_vector, self.delta)[0])

@@ -190,3 +190,19 @@ def test_accountant_refuses_what_rdp_does_not_support():
   assert not acc.supports(dp_accounting.UnsupportedDpEvent())
   with pytest.raises(dp_accounting.UnsupportedEventError):
     acc.compose(dp_accounting.UnsupportedDpEvent())
+
+
+@pytest.mark.parametrize("count", [0, -3, 2.5])
+def test_counts_below_one_are_refused(count):
+  # A count of 0 would make an inf order nan (0 * inf) and epsilon 0.
+  step = dp_accounting.PoissonSampledDpEvent(0.1,
+                                             dp_accounting.GaussianDpEvent(1.0))
+  event = dp_accounting.SelfComposedDpEvent(step, count)
+  ledger = accounting.PrivacyLedger(["a"], delta=1e-5)
+  ledger.record("a", 1.0, 0.1, 100)
+  before = ledger.epsilon("a")
+  with pytest.raises(ValueError, match="count"):
+    ledger.record_event("a", event)
+  with pytest.raises(ValueError, match="count"):
+    ledger.epsilon_if("a", event)
+  assert ledger.epsilon("a") == before
