@@ -14,7 +14,7 @@ Reports wall seconds and the speed-up sequential / sweep (the target on a
 GPU: >= 0.8 * S); checks that every sweep member's final parameters equal
 its sequential run's (sha256 under loop, Dice within 1e-4 under vmap).
 
-  python benchmarks/bench_sweep.py --rounds=3 --output=/tmp/bench_sweep.json
+  python benchmarks/bench_sweep.py --rounds=3 --output=bench_sweep.json
 """
 
 import json
