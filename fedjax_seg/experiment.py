@@ -74,7 +74,8 @@ class _DropRdpConvergenceWarnings(pylogging.Filter):
 pylogging.getLogger("absl").addFilter(_DropRdpConvergenceWarnings())
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+def atomic_write(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to a temp file beside `path`, then renames it."""
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   tmp.write_bytes(data)
   os.replace(tmp, path)
@@ -1157,7 +1158,7 @@ def _timing(total_seconds: float, rows: list) -> dict:
 
 def _write_outputs(workdir: pathlib.Path, report: dict, history: list,
                    plan: _Plan) -> None:
-  _atomic_write(workdir / REPORT, json.dumps(report, indent=1).encode())
+  atomic_write(workdir / REPORT, json.dumps(report, indent=1).encode())
   buf = io.StringIO()
   writer = csv.writer(buf)
   names = list(plan.site_names)
@@ -1195,6 +1196,6 @@ def _write_outputs(workdir: pathlib.Path, report: dict, history: list,
       line += [d.get("train_loss", ""), d.get("clipped_fraction", ""),
                len(d["participants"]) if "participants" in d else ""]
     writer.writerow(line)
-  _atomic_write(workdir / ROUNDS_CSV, buf.getvalue().encode())
+  atomic_write(workdir / ROUNDS_CSV, buf.getvalue().encode())
   from fedjax_seg import plots  # pylint: disable=g-import-not-at-top
   plots.write_all(workdir, report, history)

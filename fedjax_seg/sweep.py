@@ -222,8 +222,9 @@ def run_sweep(members: Sequence[Member], workdir: str | os.PathLike, *,
     mdir = workdir / "members" / m.name
     sims.append(experiment.Simulation(m.config, mdir, splits=splits,
                                       trainers=trainers))
-    _atomic_write(mdir / "flags.txt",
-                  config_flags.to_flagfile(m.config).encode())
+    # The Simulation has made mdir.
+    experiment.atomic_write(mdir / "flags.txt",
+                            config_flags.to_flagfile(m.config).encode())
   groups = {}
   for i, sim in enumerate(sims):
     groups.setdefault(id(sim.run.trainer), []).append(i)
@@ -267,13 +268,6 @@ def run_sweep(members: Sequence[Member], workdir: str | os.PathLike, *,
                       len(groups))
   write_outputs(workdir, summary, reports)
   return summary
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
 
 
 def _member_entry(member: Member, report: dict) -> dict:
@@ -349,7 +343,8 @@ def write_outputs(workdir: pathlib.Path, summary: dict,
                   reports: Sequence[dict]) -> None:
   """sweep.json, sweep.csv (one row per member) and the plots."""
   del reports
-  _atomic_write(workdir / SWEEP_JSON, json.dumps(summary, indent=1).encode())
+  experiment.atomic_write(workdir / SWEEP_JSON,
+                          json.dumps(summary, indent=1).encode())
   entries = summary["members"]
   modalities = sorted({m for e in entries for m in e["dice_per_modality"]})
   keys = sorted({k for e in entries for k in e["overrides"]})
@@ -364,6 +359,6 @@ def write_outputs(workdir: pathlib.Path, summary: dict,
         e["epsilon_pld_max"], e["dice_mean"]] + [
             e["dice_per_modality"].get(m) for m in modalities] + [
                 f"{e['seconds']:.1f}"])
-  _atomic_write(workdir / SWEEP_CSV, buf.getvalue().encode())
+  experiment.atomic_write(workdir / SWEEP_CSV, buf.getvalue().encode())
   from fedjax_seg import plots  # pylint: disable=g-import-not-at-top
   plots.write_sweep(workdir, summary)
