@@ -37,9 +37,11 @@ _NONPRIVATE_REFERENCE = flags.DEFINE_bool(
     "nonprivate_reference", False, "Add one member with --nodp and the base "
     "settings (the non-private reference line of the frontier).")
 _MEMBER_BACKEND = flags.DEFINE_enum(
-    "member_backend", "auto", ["auto", "loop", "vmap"],
+    "member_backend", "auto", ["auto", "loop", "vmap", "shard"],
     "How members' rounds run (performance only): loop, vmap (one program "
-    "over a member axis), auto (loop on CPU, vmap on accelerators).")
+    "over a member axis, one device), shard (the member axis split over all "
+    "devices), auto (loop on CPU, shard on several accelerators, else "
+    "vmap).")
 config_flags.define_config_flags()
 
 

@@ -24,9 +24,12 @@ tolerance, and bit-identical to `experiments.simulate` under "loop"):
     program;
   * "vmap": all members of a group in one program, `jax.vmap` over a
     leading member axis, with the site backend inside (see
-    `FederatedTrainer.run_member_rounds`);
-  * "auto": "loop" on CPU (measured faster there, as for sites; see
-    BENCHMARKS.md), "vmap" on accelerators.
+    `FederatedTrainer.run_member_rounds`), on one device;
+  * "shard": as "vmap", with the member axis split over all devices
+    (`jax.shard_map`; each device holds the data and vmaps over its block
+    of members);
+  * "auto": "loop" on CPU (measured faster there; see BENCHMARKS.md),
+    "shard" on several accelerators, else "vmap".
 
 Keys: member i folds i into the root key after the seed
 (`--sweep_member`), so no two members share a key even with equal seeds.
@@ -59,7 +62,7 @@ from fedjax_seg import experiment
 SWEEP_JSON = "sweep.json"
 SWEEP_CSV = "sweep.csv"
 
-MEMBER_BACKENDS = ("auto", "loop", "vmap")
+MEMBER_BACKENDS = ("auto", "loop", "vmap", "shard")
 
 # Settings that change array shapes or the data: one sweep, one shape.
 SHAPE_FLAGS = frozenset({
@@ -175,15 +178,18 @@ def resolve_member_backend(member_backend: str) -> str:
         f"{member_backend!r}.")
   if member_backend != "auto":
     return member_backend
-  return "loop" if jax.default_backend() == "cpu" else "vmap"
+  if jax.default_backend() == "cpu":
+    return "loop"
+  return "shard" if jax.device_count() > 1 else "vmap"
 
 
 def _stack(trees):
   return jax.tree.map(lambda *x: jnp.stack(x), *trees)
 
 
-def _vmap_round(sims: list, parts: list):
-  """One device round of several members (same trainer) in one program."""
+def _vmap_round(sims: list, parts: list, shard: bool):
+  """One device round of several members (same trainer) in one program,
+  the member axis split over the devices with `shard`."""
   trainer = sims[0].run.trainer
   arrays = [sim.round_arrays() for sim in sims]
   t0 = time.perf_counter()
@@ -194,7 +200,7 @@ def _vmap_round(sims: list, parts: list):
       _stack([a[0] for a in arrays]),
       np.stack(parts), sims[0].next_round,
       jnp.stack([s.run.root for s in sims]),
-      jnp.stack([a[1] for a in arrays]))
+      jnp.stack([a[1] for a in arrays]), shard=shard)
   jax.block_until_ready(server.params)
   seconds = time.perf_counter() - t0
   out = jax.tree.map(np.asarray, out)
@@ -257,7 +263,8 @@ def run_sweep(members: Sequence[Member], workdir: str | os.PathLike, *,
         results[ids[0]] = sims[ids[0]].run_round(active[ids[0]])
       elif ids:
         results.update(zip(ids, _vmap_round([sims[i] for i in ids],
-                                            [active[i] for i in ids])))
+                                            [active[i] for i in ids],
+                                            shard=backend == "shard")))
     for i in sorted(results):
       if not sims[i].end_round(active[i], *results[i]):
         interrupted = True

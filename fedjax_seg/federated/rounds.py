@@ -238,7 +238,7 @@ class FederatedTrainer:
                         data: client_lib.SiteData,
                         site_configs: client_lib.SiteConfig, participating,
                         round_index: int, root_keys,
-                        server_learning_rates=None):
+                        server_learning_rates=None, shard: bool = False):
     """One round of M sweep members in one program (`jax.vmap` over a
     leading member axis of every argument but `data` and `round_index`).
 
@@ -246,19 +246,44 @@ class FederatedTrainer:
     they differ in what is an array: noise multipliers, clip norms, learning
     rates (`site_configs`, [M, S] leaves), server learning rates ([M]), root
     keys ([M]) and states. The sites run batched inside ("vmap"), or with
-    `lax.map` when this trainer's backend is "map"; neither the member axis
-    nor the sites are split over devices here (one device).
+    `lax.map` when this trainer's backend is "map".
+
+    With `shard`, the member axis is split over all devices (`jax.shard_map`
+    on a 1-D "members" mesh; each device vmaps over its block of members and
+    holds a copy of the data). The member axis is padded to a multiple of
+    the device count with copies of member 0, computed and dropped: members
+    never exchange values, so the result is that of the unsharded program.
     """
     backend = "map" if self.backend == "map" else "vmap"
-    if backend not in self._jit_members:
+    num_members = jax.tree.leaves(root_keys)[0].shape[0]
+    pad = (-num_members) % jax.device_count() if shard else 0
+    args = (server_states, site_states, site_configs,
+            jnp.asarray(participating, bool), root_keys,
+            server_learning_rates)
+    if pad:
+      grow = lambda x: jnp.concatenate(
+          [x, jnp.repeat(x[:1], pad, axis=0)], axis=0)
+      args = jax.tree.map(grow, args)
+    if (backend, shard) not in self._jit_members:
       round_fn = lambda ss, st, d, c, p, r, k, lr: self._round(
           ss, st, d, c, p, r, k, lr, backend)
-      self._jit_members[backend] = jax.jit(jax.vmap(
-          round_fn, in_axes=(0, 0, None, 0, 0, None, 0, 0)))
-    return self._jit_members[backend](
-        server_states, site_states, data, site_configs,
-        jnp.asarray(participating, bool), jnp.int32(round_index), root_keys,
-        server_learning_rates)
+      members_fn = jax.vmap(round_fn, in_axes=(0, 0, None, 0, 0, None, 0, 0))
+      if shard:
+        mesh = jax.make_mesh((jax.device_count(),), ("members",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+        spec = jax.sharding.PartitionSpec("members")
+        rep = jax.sharding.PartitionSpec()
+        members_fn = jax.shard_map(
+            members_fn, mesh=mesh,
+            in_specs=(spec, spec, rep, spec, spec, rep, spec, spec),
+            out_specs=spec, check_vma=False)
+      self._jit_members[(backend, shard)] = jax.jit(members_fn)
+    ss, st, c, p, k, lr = args
+    out = self._jit_members[(backend, shard)](
+        ss, st, data, c, p, jnp.int32(round_index), k, lr)
+    if pad:
+      out = jax.tree.map(lambda x: x[:num_members], out)
+    return out
 
   def compilations(self) -> int:
     """How many programs the jitted round has compiled (for recompile tests)."""

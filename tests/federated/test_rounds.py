@@ -58,6 +58,24 @@ print("shard ok")
       result.stderr[-3000:])
 
 
+def test_member_rounds_equal_each_member_alone():
+  toy.member_rounds_match_alone()
+
+
+def test_member_rounds_sharded_on_8_cpu_devices_equal_each_member_alone():
+  """9 members over 8 devices: padded to 16, two members per device."""
+  code = """
+import jax
+from tests.federated import toy
+assert jax.device_count() == 8
+toy.member_rounds_match_alone(shard=True, num_members=9, rounds=1)
+print("members ok")
+"""
+  result = toy.run_on_8_cpu_devices(code)
+  assert result.returncode == 0 and "members ok" in result.stdout, (
+      result.stderr[-3000:])
+
+
 def _epoch_stream(root, k, num_units, capacity):
   """Site k's round-0 epoch order, written out from its definition."""
   key = keys.derive_key(root, round_index=0, site=int(k), step=0,

@@ -125,3 +125,45 @@ def run_on_8_cpu_devices(code: str) -> subprocess.CompletedProcess:
              JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                         capture_output=True, text=True, check=False)
+
+
+def member_rounds_match_alone(shard=False, num_members=3, rounds=2):
+  """Runs `num_members` members (different sigma, clip norm, learning
+  rates, seeds) alone through `run_round` and together through
+  `run_member_rounds`; asserts equal parameters and metrics."""
+  import chex  # pylint: disable=g-import-not-at-top
+  data = site_data()
+  part = np.array([True, True, False, True])
+  base = site_config(data)
+  configs = [base._replace(
+      noise_multiplier=base.noise_multiplier * (0.5 + m),
+      l2_clip_norm=jnp.full_like(base.noise_multiplier, 0.5 + 0.25 * m),
+      learning_rate=jnp.full_like(base.noise_multiplier, 0.05 / (1 + m)))
+             for m in range(num_members)]
+  server_lrs = [jnp.float32(1.0 - 0.2 * m) for m in range(num_members)]
+  roots = [jax.random.fold_in(jax.random.key(0), m)
+           for m in range(num_members)]
+  tr = trainer("vmap")
+  alone = []
+  for m in range(num_members):
+    server_state, site_states = tr.init(init_params(), 4)
+    for r in range(rounds):
+      server_state, site_states, out = tr.run_round(
+          server_state, site_states, data, configs[m], part, r, roots[m],
+          server_lrs[m])
+    alone.append((server_state, site_states, out))
+  stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
+  server_state, site_states = tr.init(init_params(), 4)
+  servers = stack([server_state] * num_members)
+  sites = stack([site_states] * num_members)
+  for r in range(rounds):
+    servers, sites, out = tr.run_member_rounds(
+        servers, sites, data, stack(configs), np.stack([part] * num_members),
+        r, jnp.stack(roots), jnp.stack(server_lrs), shard=shard)
+  for m in range(num_members):
+    take = lambda tree: jax.tree.map(lambda x: x[m], tree)
+    chex.assert_trees_all_close(take(servers).params, alone[m][0].params,
+                                rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(take(out), alone[m][2], rtol=1e-5, atol=1e-5)
+  # Members differ (no shared key, different settings).
+  assert not np.allclose(alone[0][0].params["w"], alone[1][0].params["w"])
