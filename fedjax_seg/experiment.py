@@ -920,7 +920,7 @@ class Simulation:
     report["final_params_sha256"] = params_digest(state.server_state.params)
     if p.enabled:
       from fedjax_seg.privacy import verify  # pylint: disable=g-import-not-at-top
-      result = verify.verify_report(report)
+      result = verify.verify_report(report, workers="auto")
       report["privacy"]["verified"] = {
           "ok": result.ok, "problems": result.problems,
           "by": "python -m fedjax_seg.privacy.verify (plain dp_accounting)"}
@@ -1030,10 +1030,10 @@ def _assumptions(config, plan: _Plan, diagnostics_released: bool) -> dict:
 
 
 def _ledger_section(ledger: privacy.PrivacyLedger, names) -> dict:
+  epsilon_pld = ledger.epsilons_pld(PLD_DISCRETIZATION, workers="auto")
   return {"ledger": ledger.to_dict(), "epsilon_per_site": ledger.epsilons(),
           "epsilon_max": ledger.max_epsilon(),
-          "epsilon_pld_per_site": {s: ledger.epsilon_pld(
-              s, PLD_DISCRETIZATION) for s in names},
+          "epsilon_pld_per_site": {s: epsilon_pld[s] for s in names},
           "epsilon_label": privacy.PrivacyUnit(ledger.unit).epsilon_label}
 
 

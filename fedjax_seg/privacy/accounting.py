@@ -21,6 +21,7 @@ from dp_accounting import rdp
 import numpy as np
 from scipy import stats
 
+from fedjax_seg.privacy import parallel
 from fedjax_seg.privacy import rdp_vectorized
 from fedjax_seg.privacy import units as units_lib
 
@@ -333,6 +334,16 @@ def grouped_composition(
        for base, n in grouped.items()] + unhashable)
 
 
+def _pld_epsilon(events: Sequence[dp_accounting.DpEvent], delta: float,
+                 value_discretization_interval: float) -> float:
+  """PLD epsilon of composing `events` (grouped; 0 for none)."""
+  if not events:
+    return 0.0
+  accountant = pld.PLDAccountant(_ADD_REMOVE, value_discretization_interval)
+  accountant.compose(grouped_composition(events))
+  return float(accountant.get_epsilon(delta))
+
+
 class PrivacyLedger:
   """Record-level (or site-level) DP accounting, one accountant per site.
 
@@ -497,11 +508,19 @@ class PrivacyLedger:
                   value_discretization_interval: float = 1e-4) -> float:
     """PLD epsilon of `site` (tighter than RDP; slower: use for reports)."""
     site = self._check_site(site)
-    if not self._events[site]:
-      return 0.0
-    accountant = pld.PLDAccountant(_ADD_REMOVE, value_discretization_interval)
-    accountant.compose(grouped_composition(self._events[site]))
-    return float(accountant.get_epsilon(self.delta))
+    return _pld_epsilon(self._events[site], self.delta,
+                        value_discretization_interval)
+
+  def epsilons_pld(self, value_discretization_interval: float = 1e-4,
+                   workers: int | str = 1) -> dict[str, float]:
+    """{site: PLD epsilon} for every site; `workers` > 1 or "auto" spreads
+    the sites over worker processes (`parallel.process_map`; same figures).
+    """
+    items = [(self._events[s], self.delta, value_discretization_interval)
+             for s in self.site_names]
+    work = sum(len(grouped_composition(e).events) for e, _, _ in items)
+    return dict(zip(self.site_names, parallel.process_map(
+        _pld_epsilon, items, work=work, workers=workers)))
 
   def events(self, site: str) -> list[dp_accounting.DpEvent]:
     """The recorded events of `site`, in order."""

@@ -65,7 +65,9 @@ event and about 5 s per distinct truncated event at interval 1e-4 (about 0.5 s
 at 1e-3), so a run whose sigma changes every round costs minutes. Both are
 cached per distinct input (they are pure functions): repeated events, and
 sites with identical events (every site of a site-level ledger), are computed
-once.
+once. On the command line, with 32 or more distinct events, sites are
+recomputed in parallel, one worker process per core (standard library
+`concurrent.futures`; `verify_report(report, workers=...)` in-process).
 """
 
 import argparse
@@ -76,6 +78,8 @@ import logging
 import math
 import numbers
 import os
+import pickle
+import subprocess
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -443,7 +447,7 @@ def _recompute_site(events, orders, delta, interval):
 
 def recompute_epsilons(ledger: Mapping, delta: float,
                        value_discretization_interval: float =
-                       DEFAULT_PLD_INTERVAL) -> dict:
+                       DEFAULT_PLD_INTERVAL, workers: int | str = 1) -> dict:
   """{site: (RDP epsilon, PLD epsilon)} of a `PrivacyLedger.to_dict()` dict.
 
   At `delta` (not necessarily the ledger's). An epsilon that cannot be
@@ -451,9 +455,62 @@ def recompute_epsilons(ledger: Mapping, delta: float,
   ledger cannot be read.
   """
   sites, orders = _parse_ledger(ledger, "ledger")
-  return {site: _recompute_site(events, orders, delta,
-                                value_discretization_interval)
-          for site, events in sites.items()}
+  return _recompute_sites(sites, orders, delta, value_discretization_interval,
+                          workers)
+
+
+# Workers start in about a second; below this many distinct events (about
+# 0.3 s each), one process is faster.
+_MIN_PARALLEL_EVENTS = 32
+_WORKER_FLAG = "--recompute-sites-worker"
+
+
+def _recompute_sites(sites: Mapping, orders, delta, interval,
+                     workers: int | str = 1) -> dict:
+  """{site: _recompute_site(...)}: here (workers=1), in `workers` worker
+  processes, or ("auto") one per core when there are at least
+  `_MIN_PARALLEL_EVENTS` distinct events. The same figures either way.
+
+  A worker is this file run as a script (`python -I verify.py`, so it
+  imports no project code and not the caller's `__main__`), given its sites'
+  arguments by pickle on stdin; if any worker fails, everything is
+  recomputed here.
+  """
+  args = [(events, orders, delta, interval) for events in sites.values()]
+  if workers == "auto":
+    work = sum(len(grouped(events).events) for events in sites.values())
+    try:
+      cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # Not on Linux.
+      cores = os.cpu_count() or 1
+    workers = cores if work >= _MIN_PARALLEL_EVENTS else 1
+  workers = min(int(workers), len(args))
+  if workers > 1:
+    procs = []
+    try:
+      for w in range(workers):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__), _WORKER_FLAG],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        procs[-1].stdin.write(pickle.dumps(args[w::workers]))
+        procs[-1].stdin.close()
+      outputs = [proc.stdout.read() for proc in procs]
+      if not any(proc.wait() for proc in procs):
+        figures = [None] * len(args)
+        for w, out in enumerate(outputs):
+          figures[w::workers] = pickle.loads(out)
+        return dict(zip(sites, figures))
+    except (OSError, pickle.UnpicklingError, EOFError):
+      for proc in procs:
+        proc.kill()
+    logging.warning("verifier workers failed; recomputing in this process")
+  return dict(zip(sites, (_recompute_site(*a) for a in args)))
+
+
+def _worker() -> None:
+  """A `_recompute_sites` worker: [args] on stdin, [figures] on stdout."""
+  chunk = pickle.load(sys.stdin.buffer)
+  sys.stdout.buffer.write(pickle.dumps([_recompute_site(*a) for a in chunk]))
 
 
 def _parse_ledger(ledger: Mapping, path: str):
@@ -610,7 +667,7 @@ def _compare(label, what, claimed, recomputed, delta, problems) -> None:
 
 def _verify_ledger(section: Mapping, section_path: str, delta: float,
                    unit: str, interval: float, site_level: bool,
-                   rows: list, problems: list) -> int:
+                   rows: list, problems: list, workers: int | str) -> int:
   """Checks one ledger of the report; returns its number of events."""
   ledger_path = f"{section_path}.ledger"
   ledger = _get(section, "ledger", section_path, "object")
@@ -635,6 +692,7 @@ def _verify_ledger(section: Mapping, section_path: str, delta: float,
                       f"{section_path}.{name} claims an epsilon for a site the "
                       f"ledger does not have")
   recomputed_rdp = []
+  figures = _recompute_sites(sites, orders, delta, interval, workers)
   for site, events in sites.items():
     label = f"FAIL site {site!r}, ledger {ledger_path}"
     before = len(problems)
@@ -649,7 +707,7 @@ def _verify_ledger(section: Mapping, section_path: str, delta: float,
       planned, rounds = site_planned, site_rounds
     else:  # A held-out site: no site-level event.
       planned, rounds = [], []
-    eps_rdp, eps_pld = _recompute_site(events, orders, delta, interval)
+    eps_rdp, eps_pld = figures[site]
     for what, value in (("RDP epsilon", eps_rdp), ("PLD epsilon", eps_pld)):
       if isinstance(value, str):
         problems.append(f"{label}: {what} {value}")
@@ -679,8 +737,13 @@ def _verify_ledger(section: Mapping, section_path: str, delta: float,
   return sum(len(e) for e in sites.values())
 
 
-def verify_report(report: Mapping) -> VerifyResult:
+def verify_report(report: Mapping, workers: int | str = 1) -> VerifyResult:
   """Recomputes and checks every epsilon of a report dict (see module doc).
+
+  `workers`: 1 recomputes here; a number, or "auto" (one per core when
+  there are 32 or more distinct events), spreads the sites over spawned
+  worker processes (the calling script needs an `if __name__ ==
+  "__main__":` guard); the figures are the same.
 
   For each ledger (`privacy.ledger`; `privacy.site_level.ledger` if present)
   and each of its sites:
@@ -712,7 +775,7 @@ def verify_report(report: Mapping) -> VerifyResult:
   if not isinstance(report, Mapping):
     raise ReportError("report: expected a JSON object.")
   if report.get("format") == LEDGER_FORMAT:
-    return verify_ledger(report)
+    return verify_ledger(report, workers=workers)
   privacy = _get(report, "privacy", "", "object")
   path = "privacy"
   if not _get(privacy, "enabled", path, "bool"):
@@ -730,18 +793,19 @@ def verify_report(report: Mapping) -> VerifyResult:
                       f"(0, 1), got {interval!r}.")
   rows, problems = [], []
   num_events = _verify_ledger(privacy, path, delta, unit, interval,
-                              unit == "site", rows, problems)
+                              unit == "site", rows, problems, workers)
   site_level = _get(privacy, "site_level", path, "object", default=None)
   if site_level is not None:
     num_events += _verify_ledger(site_level, "privacy.site_level", delta,
-                                 "site", interval, True, rows, problems)
+                                 "site", interval, True, rows, problems,
+                                 workers)
   return VerifyResult(ok=not problems, rows=rows, problems=problems,
                       private=True, num_events=num_events)
 
 
 def verify_ledger(ledger: Mapping,
-                  value_discretization_interval: float = DEFAULT_PLD_INTERVAL
-                  ) -> VerifyResult:
+                  value_discretization_interval: float = DEFAULT_PLD_INTERVAL,
+                  workers: int | str = 1) -> VerifyResult:
   """Checks a bare `PrivacyLedger.to_dict()` dump (e.g. your own code's).
 
   A ledger alone carries no plan, so only check 1 of `verify_report` applies:
@@ -759,12 +823,13 @@ def verify_ledger(ledger: Mapping,
   if relation != NEIGHBORING_RELATION:
     problems.append(f"FAIL ledger: neighboring_relation {relation!r}, "
                     f"expected {NEIGHBORING_RELATION!r}")
+  figures = _recompute_sites(sites, orders, delta,
+                             value_discretization_interval, workers)
   for site, events in sites.items():
     label = f"FAIL site {site!r}, ledger"
     before = len(problems)
     own = _claimed(ledger["sites"][site], "epsilon", f"ledger.sites.{site}")
-    eps_rdp, eps_pld = _recompute_site(events, orders, delta,
-                                       value_discretization_interval)
+    eps_rdp, eps_pld = figures[site]
     for what, value in (("RDP epsilon", eps_rdp), ("PLD epsilon", eps_pld)):
       if isinstance(value, str):
         problems.append(f"{label}: {what} {value}")
@@ -842,7 +907,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   absl_logger = logging.getLogger("absl")
   absl_logger.addFilter(quiet)
   try:
-    result = verify_report(load_report(args.path))
+    result = verify_report(load_report(args.path), workers="auto")
   except ReportError as e:
     print(f"verify: input error: {e}", file=sys.stderr)
     return EXIT_INPUT
@@ -864,4 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  if sys.argv[1:] == [_WORKER_FLAG]:
+    _worker()
+  else:
+    sys.exit(main(sys.argv[1:]))
