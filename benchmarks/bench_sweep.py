@@ -118,6 +118,19 @@ def main(argv):
               f"{report[f'speedup_{mode}']:.2f}x (target on a GPU >= "
               f"{0.8 * len(members):.1f}x); epsilons identical {same_eps}, "
               f"results equal {same}")
+  if "loop" in results and "vmap" in results:
+    loop, vmapped = results["loop"], results["vmap"]
+    report["vmap_over_loop_seconds"] = (report["seconds"]["vmap"]
+                                        / report["seconds"]["loop"])
+    report["checks"]["vmap_vs_loop"] = {
+        "epsilons_identical": all(vmapped[n]["epsilon_per_site"]
+                                  == loop[n]["epsilon_per_site"]
+                                  for n in loop),
+        "dice_within_1e-4": all(abs(vmapped[n]["dice_mean"]
+                                    - loop[n]["dice_mean"]) < 1e-4
+                                for n in loop)}
+    print(f"vmap / loop wall time: {report['vmap_over_loop_seconds']:.2f}; "
+          f"{report['checks']['vmap_vs_loop']}")
   if _OUTPUT.value:
     pathlib.Path(_OUTPUT.value).write_text(json.dumps(report, indent=1))
 
