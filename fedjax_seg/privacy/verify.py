@@ -65,9 +65,10 @@ event and about 5 s per distinct truncated event at interval 1e-4 (about 0.5 s
 at 1e-3), so a run whose sigma changes every round costs minutes. Both are
 cached per distinct input (they are pure functions): repeated events, and
 sites with identical events (every site of a site-level ledger), are computed
-once. On the command line, with 32 or more distinct events, sites are
-recomputed in parallel, one worker process per core (standard library
-`concurrent.futures`; `verify_report(report, workers=...)` in-process).
+once. With 32 or more distinct events (summed over sites with distinct
+events), the command line and the runners recompute sites in parallel, one
+worker process per core (this file run as a script; `verify_report(report,
+workers=...)`; the default, 1, computes in-process).
 """
 
 import argparse
@@ -459,58 +460,95 @@ def recompute_epsilons(ledger: Mapping, delta: float,
                           workers)
 
 
-# Workers start in about a second; below this many distinct events (about
-# 0.3 s each), one process is faster.
+# Workers start in about a second; below this many distinct events (summed
+# over distinct sites, about 0.3 s each), one process is faster.
 _MIN_PARALLEL_EVENTS = 32
 _WORKER_FLAG = "--recompute-sites-worker"
+_RESULT_HEADER = b"fedjax_seg.verify/1\n"
 
 
 def _recompute_sites(sites: Mapping, orders, delta, interval,
                      workers: int | str = 1) -> dict:
   """{site: _recompute_site(...)}: here (workers=1), in `workers` worker
-  processes, or ("auto") one per core when there are at least
-  `_MIN_PARALLEL_EVENTS` distinct events. The same figures either way.
+  processes, or ("auto") one per core when the distinct sites hold at least
+  `_MIN_PARALLEL_EVENTS` distinct events. Sites with equal events (every
+  site of a site-level ledger) are computed once. The same figures either
+  way.
 
   A worker is this file run as a script (`python -I verify.py`, so it
-  imports no project code and not the caller's `__main__`), given its sites'
-  arguments by pickle on stdin; if any worker fails, everything is
-  recomputed here.
+  imports no project code and not the caller's `__main__`), given the
+  caller's sys.path and its sites' arguments by pickle on stdin; if any
+  worker fails, everything is recomputed here.
   """
-  args = [(events, orders, delta, interval) for events in sites.values()]
+  distinct: dict = {}  # grouped events (or site name) -> events
+  site_key = {}
+  for site, events in sites.items():
+    parts = tuple(grouped(events).events)
+    key = parts if _hashable(parts) else ("site", site)
+    distinct.setdefault(key, events)
+    site_key[site] = key
+  keys = list(distinct)
+  args = [(distinct[k], orders, delta, interval) for k in keys]
   if workers == "auto":
-    work = sum(len(grouped(events).events) for events in sites.values())
+    work = sum(len(grouped(events).events) for events in distinct.values())
     try:
       cores = len(os.sched_getaffinity(0))
     except AttributeError:  # Not on Linux.
       cores = os.cpu_count() or 1
     workers = cores if work >= _MIN_PARALLEL_EVENTS else 1
-  workers = min(int(workers), len(args))
+  if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    raise ValueError(f"workers must be a positive int or 'auto', got "
+                     f"{workers!r}.")
+  workers = min(workers, len(args))
+  figures = None
   if workers > 1:
-    procs = []
-    try:
-      for w in range(workers):
-        procs.append(subprocess.Popen(
-            [sys.executable, "-I", os.path.abspath(__file__), _WORKER_FLAG],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-        procs[-1].stdin.write(pickle.dumps(args[w::workers]))
-        procs[-1].stdin.close()
-      outputs = [proc.stdout.read() for proc in procs]
-      if not any(proc.wait() for proc in procs):
-        figures = [None] * len(args)
-        for w, out in enumerate(outputs):
-          figures[w::workers] = pickle.loads(out)
-        return dict(zip(sites, figures))
-    except (OSError, pickle.UnpicklingError, EOFError):
-      for proc in procs:
-        proc.kill()
-    logging.warning("verifier workers failed; recomputing in this process")
-  return dict(zip(sites, (_recompute_site(*a) for a in args)))
+    figures = _recompute_in_workers(args, workers)
+  if figures is None:
+    figures = [_recompute_site(*a) for a in args]
+  by_key = dict(zip(keys, figures))
+  return {site: by_key[site_key[site]] for site in sites}
+
+
+def _recompute_in_workers(args: list, workers: int):
+  """[_recompute_site(*a) for a in args] in worker processes, or None."""
+  procs = []
+  try:
+    payloads = [pickle.dumps(list(sys.path)) + pickle.dumps(args[w::workers])
+                for w in range(workers)]
+    procs = [subprocess.Popen(
+        [sys.executable, "-I", os.path.abspath(__file__), _WORKER_FLAG],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in payloads]
+    for proc, payload in zip(procs, payloads):
+      proc.stdin.write(payload)  # Read in full before the worker computes.
+      proc.stdin.close()
+    outputs = [proc.stdout.read() for proc in procs]
+    if any(proc.wait() for proc in procs) or not all(
+        out.startswith(_RESULT_HEADER) for out in outputs):
+      raise RuntimeError("a worker failed")
+    figures = [None] * len(args)
+    for w, out in enumerate(outputs):
+      figures[w::workers] = pickle.loads(out[len(_RESULT_HEADER):])
+    return figures
+  except (OSError, RuntimeError, pickle.PicklingError, pickle.UnpicklingError,
+          EOFError) as e:
+    for proc in procs:
+      proc.kill()
+    logging.warning("verifier workers failed (%s); recomputing in this "
+                    "process", e)
+    return None
 
 
 def _worker() -> None:
-  """A `_recompute_sites` worker: [args] on stdin, [figures] on stdout."""
-  chunk = pickle.load(sys.stdin.buffer)
-  sys.stdout.buffer.write(pickle.dumps([_recompute_site(*a) for a in chunk]))
+  """A `_recompute_sites` worker: sys.path and [args] on stdin, [figures]
+  on stdout (fd 1 goes to stderr while it computes)."""
+  out = os.fdopen(os.dup(1), "wb")
+  os.dup2(2, 1)
+  stream = sys.stdin.buffer
+  sys.path[:0] = [p for p in pickle.load(stream) if p not in sys.path]
+  chunk = pickle.load(stream)
+  out.write(_RESULT_HEADER + pickle.dumps([_recompute_site(*a)
+                                           for a in chunk]))
+  out.close()
 
 
 def _parse_ledger(ledger: Mapping, path: str):
@@ -741,9 +779,9 @@ def verify_report(report: Mapping, workers: int | str = 1) -> VerifyResult:
   """Recomputes and checks every epsilon of a report dict (see module doc).
 
   `workers`: 1 recomputes here; a number, or "auto" (one per core when
-  there are 32 or more distinct events), spreads the sites over spawned
-  worker processes (the calling script needs an `if __name__ ==
-  "__main__":` guard); the figures are the same.
+  there are 32 or more distinct events), spreads the sites over worker
+  processes (this file run as a script; they never import the caller's
+  `__main__`); the figures are the same.
 
   For each ledger (`privacy.ledger`; `privacy.site_level.ledger` if present)
   and each of its sites:

@@ -1,6 +1,7 @@
 """Accounting spread over worker processes gives the one-by-one figures."""
 
 import json
+import sys
 
 from fedjax_seg.privacy import parallel
 from fedjax_seg.privacy import verify
@@ -17,6 +18,27 @@ def _ledger():
       ledger.record(site, noise_multiplier=1.0 + 0.1 * r + 0.05 * k,
                     sampling_rate=0.02 * (k + 1), steps=5 + r)
   return ledger
+
+
+def _double_here_only(x):
+  """Fails in a worker (they run `python -I`), works in this process."""
+  if sys.flags.isolated:
+    raise RuntimeError("in a worker")
+  print("noise on stdout")  # Must not be read as a result.
+  return 2 * x
+
+
+def _double_noisily(x):
+  print("noise on stdout")  # Must not be read as a result.
+  return 2 * x
+
+
+def test_uneven_split_keeps_order_and_a_failed_worker_falls_back():
+  items = [(i,) for i in range(7)]
+  assert parallel.process_map(_double_noisily, items, workers=3) == [
+      2 * i for i in range(7)]
+  assert parallel.process_map(_double_here_only, items, workers=3) == [
+      2 * i for i in range(7)]
 
 
 def test_small_work_runs_in_this_process():
@@ -41,5 +63,9 @@ def test_verifier_in_workers_equals_one_by_one():
   sites, orders = verify._parse_ledger(dump, "ledger")
   sequential = verify._recompute_sites(sites, orders, DELTA, 1e-3)
   assert verify._recompute_sites(sites, orders, DELTA, 1e-3,
-                                 workers=2) == sequential
+                                 workers=3) == sequential
   assert sequential["d"] == (0.0, 0.0)
+  # Sites with equal events (a site-level ledger) are computed once.
+  same = {s: sites["a"] for s in "xyz"}
+  assert verify._recompute_sites(same, orders, DELTA, 1e-3, workers=3) == {
+      s: sequential["a"] for s in "xyz"}
