@@ -53,6 +53,10 @@ def main(argv):
                report["rounds_completed"], report["stopped_reason"],
                {k: None if v is None else round(v, 3) for k, v in
                 dice.items()}, eps, _WORKDIR.value)
+  if p.get("audit"):
+    a = p["audit"]
+    eps += (f" | audit: lower bound {a['epsilon_lower_bound']:.3f} vs "
+            f"claimed {a['claimed_epsilon']:.3f} at {a['site']}")
   print(f"rounds {report['rounds_completed']} ({report['stopped_reason']}) | "
         f"test Dice per modality "
         f"{ {k: None if v is None else round(v, 3) for k, v in dice.items()} }"

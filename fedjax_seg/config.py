@@ -16,6 +16,7 @@ ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedbn")
 PRIVACY_UNITS = units_lib.UNITS
 NOISE_SCHEDULES = ("constant", "linear", "exponential", "cosine", "step")
 ADAPTIVE_MODES = ("off", "geometric", "percentile")
+AUDIT_CANARY_KINDS = ("random", "dirac")
 
 
 class ConfigError(ValueError):
@@ -137,6 +138,14 @@ class PrivacyConfig:
       unit="site"); accounted separately.
     site_clip_norm, site_noise_multiplier: DP-FedAvg clip S and multiplier z.
     site_sampling_rate: Poisson rate of sites per round (site-level DP).
+    audit: run the one-run canary audit (Steinke et al. 2023) inside the
+      run: gradient canaries in one site's clipped sums, scored on that
+      site's released gradients; report.json gets privacy.audit (an
+      empirical epsilon lower bound next to the claimed epsilon).
+    audit_canaries: number of canaries m (each included with prob. 1/2).
+    audit_canary_kind: "random" (Gaussian unit directions) or "dirac" (one
+      parameter each).
+    audit_site: the audited site's name (none = the first training site).
   """
 
   enabled: bool = True
@@ -157,6 +166,10 @@ class PrivacyConfig:
   site_clip_norm: float = 0.5
   site_noise_multiplier: float = 1.0
   site_sampling_rate: float = 1.0
+  audit: bool = False
+  audit_canaries: int = 1000
+  audit_canary_kind: str = "random"
+  audit_site: str | None = None
 
   def __post_init__(self):
     _check(self.unit in PRIVACY_UNITS, "unit",
@@ -185,6 +198,12 @@ class PrivacyConfig:
            "must be >= 0.")
     _check(0 < self.site_sampling_rate <= 1, "site_sampling_rate",
            "must be in (0, 1].")
+    _check(self.audit_canaries >= 2, "audit_canaries", "must be >= 2.")
+    _check(self.audit_canary_kind in AUDIT_CANARY_KINDS, "audit_canary_kind",
+           f"must be one of {AUDIT_CANARY_KINDS}.")
+    _check(not self.audit or (self.enabled and self.unit != "site"),
+           "audit", "audits record-level DP-SGD: it needs DP on (no --nodp) "
+           "and --unit=example or --unit=patient.")
     _check(not (self.unit == "site" and self.adaptive_clipping != "off"
                 and self.site_noise_multiplier <= 0), "site_noise_multiplier",
            "must be > 0 with --adaptive_clipping (the clip-count release "

@@ -38,6 +38,7 @@ from fedjax_seg import segmentation_task
 from fedjax_seg.data import sites as sites_lib
 from fedjax_seg.data import synthetic
 from fedjax_seg.federated import client as client_lib
+from fedjax_seg.privacy import auditing
 from fedjax_seg.privacy import schedules
 
 REPORT = "report.json"
@@ -249,6 +250,26 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
                site_adaptive, site_applied, site_recorded, training)
 
 
+def audit_config(config: config_lib.ExperimentConfig,
+                 plan: _Plan) -> auditing.AuditConfig | None:
+  """The canary audit's settings for `--audit` (None without it)."""
+  p = config.privacy
+  if not p.audit:
+    return None
+  names = list(plan.site_names)
+  training = [s for s, t in zip(names, plan.training_sites) if t]
+  site = p.audit_site or training[0]
+  if site not in training:
+    raise config_lib.ConfigError(
+        f"--audit_site: {site!r} is not a training site (training sites: "
+        f"{training}).")
+  k = names.index(site)
+  return auditing.AuditConfig(
+      num_canaries=p.audit_canaries, kind=p.audit_canary_kind, site=k,
+      max_per_step=auditing.canary_capacity(p.audit_canaries,
+                                            float(plan.sampling_rates[k])))
+
+
 def _trainer_settings(config, plan, params) -> dict:
   """The FederatedTrainer's settings (all but the loss)."""
   p, f, perf = config.privacy, config.federated, config.performance
@@ -256,7 +277,8 @@ def _trainer_settings(config, plan, params) -> dict:
       enabled=p.record_level,
       unit=(plan.unit.value if plan.unit is not privacy.PrivacyUnit.SITE
             else privacy.PrivacyUnit.EXAMPLE.value),
-      l2_clip_norm=p.l2_clip_norm, adaptive_clipping=plan.adaptive)
+      l2_clip_norm=p.l2_clip_norm, adaptive_clipping=plan.adaptive,
+      audit=audit_config(config, plan))
   client = fed.ClientConfig(
       local_steps=f.local_steps, expected_batch_size=f.batch_size,
       max_batch_size=plan.max_batch_size, learning_rate=f.learning_rate,
@@ -1084,7 +1106,51 @@ def _privacy_section(run: _Run, state: RunState) -> dict:
                  max_batch_size=plan.max_batch_size,
                  epsilon_budget=p.epsilon_budget,
                  target_epsilon=p.target_epsilon)
+  audit = audit_config(config, plan)
+  if audit is not None:
+    section["audit"] = audit_section(run, state, audit)
   return section
+
+
+def audit_section(run: _Run, state: RunState,
+                  audit: auditing.AuditConfig) -> dict:
+  """`privacy.audit` of the report: the one-run canary audit's figures."""
+  config, plan = run.config, run.plan
+  site = plan.site_names[audit.site]
+  observed = np.asarray(state.site_states.audit.observed[audit.site])
+  included = np.asarray(auditing.inclusion(run.root, audit))
+  result = auditing.audit_from_scores(
+      auditing.scores(run.root, audit, observed), included,
+      config.privacy.delta, audit.significance)
+  return {
+      "method": "one-run white-box audit (Steinke, Nasr, Jagielski 2023) "
+                "with gradient canaries; bound from jax_privacy.auditing."
+                "CanaryScoreAuditor.epsilon_one_run (Bonferroni thresholds)",
+      "site": site, "unit": plan.unit.value,
+      "epsilon_label": plan.unit.epsilon_label,
+      "claimed_epsilon": state.ledger.epsilon(site),
+      "claimed_epsilon_pld": state.ledger.epsilon_pld(site,
+                                                      PLD_DISCRETIZATION),
+      "canary_kind": audit.kind,
+      "canaries_per_step_max": audit.max_per_step,
+      "canary_contributions": int(state.site_states.audit.sampled[
+          audit.site]),
+      "canary_contributions_cut": int(state.site_states.audit.cut[
+          audit.site]),
+      "seed": config.seed,
+      "contradicts_claim": (result.epsilon_lower_bound
+                            > state.ledger.epsilon(site)),
+      **result.to_dict(),
+      **({} if result.epsilon_gdp_estimate is not None else {
+          "epsilon_gdp_estimate_withheld":
+              "the installed jax_privacy's epsilon_from_gdp is positive on "
+              "scores without signal (its |mu| shortcut, fixed upstream in "
+              "jax_privacy pull request 270)"}),
+      "released": "post-processing of the audited site's released (noised) "
+                  "gradients and the canary inclusion bits; the canaries "
+                  "changed that site's clipped sums (and through its "
+                  "updates the global model), nothing else",
+  }
 
 
 def _report(run: _Run, state: RunState, result, stopped_reason, seconds,

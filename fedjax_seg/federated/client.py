@@ -45,6 +45,7 @@ import optax
 
 from fedjax_seg import privacy
 from fedjax_seg.federated import sampling
+from fedjax_seg.privacy import auditing
 from fedjax_seg.privacy import clipping as clipping_lib
 from fedjax_seg.privacy import keys as keys_lib
 from fedjax_seg.privacy import units as units_lib
@@ -101,12 +102,16 @@ class LocalDPConfig:
       clipped as one group).
     l2_clip_norm: C (initial C with adaptive clipping).
     adaptive_clipping: optional `privacy.AdaptiveClipping`, per site.
+    audit: optional `auditing.AuditConfig`: gradient canaries in the
+      clipped sums of one site, and that site's released gradients summed
+      in its state (`privacy.auditing`).
   """
 
   enabled: bool = True
   unit: str = "example"
   l2_clip_norm: float = 1.0
   adaptive_clipping: privacy.AdaptiveClipping | None = None
+  audit: auditing.AuditConfig | None = None
 
   def __post_init__(self):
     if self.unit not in UNITS:
@@ -217,10 +222,13 @@ class SiteState(NamedTuple):
   Attributes:
     local_params: site-local parameters (FedBN normalisation), or () if none.
     clip: adaptive clipping state, or () without adaptive clipping.
+    audit: `auditing.AuditState` with an audit (zeros except at the audited
+      site), else ().
   """
 
   local_params: Any
   clip: Any
+  audit: Any = ()
 
 
 class ClientMetrics(NamedTuple):
@@ -278,7 +286,9 @@ def init_site_state(params: PyTree, dp: LocalDPConfig,
   clip = dp.adaptive_clipping.init() if (
       dp.enabled and dp.adaptive_clipping is not None) else ()
   local = params if norm_mask is not None else ()
-  return SiteState(local_params=local, clip=clip)
+  audit = auditing.init_state(params) if (
+      dp.enabled and dp.audit is not None) else ()
+  return SiteState(local_params=local, clip=clip, audit=audit)
 
 
 # -- The pieces of a client update ------------------------------------------
@@ -496,6 +506,7 @@ class LocalState(NamedTuple):
   noise_state: privacy.GaussianNoiseState
   clip_state: Any
   metrics: ClientMetrics
+  audit_state: Any = ()
 
 
 def client_init(start: PyTree, site_state: SiteState,
@@ -506,7 +517,7 @@ def client_init(start: PyTree, site_state: SiteState,
   izero = jnp.zeros([], jnp.int32)
   metrics = ClientMetrics(zero, izero, izero, zero, zero, zero, izero)
   return LocalState(start, local_opt.init(start), noise_tx.init(start),
-                    site_state.clip, metrics)
+                    site_state.clip, metrics, site_state.audit)
 
 
 def local_step(state: LocalState, batch: Batch, *, start: PyTree,
@@ -517,25 +528,38 @@ def local_step(state: LocalState, batch: Batch, *, start: PyTree,
                client: ClientConfig, dp: LocalDPConfig,
                local_opt: optax.GradientTransformation,
                noise_tx: optax.GradientTransformationExtraArgs,
-               l2_clip_norm: jax.Array | None = None) -> LocalState:
+               l2_clip_norm: jax.Array | None = None,
+               audit_canaries: tuple | None = None) -> LocalState:
   """One local step on `batch`: gradient -> noise -> FedProx -> optimizer.
 
   `private_gradient` (from `make_private_gradient`) is used when DP is on;
   without DP the step uses `nonprivate_gradient`. `key_for(step, purpose)`
   derives the step's keys. `l2_clip_norm` (maybe traced) overrides
-  `dp.l2_clip_norm` without adaptive clipping.
+  `dp.l2_clip_norm` without adaptive clipping. With `dp.audit`,
+  `audit_canaries` is (directions key, [m] included at this site, [] this
+  is the audited site): the sampled canaries join the clipped sum before
+  the noise, and the released gradient is added to the audit state.
   """
-  params, opt_state, noise_state, clip_state, metrics = state
+  params, opt_state, noise_state, clip_state, metrics, audit_state = state
   adaptive = dp.adaptive_clipping if dp.enabled else None
   if dp.enabled:
     fixed = dp.l2_clip_norm if l2_clip_norm is None else l2_clip_norm
     clip = clip_state.l2_clip_norm if adaptive else jnp.asarray(
         fixed, jnp.float32)
     grad_sum, stats = private_gradient(params, batch, clip)
+    if dp.audit is not None:
+      directions_key, included, audited = audit_canaries
+      grad_sum, audit_state = auditing.add_canaries(
+          grad_sum, audit_state, key=directions_key, config=dp.audit,
+          included=included,
+          sample_key=key_for(step, keys_lib.Purpose.AUDIT_CANARY_SAMPLE),
+          sampling_rate=sampling_rate, clip_norm=clip)
     grad, noise_state = noise_tx.update(
         grad_sum, noise_state, params,
         noise_key=key_for(step, keys_lib.Purpose.GRADIENT_NOISE),
         l2_clip_norm=clip)
+    if dp.audit is not None:
+      audit_state = auditing.observe(audit_state, grad, audited)
     if adaptive:
       clip_state = adaptive.update(
           clip_state, stats.per_example_norms, stats.is_real,
@@ -560,7 +584,8 @@ def local_step(state: LocalState, batch: Batch, *, start: PyTree,
                     else jnp.float32(jnp.inf)),
       sampling_rate=jnp.asarray(sampling_rate, jnp.float32),
       steps=metrics.steps + 1)
-  return LocalState(params, opt_state, noise_state, clip_state, metrics)
+  return LocalState(params, opt_state, noise_state, clip_state, metrics,
+                    audit_state)
 
 
 def final_output(state: LocalState, start: PyTree, site_state: SiteState,
@@ -577,8 +602,8 @@ def final_output(state: LocalState, start: PyTree, site_state: SiteState,
                          norm_mask, delta)
     local = jax.tree.map(lambda m, p, l: p if m else l, norm_mask,
                          state.params, local)
-  return ClientOutput(delta, SiteState(local, state.clip_state),
-                      state.metrics)
+  return ClientOutput(delta, SiteState(local, state.clip_state,
+                                      state.audit_state), state.metrics)
 
 
 def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
@@ -613,6 +638,12 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     # Shuffled batches read one epoch order per round (step 0's key);
     # Poisson batches draw a fresh key per step.
     epoch_key = key_for(0, keys_lib.Purpose.LOCAL_EPOCH_ORDER)
+    audit_canaries = None
+    if dp.enabled and dp.audit is not None:
+      audited = site_index == dp.audit.site
+      audit_canaries = (auditing.directions_key(root_key, dp.audit),
+                        auditing.inclusion(root_key, dp.audit) & audited,
+                        audited)
 
     def step_fn(state, step):
       key = epoch_key if shuffle else key_for(step,
@@ -624,7 +655,8 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
           key_for=key_for, step=step, loss_fn=loss_fn,
           private_gradient=private_gradient, client=client, dp=dp,
           local_opt=local_opt, noise_tx=noise_tx,
-          l2_clip_norm=site_config.l2_clip_norm)
+          l2_clip_norm=site_config.l2_clip_norm,
+          audit_canaries=audit_canaries)
       return state, None
 
     state = client_init(start, site_state, local_opt, noise_tx)

@@ -38,8 +38,10 @@ class Purpose(enum.IntEnum):
   DROPOUT = 9  # Model dropout layers.
   DATA_SPLIT = 10  # Train/val/test partition of patients.
   EVALUATION = 11  # Anything random during evaluation.
-  AUDIT = 12  # Canary insertion and auditing.
+  AUDIT_INCLUSION = 12  # Which audit canaries are included.
   LOCAL_EPOCH_ORDER = 13  # Shuffled local batches (no record-level DP).
+  AUDIT_CANARY_SAMPLE = 14  # Poisson sampling of canaries in a step.
+  AUDIT_DIRECTIONS = 15  # The canaries' gradient directions.
 
 
 def derive_key(
