@@ -12,15 +12,17 @@ from fedjax_seg.models import unet
 def example_loss(model: unet.SegmentationModel, class_weights=None):
   """`(params, example) -> scalar` Dice + CE loss of ONE slice.
 
-  `example` is {"image": [H, W, C], "label": [H, W]} (no batch axis); the
-  model is applied to a batch of one, which is exact for our per-example
-  U-Nets.
+  `example` is {"image": [H, W, C], "label": [H, W]} (no batch axis; a
+  float label [H, W, K] is read as class probabilities); the model is
+  applied to a batch of one, which is exact for our per-example U-Nets.
   """
 
   def loss_fn(params, example):
     logits = model.apply(params, example["image"][None])[0]
-    return losses.dice_ce_loss(logits, example["label"].astype(jnp.int32),
-                               class_weights=class_weights)
+    label = example["label"]
+    if not jnp.issubdtype(label.dtype, jnp.floating):
+      label = label.astype(jnp.int32)
+    return losses.dice_ce_loss(logits, label, class_weights=class_weights)
 
   return loss_fn
 

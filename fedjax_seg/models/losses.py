@@ -10,6 +10,15 @@ import jax.numpy as jnp
 import optax
 
 
+def _target(label: jax.Array, k: int) -> jax.Array:
+  """[..., K] class probabilities: one-hot of int `label` [...], or `label`
+  itself when it is already a float [..., K] (soft labels, e.g. a mask an
+  attack optimises)."""
+  if jnp.issubdtype(label.dtype, jnp.floating):
+    return label.astype(jnp.float32)
+  return jax.nn.one_hot(label, k, dtype=jnp.float32)
+
+
 def soft_dice_loss(logits: jax.Array, label: jax.Array, *,
                    include_background: bool = False,
                    smooth: float = 1e-5) -> jax.Array:
@@ -17,7 +26,7 @@ def soft_dice_loss(logits: jax.Array, label: jax.Array, *,
 
   Args:
     logits: [..., K] float logits (spatial dims then classes).
-    label: [...] int class indices.
+    label: [...] int class indices (or [..., K] float class probabilities).
     include_background: average over class 0 too.
     smooth: added to numerator and denominator; a class absent from both the
       label and the (soft) prediction then scores Dice ~1 (loss ~0).
@@ -27,7 +36,7 @@ def soft_dice_loss(logits: jax.Array, label: jax.Array, *,
   """
   k = logits.shape[-1]
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  onehot = jax.nn.one_hot(label, k, dtype=jnp.float32)
+  onehot = _target(label, k)
   axes = tuple(range(probs.ndim - 1))
   intersection = jnp.sum(probs * onehot, axis=axes)
   total = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
@@ -39,9 +48,18 @@ def soft_dice_loss(logits: jax.Array, label: jax.Array, *,
 
 def cross_entropy_loss(logits: jax.Array, label: jax.Array,
                        class_weights: jax.Array | None = None) -> jax.Array:
-  """Mean (optionally class-weighted) pixel cross-entropy, one example."""
+  """Mean (optionally class-weighted) pixel cross-entropy, one example
+  (`label` int [...] or float class probabilities [..., K])."""
+  logits = logits.astype(jnp.float32)
+  if jnp.issubdtype(label.dtype, jnp.floating):
+    target = _target(label, logits.shape[-1])
+    ce = optax.softmax_cross_entropy(logits, target)
+    if class_weights is None:
+      return jnp.mean(ce)
+    w = target @ jnp.asarray(class_weights, jnp.float32)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-8)
   ce = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), label.astype(jnp.int32))
+      logits, label.astype(jnp.int32))
   if class_weights is None:
     return jnp.mean(ce)
   w = jnp.asarray(class_weights, jnp.float32)[label]

@@ -1,6 +1,8 @@
 """The one-run canary audit: power without noise, soundness under DP, and
 canaries that touch only the audited site."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -31,15 +33,20 @@ def _data(sizes=(16, 12), seed=0):
   return fed.SiteData({"x": x, "y": y}, sizes, groups, mask, sizes)
 
 
-def _run(audit, sigma, q=1.0, rounds=2, steps=5, seed=0):
-  """Trains 2 sites; returns (server params, site states, deltas of the
-  last round, root key)."""
-  data = _data()
+@functools.lru_cache(maxsize=None)
+def _trainer(audit, steps):
+  """One compiled trainer per setting, shared by the seeds."""
   client = fed.ClientConfig(local_steps=steps, expected_batch_size=8,
                             max_batch_size=16, learning_rate=0.1)
   dp = fed.LocalDPConfig(l2_clip_norm=1.0, audit=audit)
-  trainer = fed.FederatedTrainer(_loss, client, dp, fed.ServerConfig(),
-                                 backend="loop")
+  return fed.FederatedTrainer(_loss, client, dp, fed.ServerConfig(),
+                              backend="loop")
+
+
+def _run(audit, sigma, q=1.0, rounds=2, steps=5, seed=0):
+  """Trains 2 sites; returns (server state, site states, root key)."""
+  data = _data()
+  trainer = _trainer(audit, steps)
   server, sites = trainer.init({"w": jnp.zeros(DIM)}, 2)
   config = fed.SiteConfig(jnp.full([2], q, jnp.float32),
                           jnp.full([2], sigma, jnp.float32))
