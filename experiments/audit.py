@@ -17,14 +17,13 @@ beside the usual report.json (which holds the same under privacy.audit).
 A rerun resumes the run, as simulate does.
 """
 
-import dataclasses
 import json
 import pathlib
 
 from absl import app
 from absl import flags
 
-from fedjax_seg import config as config_lib
+from experiments import runner
 from fedjax_seg import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/audit",
@@ -37,20 +36,10 @@ AUDIT_JSON = "audit.json"
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    config = config_flags.config_from_flags()
-    config = dataclasses.replace(
-        config, privacy=dataclasses.replace(config.privacy, audit=True))
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from e
-  # Imported here so that --help and flag errors are fast.
-  from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
-  try:
-    report = experiment.train_and_evaluate(config, _WORKDIR.value)
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from e
-  if report.get("stopped_reason") == "interrupted":
+  report = runner.run_from_flags(_WORKDIR.value, audit=True)
+  if report is None:
     return
+  from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
   audit = dict(report["privacy"]["audit"],
                rounds_completed=report["rounds_completed"],
                stopped_reason=report["stopped_reason"])

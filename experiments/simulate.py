@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import runner
 from fedjax_seg import config as config_lib
 from fedjax_seg import config_flags
 
@@ -32,17 +33,8 @@ def config_from_flags() -> config_lib.ExperimentConfig:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    config = config_from_flags()
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from e
-  # Imported here so that --help and flag errors are fast.
-  from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
-  try:
-    report = experiment.train_and_evaluate(config, _WORKDIR.value)
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from e
-  if report.get("stopped_reason") == "interrupted":
+  report = runner.run_from_flags(_WORKDIR.value)
+  if report is None:
     return
   p = report["privacy"]
   eps = (f"{p['epsilon_label']} max {p['epsilon_max']:.3f} (delta "

@@ -1,11 +1,11 @@
 """Accounting spread over worker processes gives the one-by-one figures."""
 
 import json
-import sys
 
 from fedjax_seg.privacy import parallel
 from fedjax_seg.privacy import verify
 from fedjax_seg.privacy.accounting import PrivacyLedger
+from tests.privacy import worker_functions
 
 DELTA = 1e-5
 
@@ -20,25 +20,12 @@ def _ledger():
   return ledger
 
 
-def _double_here_only(x):
-  """Fails in a worker (they run `python -I`), works in this process."""
-  if sys.flags.isolated:
-    raise RuntimeError("in a worker")
-  print("noise on stdout")  # Must not be read as a result.
-  return 2 * x
-
-
-def _double_noisily(x):
-  print("noise on stdout")  # Must not be read as a result.
-  return 2 * x
-
-
 def test_uneven_split_keeps_order_and_a_failed_worker_falls_back():
   items = [(i,) for i in range(7)]
-  assert parallel.process_map(_double_noisily, items, workers=3) == [
-      2 * i for i in range(7)]
-  assert parallel.process_map(_double_here_only, items, workers=3) == [
-      2 * i for i in range(7)]
+  assert parallel.process_map(worker_functions.double_noisily, items,
+                              workers=3) == [2 * i for i in range(7)]
+  assert parallel.process_map(worker_functions.double_here_only, items,
+                              workers=3) == [2 * i for i in range(7)]
 
 
 def test_small_work_runs_in_this_process():
