@@ -1108,15 +1108,17 @@ def _privacy_section(run: _Run, state: RunState) -> dict:
                  target_epsilon=p.target_epsilon)
   audit = audit_config(config, plan)
   if audit is not None:
-    section["audit"] = audit_section(run, state, audit)
+    section["audit"] = audit_section(run, state, audit, section)
   return section
 
 
-def audit_section(run: _Run, state: RunState,
-                  audit: auditing.AuditConfig) -> dict:
-  """`privacy.audit` of the report: the one-run canary audit's figures."""
+def audit_section(run: _Run, state: RunState, audit: auditing.AuditConfig,
+                  privacy_section: dict) -> dict:
+  """`privacy.audit` of the report: the one-run canary audit's figures,
+  claimed epsilons read from `privacy_section` (computed once)."""
   config, plan = run.config, run.plan
   site = plan.site_names[audit.site]
+  claimed = privacy_section["epsilon_per_site"][site]
   observed = np.asarray(state.site_states.audit.observed[audit.site])
   included = np.asarray(auditing.inclusion(run.root, audit))
   result = auditing.audit_from_scores(
@@ -1128,9 +1130,8 @@ def audit_section(run: _Run, state: RunState,
                 "CanaryScoreAuditor.epsilon_one_run (Bonferroni thresholds)",
       "site": site, "unit": plan.unit.value,
       "epsilon_label": plan.unit.epsilon_label,
-      "claimed_epsilon": state.ledger.epsilon(site),
-      "claimed_epsilon_pld": state.ledger.epsilon_pld(site,
-                                                      PLD_DISCRETIZATION),
+      "claimed_epsilon": claimed,
+      "claimed_epsilon_pld": privacy_section["epsilon_pld_per_site"][site],
       "canary_kind": audit.kind,
       "canaries_per_step_max": audit.max_per_step,
       "canary_contributions": int(state.site_states.audit.sampled[
@@ -1138,8 +1139,7 @@ def audit_section(run: _Run, state: RunState,
       "canary_contributions_cut": int(state.site_states.audit.cut[
           audit.site]),
       "seed": config.seed,
-      "contradicts_claim": (result.epsilon_lower_bound
-                            > state.ledger.epsilon(site)),
+      "contradicts_claim": result.epsilon_lower_bound > claimed,
       **result.to_dict(),
       **({} if result.epsilon_gdp_estimate is not None else {
           "epsilon_gdp_estimate_withheld":
