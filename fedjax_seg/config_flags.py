@@ -200,3 +200,14 @@ def to_flagfile(config: config_lib.ExperimentConfig) -> str:
       lines.append(f"--{name}={value!r}" if isinstance(value, float)
                    else f"--{name}={value}")
   return "\n".join(lines) + "\n"
+
+
+def config_from_dict(data: Mapping[str, Any]) -> config_lib.ExperimentConfig:
+  """The config of `ExperimentConfig.to_dict()` output (e.g. a report's
+  "config"), validated as flags are."""
+  values = {}
+  for name, spec in SPECS.items():
+    holder = data[spec.section] if spec.section else data
+    if spec.field in holder:
+      values[name] = holder[spec.field]
+  return config_from_values(values)

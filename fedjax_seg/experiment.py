@@ -845,6 +845,8 @@ class Simulation:
     self.start_time = time.time()
     _warn_about_settings(config)
     self.run, params = _setup(config, self.workdir, splits, trainers)
+    # The model before round 1 (from the MODEL_INIT key; public).
+    self.initial_params = params
     self.state = _restore_or_init(self.run, params)
     self.first_round = self.state.rounds_completed
     self.stopped_reason = "completed"
@@ -855,6 +857,12 @@ class Simulation:
   @property
   def next_round(self) -> int:
     return self.state.rounds_completed
+
+  def site_params(self, site: int):
+    """The parameters site `site` trains from now: the server's, with its
+    own normalisation parameters under FedBN."""
+    params = _site_params(self.run, self.state)
+    return params(site) if callable(params) else params
 
   def begin_round(self) -> np.ndarray | None:
     """The participants [S] bool of the next round, or None when the run

@@ -13,7 +13,7 @@ PLOTS = ("dice_per_site.png", "epsilon_per_site.png", "sigma_and_clip.png",
          "dice_vs_epsilon.png")
 
 
-def _save(fig, path: pathlib.Path) -> None:
+def save_figure(fig, path: pathlib.Path) -> None:
   tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
   fig.savefig(tmp, dpi=100, bbox_inches="tight")
   plt.close(fig)
@@ -34,7 +34,7 @@ def write_all(workdir: pathlib.Path, report: dict, history: list) -> None:
   ax.set(xlabel="round", ylabel="validation Dice (foreground mean)",
          title="Dice per site")
   ax.legend(fontsize=7, ncol=2)
-  _save(fig, workdir / PLOTS[0])
+  save_figure(fig, workdir / PLOTS[0])
 
   fig, ax = plt.subplots(figsize=(7, 4))
   enabled = report["privacy"]["enabled"]
@@ -45,7 +45,7 @@ def write_all(workdir: pathlib.Path, report: dict, history: list) -> None:
   ax.set(xlabel="round", ylabel=f"{label} (delta={report['privacy']['delta']:g})",
          title=f"{label}, each site" if enabled else "NOT PRIVATE: no epsilon")
   ax.legend(fontsize=7, ncol=2)
-  _save(fig, workdir / PLOTS[1])
+  save_figure(fig, workdir / PLOTS[1])
 
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
   for s in sites:
@@ -60,7 +60,7 @@ def write_all(workdir: pathlib.Path, report: dict, history: list) -> None:
   a2.set(xlabel="round", ylabel="clip norm (C: last local step; S: site)",
          title="clip norm")
   a1.legend(fontsize=7)
-  _save(fig, workdir / PLOTS[2])
+  save_figure(fig, workdir / PLOTS[2])
 
   fig, ax = plt.subplots(figsize=(6, 4))
   dice = report["metrics"]["dice_per_site"]
@@ -72,7 +72,7 @@ def write_all(workdir: pathlib.Path, report: dict, history: list) -> None:
   ax.set(xlabel=f"final {label}", ylabel="test Dice (foreground mean)",
          title=f"Dice vs {label}")
   ax.legend(fontsize=7)
-  _save(fig, workdir / PLOTS[3])
+  save_figure(fig, workdir / PLOTS[3])
 
 
 SWEEP_PLOTS = ("frontier.png", "dice_per_site_per_member.png",
@@ -109,7 +109,7 @@ def write_sweep(workdir: pathlib.Path, summary: dict) -> None:
            title=f"Dice ({panel})")
     if public:
       ax.legend(fontsize=7)
-  _save(fig, workdir / SWEEP_PLOTS[0])
+  save_figure(fig, workdir / SWEEP_PLOTS[0])
 
   sites = list(entries[0]["dice_per_site"])
   grid = np.array([[np.nan if e["dice_per_site"][s] is None
@@ -124,7 +124,7 @@ def write_sweep(workdir: pathlib.Path, summary: dict) -> None:
                 fontsize=6)
   ax.set_title("test Dice per site per member")
   fig.colorbar(image, ax=ax)
-  _save(fig, workdir / SWEEP_PLOTS[1])
+  save_figure(fig, workdir / SWEEP_PLOTS[1])
 
   fig, ax = plt.subplots(figsize=(7, 4))
   for e in private:
@@ -135,4 +135,4 @@ def write_sweep(workdir: pathlib.Path, summary: dict) -> None:
   ax.set(xlabel="round", ylabel="accounted sigma (mean over sites)",
          title="noise schedules")
   ax.legend(fontsize=5, ncol=2)
-  _save(fig, workdir / SWEEP_PLOTS[2])
+  save_figure(fig, workdir / SWEEP_PLOTS[2])

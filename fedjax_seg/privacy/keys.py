@@ -42,6 +42,8 @@ class Purpose(enum.IntEnum):
   LOCAL_EPOCH_ORDER = 13  # Shuffled local batches (no record-level DP).
   AUDIT_CANARY_SAMPLE = 14  # Poisson sampling of canaries in a step.
   AUDIT_DIRECTIONS = 15  # The canaries' gradient directions.
+  ATTACK_RELEASE = 16  # Noise of an update released to the attack study.
+  ATTACK_RESTARTS = 17  # The gradient-inversion attack's random starts.
 
 
 def derive_key(
