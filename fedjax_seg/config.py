@@ -8,6 +8,7 @@ fields). DP is on unless `PrivacyConfig(enabled=False)` (`--nodp`).
 
 import dataclasses
 
+from fedjax_seg.data import augment
 from fedjax_seg.federated import client as client_lib
 from fedjax_seg.models import unet
 from fedjax_seg.privacy import units as units_lib
@@ -241,6 +242,13 @@ class FederatedConfig:
       site-level DP sites are Poisson-sampled with site_sampling_rate instead.
     dropout_rate: probability that a sampled site does not show up.
     weighting: "num_examples" or "uniform".
+    augmult: augmentation multiplicity K: each unit's gradient is the mean
+      over K augmented copies before clipping (free in privacy); 0 = off.
+    augmentations: the transforms of each copy (flip, affine, intensity,
+      gamma, noise; `fedjax_seg.data.augment`).
+    ema_decay: evaluate and report an exponential moving average of the
+      global model over rounds with this decay (post-processing of released
+      models, free in privacy); 0 = the last model.
   """
 
   algorithm: str = "fedavg"
@@ -254,8 +262,17 @@ class FederatedConfig:
   sites_per_round: int = 0
   dropout_rate: float = 0.0
   weighting: str = "num_examples"
+  augmult: int = 0
+  augmentations: tuple[str, ...] = augment.AUGMENTATIONS
+  ema_decay: float = 0.0
 
   def __post_init__(self):
+    _check(self.augmult >= 0, "augmult", "must be >= 0.")
+    unknown = [a for a in self.augmentations
+               if a not in augment.AUGMENTATIONS]
+    _check(not unknown, "augmentations",
+           f"unknown {unknown}; choose from {augment.AUGMENTATIONS}.")
+    _check(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1).")
     _check(self.algorithm in ALGORITHMS, "algorithm",
            f"must be one of {ALGORITHMS}, got {self.algorithm!r}.")
     _check(self.rounds >= 1, "rounds", "must be >= 1.")
@@ -352,6 +369,9 @@ class ExperimentConfig:
           "the site, outside the site-level DP mechanism, and evaluating "
           "with them would reveal which sites were sampled; use another "
           "algorithm with site-level DP.")
+    if self.federated.augmult and self.data.volumes:
+      raise ConfigError("--augmult: augmentation is for 2D slices; this run "
+                        "trains 3D volumes (--volumes).")
     if self.privacy.use_site_level and self.federated.sites_per_round:
       raise ConfigError("--sites_per_round: with site-level DP, sites are "
                         "Poisson-sampled with --site_sampling_rate; leave "

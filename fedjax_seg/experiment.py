@@ -28,6 +28,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fedjax_seg import centralized
 from fedjax_seg import config as config_lib
@@ -35,6 +36,7 @@ from fedjax_seg import federated as fed
 from fedjax_seg import models
 from fedjax_seg import privacy
 from fedjax_seg import segmentation_task
+from fedjax_seg.data import augment as augment_lib
 from fedjax_seg.data import sites as sites_lib
 from fedjax_seg.data import synthetic
 from fedjax_seg.federated import client as client_lib
@@ -285,7 +287,8 @@ def _trainer_settings(config, plan, params) -> dict:
       optimizer=f.local_optimizer,
       prox_mu=f.prox_mu if f.algorithm == "fedprox" else 0.0,
       microbatch_size=perf.microbatch_size, local_loop=perf.local_loop,
-      chunk_size=perf.chunk_size)
+      chunk_size=perf.chunk_size, augmult=f.augmult,
+      augment=augment_lib.AugmentConfig(augmentations=f.augmentations))
   optimizer = {"fedavg": "fedavg", "fedprox": "fedavg", "fedbn": "fedavg",
                "fedavgm": "fedavgm", "fedadam": "fedadam",
                "fedyogi": "fedyogi"}[f.algorithm]
@@ -424,6 +427,9 @@ class RunState:
     evals: validation Dice per site at the evaluated rounds (held out).
     charged_rounds: {site: [round indices charged in `ledger`]}.
     rounds_completed: rounds done so far.
+    averaged_params: with --ema_decay, the exponential moving average of
+      the global model over rounds, started from zeros (debiased when
+      read, `evaluated_params`); else None.
   """
 
   server_state: Any
@@ -434,6 +440,7 @@ class RunState:
   evals: list
   charged_rounds: dict
   rounds_completed: int = 0
+  averaged_params: Any = None
 
   def meta(self, config, plan) -> dict:
     return {"rounds_completed": self.rounds_completed,
@@ -522,24 +529,32 @@ def _restore_or_init(run: _Run, params) -> RunState:
                             unit=plan.unit),
       privacy.PrivacyLedger(plan.site_names, delta=config.privacy.delta,
                             unit=privacy.PrivacyUnit.SITE),
-      history=[], evals=[], charged_rounds={s: [] for s in plan.site_names})
+      history=[], evals=[], charged_rounds={s: [] for s in plan.site_names},
+      averaged_params=(jax.tree.map(jnp.zeros_like, params)
+                       if config.federated.ema_decay else None))
   latest = run.checkpointer.latest()
   if latest is None:
     return state
-  restored, meta = run.checkpointer.restore(
-      latest, {"server": server_state, "sites": site_states})
+  other_settings = config_lib.ConfigError(
+      f"--workdir={run.workdir} holds a run with other settings; resuming "
+      "it with these would make its privacy ledger wrong. Use a new "
+      "--workdir, or the same flags.")
+  target = {"server": server_state, "sites": site_states}
+  if state.averaged_params is not None:
+    target["averaged"] = state.averaged_params
+  try:
+    restored, meta = run.checkpointer.restore(latest, target)
+  except (ValueError, KeyError, TypeError) as e:
+    raise other_settings from e  # Its state has another structure.
   if _comparable(meta["config"]) != _comparable(config.to_dict()):
-    raise config_lib.ConfigError(
-        f"--workdir={run.workdir} holds a run with other settings; resuming "
-        "it with these would make its privacy ledger wrong. Use a new "
-        "--workdir, or the same flags.")
+    raise other_settings
   _check_noise_plan_unchanged(meta, plan, config)
   state = RunState(
       restored["server"], restored["sites"],
       privacy.PrivacyLedger.from_dict(meta["ledger"]),
       privacy.PrivacyLedger.from_dict(meta["site_ledger"]),
       meta["history"], meta["evals"], meta["charged_rounds"],
-      int(meta["rounds_completed"]))
+      int(meta["rounds_completed"]), restored.get("averaged"))
   logging.info("resumed %s at round %d", run.workdir, state.rounds_completed)
   return state
 
@@ -729,18 +744,22 @@ def _round_row(run: _Run, state: RunState, round_index: int,
   return row
 
 
-def _site_params(run: _Run, state: RunState):
+def _site_params(run: _Run, state: RunState, evaluated: bool = False):
+  """The params each site uses (FedBN: a function of the site index): the
+  training model, or with `evaluated` the reported one (`evaluated_params`)."""
+  params = (evaluated_params(run.config, state) if evaluated
+            else state.server_state.params)
   if run.trainer.norm_mask is None:
-    return state.server_state.params
+    return params
   return lambda k: client_lib.merge_local(
-      state.server_state.params,
-      jax.tree.map(lambda x: x[k], state.site_states.local_params),
+      params, jax.tree.map(lambda x: x[k], state.site_states.local_params),
       run.trainer.norm_mask)
 
 
 def _evaluate_validation(run: _Run, state: RunState, row: dict) -> None:
   """Validation Dice per site (held-out patients) into `state.evals`."""
-  result = centralized.evaluate(run.model, _site_params(run, state), run.val)
+  result = centralized.evaluate(run.model, _site_params(run, state, True),
+                                run.val)
   fg = _nanmean(result["dice_per_site"][:, 1:], axis=-1)
   state.evals.append({"round": row["round"], "dice_per_site": dict(zip(
       run.plan.site_names, map(float, fg)))})
@@ -798,10 +817,31 @@ def _time_round(row: dict, round_start: float, evaluation: float) -> None:
 
 
 def _checkpoint(run: _Run, state: RunState) -> None:
-  run.checkpointer.save(state.rounds_completed,
-                        {"server": state.server_state,
-                         "sites": state.site_states},
+  tree = {"server": state.server_state, "sites": state.site_states}
+  if state.averaged_params is not None:
+    tree["averaged"] = state.averaged_params
+  run.checkpointer.save(state.rounds_completed, tree,
                         state.meta(run.config, run.plan))
+
+
+def _average(config, state: RunState) -> None:
+  """Folds this round's global model into the EMA (--ema_decay): only
+  released models go in, so it is post-processing."""
+  decay = config.federated.ema_decay
+  if decay:
+    state.averaged_params = optax.incremental_update(
+        state.server_state.params, state.averaged_params, 1.0 - decay)
+
+
+def evaluated_params(config, state: RunState):
+  """The global model evaluated and reported: the debiased EMA with
+  --ema_decay (after at least one round), else the last model."""
+  decay, t = config.federated.ema_decay, state.rounds_completed
+  if not decay or t == 0:
+    return state.server_state.params
+  correction = 1.0 - decay ** t
+  return jax.tree.map(lambda e: e / jnp.asarray(correction, e.dtype),
+                      state.averaged_params)
 
 
 def _warn_about_settings(config) -> None:
@@ -901,6 +941,7 @@ class Simulation:
     r = self.next_round
     state = self.state = dataclasses.replace(
         self.state, server_state=server_state, site_states=site_states)
+    _average(config, state)
     _record_round(run, state, r, part, out)
     row = _round_row(run, state, r, part, out, seconds)
     evaluation = 0.0
@@ -943,11 +984,17 @@ class Simulation:
                  f"--target_epsilon={p.target_epsilon}")
         logging.warning("%s", above)
         stopped_reason += f" ({above})"
-    test_result = centralized.evaluate(run.model, _site_params(run, state),
-                                       run.test, with_hd95=True)
+    test_result = centralized.evaluate(
+        run.model, _site_params(run, state, True), run.test, with_hd95=True)
     report = _report(run, state, test_result, stopped_reason,
                      time.time() - self.start_time, self.round_times)
     report["final_params_sha256"] = params_digest(state.server_state.params)
+    if config.federated.ema_decay:
+      report["metrics"]["evaluated_model"] = (
+          f"EMA of the global model over rounds, decay "
+          f"{config.federated.ema_decay}, debiased (post-processing)")
+      report["evaluated_params_sha256"] = params_digest(
+          evaluated_params(config, state))
     if p.enabled:
       from fedjax_seg.privacy import verify  # pylint: disable=g-import-not-at-top
       result = verify.verify_report(report, workers="auto")

@@ -237,3 +237,51 @@ def test_adaptive_clipping_with_site_adaptive_noise(tmp_path, mode):
   assert max(sigmas) > 1.2 * min(sigmas)  # Heterogeneous sites.
   for eps in report["privacy"]["epsilon_per_site"].values():
     assert 0.98 * 8.0 <= eps <= 8.0
+
+
+def _levers(**federated):
+  """TINY with fixed noise (no calibration), so that round 1 is the same
+  whatever the number of rounds."""
+  return dataclasses.replace(
+      TINY, privacy=C.PrivacyConfig(target_epsilon=None, noise_multiplier=1.0),
+      federated=dataclasses.replace(TINY.federated, **federated))
+
+
+def test_ema_is_the_debiased_average_of_the_released_models_and_resumes(
+    tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  one = experiment.Simulation(_levers(rounds=1), tmp_path / "one")
+  part = one.begin_round()
+  one.end_round(part, *one.run_round(part))
+  p1 = one.state.server_state.params
+  ema = _levers(rounds=2, ema_decay=0.5)
+  killed = dataclasses.replace(ema, stop_after_rounds=1)
+  assert experiment.train_and_evaluate(killed, tmp_path / "ema")[
+      "stopped_reason"] == "interrupted"
+  report = experiment.train_and_evaluate(ema, tmp_path / "ema")  # resumed
+  assert "EMA" in report["metrics"]["evaluated_model"]
+  sim = experiment.Simulation(ema, tmp_path / "ema")
+  p2 = sim.state.server_state.params
+  # Zeros, then 0.5 p1, then 0.25 p1 + 0.5 p2, debiased by 1 - 0.5^2.
+  want = jax.tree.map(lambda a, b: (a + 2 * b) / 3, p1, p2)
+  got = experiment.evaluated_params(ema, sim.state)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert report["evaluated_params_sha256"] == experiment.params_digest(got)
+  assert report["final_params_sha256"] == experiment.params_digest(p2)
+  assert report["final_params_sha256"] != report["evaluated_params_sha256"]
+
+
+def test_augmult_with_no_transform_is_the_plain_run_and_costs_no_epsilon(
+    tmp_path):
+  plain = experiment.train_and_evaluate(_levers(rounds=1), tmp_path / "a")
+  same = experiment.train_and_evaluate(
+      _levers(rounds=1, augmult=1, augmentations=()), tmp_path / "b")
+  np.testing.assert_allclose(same["metrics"]["dice_mean"],
+                             plain["metrics"]["dice_mean"], atol=1e-4)
+  augmented = experiment.train_and_evaluate(
+      _levers(rounds=1, augmult=2), tmp_path / "c")
+  assert augmented["privacy"]["ledger"] == plain["privacy"]["ledger"]
+  assert augmented["final_params_sha256"] != plain["final_params_sha256"]
+  with pytest.raises(C.ConfigError, match="augmult"):
+    dataclasses.replace(_levers(augmult=2), data=C.DataConfig(volumes=True))

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_seg import privacy
+from fedjax_seg.data import augment as augment_lib
 from fedjax_seg.federated import sampling
 from fedjax_seg.privacy import auditing
 from fedjax_seg.privacy import clipping as clipping_lib
@@ -158,6 +159,12 @@ class ClientConfig:
       replacement from a per-round epoch order (`sampling.shuffled_batch`),
       refused with record-level DP; "auto": "poisson" with record-level DP,
       else "shuffle".
+    augmult: augmentation multiplicity K (De et al. 2022): each unit's loss
+      is the mean over K augmented copies of its slices
+      (`data.augment.multiplicity_loss`), so its gradient is averaged over
+      the copies before it is clipped; 0 = no augmentation. Free in
+      privacy: still one clipped contribution per unit.
+    augment: the augmentations drawn for each copy.
   """
 
   local_steps: int = 1
@@ -171,8 +178,12 @@ class ClientConfig:
   chunk_size: int | None = 4
   canonicalize_convs: bool | None = None
   batch_sampling: str = "auto"
+  augmult: int = 0
+  augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
 
   def __post_init__(self):
+    if self.augmult < 0:
+      raise ValueError(f"augmult must be >= 0, got {self.augmult}.")
     if self.batch_sampling not in BATCH_SAMPLINGS:
       raise ValueError(f"batch_sampling must be one of {BATCH_SAMPLINGS}, "
                        f"got {self.batch_sampling!r}.")
@@ -619,6 +630,9 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
       at the site and are not aggregated.
   """
   shuffle = resolve_batch_sampling(client, dp) == "shuffle"
+  if client.augmult:
+    loss_fn = augment_lib.multiplicity_loss(loss_fn, client.augmult,
+                                            client.augment)
   private_gradient = (make_private_gradient(loss_fn, client, dp)
                       if dp.enabled else None)
 
@@ -650,6 +664,9 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
                                               keys_lib.Purpose.SAMPLE_BATCH)
       batch = sample_batch(data, site_config.sampling_rate, key, client, dp,
                            step)
+      if client.augmult:  # Fresh augmentation randomness per unit and step.
+        batch = batch._replace(examples=augment_lib.with_augment_keys(
+            batch.examples, key_for(step, keys_lib.Purpose.AUGMENT)))
       state = local_step(
           state, batch, start=start, sampling_rate=site_config.sampling_rate,
           key_for=key_for, step=step, loss_fn=loss_fn,

@@ -44,6 +44,7 @@ class Purpose(enum.IntEnum):
   AUDIT_DIRECTIONS = 15  # The canaries' gradient directions.
   ATTACK_RELEASE = 16  # Noise of an update released to the attack study.
   ATTACK_RESTARTS = 17  # The gradient-inversion attack's random starts.
+  AUGMENT = 18  # Data augmentation of a step's sampled units.
 
 
 def derive_key(
