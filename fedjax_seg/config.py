@@ -246,6 +246,9 @@ class FederatedConfig:
       over K augmented copies before clipping (free in privacy); 0 = off.
     augmentations: the transforms of each copy (flip, affine, intensity,
       gamma, noise; `fedjax_seg.data.augment`).
+    augment_by_modality: per-modality overrides of augmentations, entries
+      MODALITY:op+op (e.g. XRAY:intensity+gamma+noise keeps chest X-rays
+      unflipped); a modality not listed gets augmentations.
     ema_decay: evaluate and report an exponential moving average of the
       global model over rounds with this decay (post-processing of released
       models, free in privacy); 0 = the last model.
@@ -264,6 +267,7 @@ class FederatedConfig:
   weighting: str = "num_examples"
   augmult: int = 0
   augmentations: tuple[str, ...] = augment.AUGMENTATIONS
+  augment_by_modality: tuple[str, ...] = ()
   ema_decay: float = 0.0
 
   def __post_init__(self):
@@ -272,6 +276,10 @@ class FederatedConfig:
                if a not in augment.AUGMENTATIONS]
     _check(not unknown, "augmentations",
            f"unknown {unknown}; choose from {augment.AUGMENTATIONS}.")
+    try:
+      augment.parse_by_modality(self.augment_by_modality)
+    except ValueError as e:
+      raise ConfigError(f"--augment_by_modality: {e}") from e
     _check(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1).")
     _check(self.algorithm in ALGORITHMS, "algorithm",
            f"must be one of {ALGORITHMS}, got {self.algorithm!r}.")

@@ -153,6 +153,7 @@ class _Plan:
   site_applied_sigma: float  # z of the server noise (float32).
   site_recorded_sigma: float  # what the site-level ledger records.
   training_sites: np.ndarray  # [S] bool (held-out sites excluded).
+  site_modalities: tuple = ()  # [S] modality names (public).
 
   def to_meta(self) -> dict:
     """What a checkpoint keeps to refuse a resumption that changes it."""
@@ -247,9 +248,16 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
       site_recorded = site_adaptive.accounted_noise_multiplier(site_applied)
     else:
       site_applied = site_recorded = _f32(z)
+  by_modality = augment_lib.parse_by_modality(f.augment_by_modality)
+  unknown = set(by_modality) - {m.upper() for m in train.site_modalities}
+  if unknown:
+    raise config_lib.ConfigError(
+        f"--augment_by_modality: no site has modality {sorted(unknown)} "
+        f"(modalities: {sorted(set(train.site_modalities))}).")
   return _Plan(unit, train.site_names, units, rates, max_batch, base,
                accounted, applied, recorded.astype(np.float64), adaptive,
-               site_adaptive, site_applied, site_recorded, training)
+               site_adaptive, site_applied, site_recorded, training,
+               tuple(train.site_modalities))
 
 
 def audit_config(config: config_lib.ExperimentConfig,
@@ -272,6 +280,20 @@ def audit_config(config: config_lib.ExperimentConfig,
                                             float(plan.sampling_rates[k])))
 
 
+def _augment_settings(f: config_lib.FederatedConfig, plan: _Plan) -> dict:
+  """ClientConfig's augment and augment_per_site (by modality)."""
+  by_modality = augment_lib.parse_by_modality(f.augment_by_modality)
+  if not by_modality:
+    return dict(augment=augment_lib.AugmentConfig(
+        augmentations=f.augmentations))
+  table = augment_lib.ops_table(plan.site_modalities, f.augmentations,
+                                by_modality)
+  used = tuple(op for i, op in enumerate(augment_lib.AUGMENTATIONS)
+               if any(row[i] for row in table))
+  return dict(augment=augment_lib.AugmentConfig(augmentations=used),
+              augment_per_site=table)
+
+
 def _trainer_settings(config, plan, params) -> dict:
   """The FederatedTrainer's settings (all but the loss)."""
   p, f, perf = config.privacy, config.federated, config.performance
@@ -288,7 +310,7 @@ def _trainer_settings(config, plan, params) -> dict:
       prox_mu=f.prox_mu if f.algorithm == "fedprox" else 0.0,
       microbatch_size=perf.microbatch_size, local_loop=perf.local_loop,
       chunk_size=perf.chunk_size, augmult=f.augmult,
-      augment=augment_lib.AugmentConfig(augmentations=f.augmentations))
+      **_augment_settings(f, plan))
   optimizer = {"fedavg": "fedavg", "fedprox": "fedavg", "fedbn": "fedavg",
                "fedavgm": "fedavgm", "fedadam": "fedadam",
                "fedyogi": "fedyogi"}[f.algorithm]

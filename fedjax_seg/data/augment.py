@@ -30,6 +30,9 @@ from jax.scipy import ndimage
 PyTree = Any
 AUGMENTATIONS = ("flip", "affine", "intensity", "gamma", "noise")
 KEY_LEAF = "augment_key"
+# Optional [len(AUGMENTATIONS)] bool leaf: which transforms apply to this
+# example (e.g. by its site's modality; `ops_table`).
+OPS_LEAF = "augment_ops"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +91,8 @@ def _warp(image: jax.Array, label: jax.Array, angle: jax.Array,
 
 
 def augment_slice(image: jax.Array, label: jax.Array, key: jax.Array,
-                  config: AugmentConfig = AugmentConfig()
+                  config: AugmentConfig = AugmentConfig(),
+                  enabled: jax.Array | None = None
                   ) -> tuple[jax.Array, jax.Array]:
   """One random transform of a slice.
 
@@ -98,6 +102,9 @@ def augment_slice(image: jax.Array, label: jax.Array, key: jax.Array,
       warped, so use no "flip"/"affine" with soft labels).
     key: PRNG key of this copy.
     config: the transforms.
+    enabled: optional [len(AUGMENTATIONS)] bool (may be traced): of
+      `config.augmentations`, only these apply (the others are computed and
+      discarded, so that every site runs one program).
 
   Returns:
     (image [H, W, C] float32, label like `label`), aligned.
@@ -106,34 +113,66 @@ def augment_slice(image: jax.Array, label: jax.Array, key: jax.Array,
   keys = jax.random.split(key, len(AUGMENTATIONS))
   k = dict(zip(AUGMENTATIONS, keys))
   ops = config.augmentations
+
+  def apply(name, new_image, new_label):
+    if enabled is None:
+      return new_image, new_label
+    on = enabled[AUGMENTATIONS.index(name)]
+    return jnp.where(on, new_image, image), jnp.where(on, new_label, label)
+
   if "flip" in ops:
     flip = jax.random.bernoulli(k["flip"])
-    image = jnp.where(flip, image[:, ::-1], image)
-    label = jnp.where(flip, label[:, ::-1], label)
+    image, label = apply("flip", jnp.where(flip, image[:, ::-1], image),
+                         jnp.where(flip, label[:, ::-1], label))
   if "affine" in ops:
     ka, ks = jax.random.split(k["affine"])
     angle = jax.random.uniform(ka, minval=-1.0, maxval=1.0) * (
         config.max_rotation_degrees * math.pi / 180)
     scale = 1.0 + jax.random.uniform(ks, minval=-1.0, maxval=1.0) * (
         config.max_scale)
-    image, label = _warp(image, label, angle, scale)
+    image, label = apply("affine", *_warp(image, label, angle, scale))
   if "intensity" in ops:
     ka, kb = jax.random.split(k["intensity"])
     a = 1.0 + jax.random.uniform(ka, minval=-1.0, maxval=1.0) * (
         config.intensity_scale)
     b = jax.random.uniform(kb, minval=-1.0, maxval=1.0) * (
         config.intensity_shift)
-    image = a * image + b
+    image, label = apply("intensity", a * image + b, label)
   if "gamma" in ops:
     gamma = jnp.exp(jax.random.uniform(k["gamma"], minval=-1.0, maxval=1.0)
                     * config.max_log_gamma)
     low, high = jnp.min(image), jnp.max(image)
     span = jnp.maximum(high - low, 1e-6)
-    image = low + span * ((image - low) / span) ** gamma
+    image, label = apply(
+        "gamma", low + span * ((image - low) / span) ** gamma, label)
   if "noise" in ops:
-    image = image + config.noise_std * jax.random.normal(k["noise"],
-                                                         image.shape)
+    image, label = apply("noise", image + config.noise_std * jax.random.normal(
+        k["noise"], image.shape), label)
   return image, label
+
+
+def parse_by_modality(entries) -> dict[str, tuple[str, ...]]:
+  """{MODALITY: ops} from entries "MODALITY:op+op" ("XRAY:intensity+noise";
+  "MRI:" for none). Raises ValueError naming a bad entry."""
+  out = {}
+  for entry in entries:
+    modality, sep, ops = entry.partition(":")
+    names = tuple(o for o in ops.split("+") if o)
+    unknown = [o for o in names if o not in AUGMENTATIONS]
+    if not sep or not modality.strip() or unknown:
+      raise ValueError(f"{entry!r}: expected MODALITY:op+op with ops from "
+                       f"{AUGMENTATIONS}.")
+    out[modality.strip().upper()] = names
+  return out
+
+
+def ops_table(site_modalities, default: tuple[str, ...],
+              by_modality: dict[str, tuple[str, ...]]
+              ) -> tuple[tuple[bool, ...], ...]:
+  """[sites][len(AUGMENTATIONS)] which transforms each site's examples get:
+  its modality's entry of `by_modality`, else `default`."""
+  return tuple(tuple(op in by_modality.get(m.upper(), default)
+                     for op in AUGMENTATIONS) for m in site_modalities)
 
 
 def multiplicity_loss(loss_fn: Callable[[PyTree, dict], jax.Array],
@@ -148,12 +187,14 @@ def multiplicity_loss(loss_fn: Callable[[PyTree, dict], jax.Array],
   def loss(params, example):
     if KEY_LEAF not in example:
       return loss_fn(params, example)
-    rest = {k: v for k, v in example.items() if k != KEY_LEAF}
+    rest = {k: v for k, v in example.items()
+            if k not in (KEY_LEAF, OPS_LEAF)}
     key = jax.random.wrap_key_data(example[KEY_LEAF])
+    enabled = example.get(OPS_LEAF)
 
     def one(copy_key):
       image, label = augment_slice(rest["image"], rest["label"], copy_key,
-                                   config)
+                                   config, enabled)
       return loss_fn(params, {**rest, "image": image, "label": label})
 
     return jnp.mean(jax.vmap(one)(jax.random.split(key, copies)))
@@ -161,10 +202,16 @@ def multiplicity_loss(loss_fn: Callable[[PyTree, dict], jax.Array],
   return loss
 
 
-def with_augment_keys(examples: dict, key: jax.Array) -> dict:
+def with_augment_keys(examples: dict, key: jax.Array,
+                      enabled: jax.Array | None = None) -> dict:
   """`examples` (leaves [*lead, ...], images [*lead, H, W, C]) with a fresh
-  `KEY_LEAF` [*lead, 2] per example, split from `key`."""
+  `KEY_LEAF` [*lead, 2] per example, split from `key`, and with `enabled`
+  ([len(AUGMENTATIONS)] bool) as every example's `OPS_LEAF`."""
   lead = examples["image"].shape[:-3]
   keys = jax.random.split(key, math.prod(lead))
-  data = jax.random.key_data(keys).reshape(lead + (-1,))
-  return {**examples, KEY_LEAF: data}
+  out = {**examples,
+         KEY_LEAF: jax.random.key_data(keys).reshape(lead + (-1,))}
+  if enabled is not None:
+    out[OPS_LEAF] = jnp.broadcast_to(jnp.asarray(enabled, bool),
+                                     lead + (len(AUGMENTATIONS),))
+  return out

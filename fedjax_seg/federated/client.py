@@ -165,6 +165,9 @@ class ClientConfig:
       the copies before it is clipped; 0 = no augmentation. Free in
       privacy: still one clipped contribution per unit.
     augment: the augmentations drawn for each copy.
+    augment_per_site: optional [sites][len(AUGMENTATIONS)] bools: which of
+      `augment`'s transforms each site's examples get (e.g. by modality;
+      `augment.ops_table`); None: all of them everywhere.
   """
 
   local_steps: int = 1
@@ -180,6 +183,7 @@ class ClientConfig:
   batch_sampling: str = "auto"
   augmult: int = 0
   augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
+  augment_per_site: tuple[tuple[bool, ...], ...] | None = None
 
   def __post_init__(self):
     if self.augmult < 0:
@@ -665,8 +669,11 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
       batch = sample_batch(data, site_config.sampling_rate, key, client, dp,
                            step)
       if client.augmult:  # Fresh augmentation randomness per unit and step.
+        enabled = (None if client.augment_per_site is None else
+                   jnp.asarray(client.augment_per_site)[site_index])
         batch = batch._replace(examples=augment_lib.with_augment_keys(
-            batch.examples, key_for(step, keys_lib.Purpose.AUGMENT)))
+            batch.examples, key_for(step, keys_lib.Purpose.AUGMENT),
+            enabled))
       state = local_step(
           state, batch, start=start, sampling_rate=site_config.sampling_rate,
           key_for=key_for, step=step, loss_fn=loss_fn,

@@ -84,3 +84,26 @@ def test_multiplicity_is_the_mean_over_copies_and_one_clipped_unit():
     augment.multiplicity_loss(_loss, 0)
   with pytest.raises(ValueError, match="unknown augmentations"):
     augment.AugmentConfig(augmentations=("mixup",))
+
+
+def test_transforms_chosen_per_site_by_modality():
+  image, label = _blob()
+  key = jax.random.key(4)
+  only_flip = jnp.array([op == "flip" for op in augment.AUGMENTATIONS])
+  got = jax.jit(augment.augment_slice, static_argnums=3)(
+      image, label, key, augment.AugmentConfig(), only_flip)
+  want = augment.augment_slice(image, label, key, augment.AugmentConfig(
+      augmentations=("flip",)))
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  none, _ = augment.augment_slice(image, label, key, augment.AugmentConfig(),
+                                  jnp.zeros(len(augment.AUGMENTATIONS), bool))
+  np.testing.assert_array_equal(none, image)
+  by = augment.parse_by_modality(["xray:intensity+noise", "MRI:"])
+  assert by == {"XRAY": ("intensity", "noise"), "MRI": ()}
+  table = augment.ops_table(("CT", "XRAY", "MRI"), ("flip", "noise"), by)
+  assert table == ((True, False, False, False, True),
+                   (False, False, True, False, True),
+                   (False,) * 5)
+  with pytest.raises(ValueError, match="MODALITY:op"):
+    augment.parse_by_modality(["XRAY=flip"])
