@@ -20,6 +20,7 @@ setting's reconstruction).
 """
 
 import json
+import math
 import pathlib
 
 from absl import app
@@ -99,6 +100,17 @@ def _study_config():
       settings=tuple(_SETTINGS.value), inversion=inversion)
 
 
+def _finite_or_none(value):
+  """JSON-ready: NaN and inf become null (strict JSON has neither)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_none(v) for v in value]
+  return value
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -127,7 +139,8 @@ def main(argv):
   grids = study.write_grids(workdir, results, images)
   results["grids"] = [p.name for p in grids]
   path = workdir / ATTACK_JSON
-  experiment.atomic_write(path, json.dumps(results, indent=1).encode())
+  experiment.atomic_write(path, json.dumps(
+      _finite_or_none(results), indent=1, allow_nan=False).encode())
   for e in results["attacks"]:
     eps = ("no DP" if e["epsilon"] is None
            else f"{e['epsilon_label']} {e['epsilon']:.2f}")

@@ -427,6 +427,13 @@ class _quiet:  # pylint: disable=invalid-name
 
 
 def _comparable(config_dict: dict) -> dict:
+  # Through the config class, so that a checkpoint written before a field
+  # existed compares with that field's default (the behaviour it had).
+  from fedjax_seg import config_flags  # pylint: disable=g-import-not-at-top
+  try:
+    config_dict = config_flags.config_from_dict(config_dict).to_dict()
+  except (config_lib.ConfigError, KeyError, TypeError):
+    pass  # Compared as stored (and so refused if it differs).
   d = json.loads(json.dumps(config_dict))
   for key in _RESUMABLE_CHANGES:
     d.pop(key, None)
@@ -567,7 +574,11 @@ def _restore_or_init(run: _Run, params) -> RunState:
   try:
     restored, meta = run.checkpointer.restore(latest, target)
   except (ValueError, KeyError, TypeError) as e:
-    raise other_settings from e  # Its state has another structure.
+    raise config_lib.ConfigError(
+        f"--workdir={run.workdir}: its checkpoint {latest} does not restore "
+        f"into this run's state ({type(e).__name__}: {e}); it was made with "
+        "other settings (e.g. --ema_decay) or is damaged. Use a new "
+        "--workdir, or the run's flags.") from e
   if _comparable(meta["config"]) != _comparable(config.to_dict()):
     raise other_settings
   _check_noise_plan_unchanged(meta, plan, config)
@@ -967,12 +978,13 @@ class Simulation:
     _record_round(run, state, r, part, out)
     row = _round_row(run, state, r, part, out, seconds)
     evaluation = 0.0
+    # Counted before validation: the EMA now holds r + 1 models.
+    state.rounds_completed = r + 1
     if (r + 1) % config.eval_every == 0 or r + 1 == f.rounds:
       eval_start = time.perf_counter()
       _evaluate_validation(run, state, row)
       evaluation = time.perf_counter() - eval_start
     state.history.append(row)
-    state.rounds_completed = r + 1
     _time_round(row, self._round_start, evaluation)
     self.round_times.append(row["wall_seconds"])
     _log_round(run, row, self.round_times)

@@ -294,3 +294,16 @@ def test_augmult_with_no_transform_is_the_plain_run_and_costs_no_epsilon(
       experiment.params_digest(plain.server_state.params)
   with pytest.raises(C.ConfigError, match="augmult"):
     dataclasses.replace(_levers(augmult=2), data=C.DataConfig(volumes=True))
+
+
+def test_a_checkpoint_from_before_a_new_field_compares_with_its_default():
+  stored = TINY.to_dict()
+  for field in ("augmult", "augmentations", "augment_by_modality",
+                "ema_decay"):
+    del stored["federated"][field]
+  assert experiment._comparable(stored) == experiment._comparable(
+      TINY.to_dict())
+  changed = dataclasses.replace(TINY, federated=dataclasses.replace(
+      TINY.federated, ema_decay=0.5))
+  assert experiment._comparable(stored) != experiment._comparable(
+      changed.to_dict())

@@ -19,8 +19,13 @@ The epsilon of a DP setting is the guarantee the run's noise gives over all
 its rounds in that setting's unit: for the run's own unit, the ledger's
 figure (the report's); for the other unit, the figure of the same run with
 `--unit` set to it (same sigmas, expected batch size and rounds charged),
-from the same accountant. The attacked step is one of the releases that
-guarantee covers. With B slices the attacker is given the best case: a step
+from the same accountant (the run's noise accounted at that unit: with
+--target_epsilon a run at that unit would have calibrated another sigma).
+The attacked step is one of the releases that guarantee covers. "last"
+attacks the model after the last completed round under that round's noise:
+the next release such a site would make. The capture is one plain step:
+with --augmult the engine's release averages augmented copies, which only
+makes the attacker's task harder. With B slices the attacker is given the best case: a step
 that sampled exactly its targets, nothing else.
 
 Keys: the release noise and the attack's restarts have their own purposes
@@ -210,9 +215,15 @@ def _round_settings(sim, site: int, round_label: str):
   params = jax.tree.map(jnp.asarray, jax.device_get(params))
   sigma = float(plan.applied_sigma[r, site]) if config.privacy.record_level \
       else 0.0
+  # The clip norm the site used in round r; a round it sat out records NaN:
+  # then its latest earlier one (adaptive clipping keeps it), else the
+  # configured C.
   clip = config.privacy.l2_clip_norm
-  if r < len(state.history) and "clip" in state.history[r]:
-    clip = float(state.history[r]["clip"][plan.site_names[site]])
+  for row in reversed(state.history[:r + 1]):
+    value = row.get("clip", {}).get(plan.site_names[site])
+    if value is not None and math.isfinite(float(value)):
+      clip = float(value)
+      break
   return r, params, sigma, clip
 
 
@@ -246,6 +257,11 @@ def run_study(sim, config: StudyConfig, train: sites_lib.SiteArrays
   if unknown:
     raise config_lib.ConfigError(f"--attack_sites: unknown sites {unknown} "
                                  f"(sites: {names}).")
+  held = [s for s in sites if s not in training]
+  if held:
+    raise config_lib.ConfigError(
+        f"--attack_sites: {held} did not train in this run (held out); "
+        f"training sites: {training}.")
   dp_settings = [s for s in config.settings if s != "nodp"]
   if dp_settings and not sim.config.privacy.record_level:
     raise config_lib.ConfigError(
@@ -292,7 +308,7 @@ def run_study(sim, config: StudyConfig, train: sites_lib.SiteArrays
                 noise_multiplier=sigma, noise_key=noise_key)
             found = gradient_inversion.invert_gradients(
                 loss_fn, params, update, y, image_shape, restart_key,
-                inversion)
+                inversion, num_classes=len(test.class_names))
             m = scored_metrics(found.images, x)
             recon.append(np.asarray(found.images)[m["match"]])
             per_target.append({
@@ -343,8 +359,10 @@ def run_study(sim, config: StudyConfig, train: sites_lib.SiteArrays
           "targets": "slices of held-out test patients (not training data); "
                      "the PNG grids show them and their reconstructions",
           "update": "one local step on exactly the B target slices (the "
-                    "attacker's best case); DP settings at the run's sigma "
-                    "and clip norm of that round and site",
+                    "attacker's best case; no augmentation even if the run "
+                    "used --augmult); DP settings at the run's sigma "
+                    "and clip norm of that round and site; 'last' is the "
+                    "final model under the last round's noise",
           "epsilon": "the run's guarantee over all its rounds in the "
                      "setting's unit (the run's own unit: the ledger's "
                      "figure; the other unit: the same noise with --unit "

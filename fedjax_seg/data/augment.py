@@ -40,7 +40,8 @@ class AugmentConfig:
   """Which transforms, and how strong.
 
   Attributes:
-    augmentations: subset of `AUGMENTATIONS`, applied in that order.
+    augmentations: subset of `AUGMENTATIONS` (applied in the order of
+      `AUGMENTATIONS`, whatever the order given).
     max_rotation_degrees: rotation drawn uniformly in +-this.
     max_scale: scaling drawn uniformly in [1 - this, 1 + this].
     intensity_scale: multiplicative factor in [1 - this, 1 + this].
@@ -98,8 +99,7 @@ def augment_slice(image: jax.Array, label: jax.Array, key: jax.Array,
 
   Args:
     image: [H, W, C] float.
-    label: [H, W] int mask (or [H, W, K] float class maps; those are not
-      warped, so use no "flip"/"affine" with soft labels).
+    label: [H, W] int mask (soft [H, W, K] labels are not supported).
     key: PRNG key of this copy.
     config: the transforms.
     enabled: optional [len(AUGMENTATIONS)] bool (may be traced): of
@@ -109,6 +109,8 @@ def augment_slice(image: jax.Array, label: jax.Array, key: jax.Array,
   Returns:
     (image [H, W, C] float32, label like `label`), aligned.
   """
+  if label.ndim != 2:
+    raise ValueError(f"label must be an [H, W] mask, got shape {label.shape}.")
   image = jnp.asarray(image, jnp.float32)
   keys = jax.random.split(key, len(AUGMENTATIONS))
   k = dict(zip(AUGMENTATIONS, keys))

@@ -39,8 +39,8 @@ def write_nifti_cases(out_dir: str | os.PathLike,
   names = [s.name for s in config.sites]
   unknown = [s for s in sites if s not in names]
   if unknown:
-    raise ValueError(f"unknown synthetic sites {unknown}; choose from "
-                     f"{names}.")
+    raise ValueError(f"--sites: unknown synthetic sites {unknown}; choose "
+                     f"from {names}.")
   chosen = [names.index(s) for s in sites] if sites else range(len(names))
   rows = []
   for k in chosen:
@@ -64,7 +64,7 @@ def write_nifti_cases(out_dir: str | os.PathLike,
         # [D, rows, cols] -> x = row, y = column, z = slice (a prepared
         # slice is volume[:, :, z] as [rows, columns]).
         data = np.ascontiguousarray(np.transpose(volume, (1, 2, 0)), dtype)
-        tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.nii.gz")
         nib.save(nib.Nifti1Image(data, affine), str(tmp))
         os.replace(tmp, path)
         paths[kind] = f"{kind}/{path.name}"
@@ -72,7 +72,7 @@ def write_nifti_cases(out_dir: str | os.PathLike,
                    "site": spec.name, "patient": patient,
                    "modality": spec.modality})
   path = out / "cases.csv"
-  tmp = path.with_name(".cases.csv.tmp")
+  tmp = path.with_name(f".cases.{os.getpid()}.csv.tmp")
   with open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
