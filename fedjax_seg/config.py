@@ -79,13 +79,29 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """U-Net architecture (see `fedjax_seg.models.preset`)."""
+  """U-Net architecture (see `fedjax_seg.models.preset`) and its start.
+
+  Attributes:
+    preset: tiny, small or base.
+    widths: channel widths per level (overrides the preset's if given).
+    norm: group or instance (BatchNorm would mix examples).
+    residual: residual blocks.
+    dropout: dropout rate.
+    init_from: start from the final (or averaged) model of the run in this
+      --workdir instead of a random init (public pretraining). Refused when
+      that run trained without DP on data not known to be public.
+    init_from_public: state that the --init_from run's dataset is public
+      (needed for a non-private run on a prepared dataset; the built-in
+      synthetic data are public).
+  """
 
   preset: str = "tiny"
-  widths: tuple[int, ...] = ()  # Overrides the preset's widths if given.
+  widths: tuple[int, ...] = ()
   norm: str = "group"
   residual: bool = False
   dropout: float = 0.0
+  init_from: str | None = None
+  init_from_public: bool = False
 
   def __post_init__(self):
     _check(self.preset in unet.PRESETS, "model",

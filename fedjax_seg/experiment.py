@@ -530,6 +530,8 @@ def _setup(config, workdir: pathlib.Path, splits=None,
   init_key = privacy.derive_key(root, round_index=0, site=0, step=0,
                                 purpose=privacy.Purpose.MODEL_INIT)
   params = model.init(init_key, (1,) + train.image.shape[2:])
+  if config.model.init_from:
+    params = pretrained_params(config.model, params)
   if p.record_level:  # Per-example clipping is only valid for such models.
     probe = jnp.asarray(train.image[0, :min(3, int(train.num_examples[0]))])
     if probe.shape[0] >= 2:
@@ -546,6 +548,57 @@ def _setup(config, workdir: pathlib.Path, splits=None,
              segmentation_task.site_data(train), val, test, root,
              _Checkpointer(workdir))
   return run, params
+
+
+def _init_source(model_config: config_lib.ModelConfig) -> dict:
+  """What --init_from points at, from its report.json (checked public or
+  DP); raises ConfigError naming --init_from."""
+  from fedjax_seg import config_flags  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(model_config.init_from)
+  report_path = path / REPORT
+  if not report_path.is_file():
+    raise config_lib.ConfigError(
+        f"--init_from={path}: no {REPORT} there (give the --workdir of a "
+        "finished run).")
+  report = json.loads(report_path.read_text())
+  other = config_flags.config_from_dict(report["config"])
+  p = other.privacy
+  source = {"workdir": str(path), "dataset": other.data.dataset,
+            "dp": p.enabled, "rounds_completed": report["rounds_completed"],
+            "params_sha256": report.get("evaluated_params_sha256",
+                                        report.get("final_params_sha256"))}
+  if p.enabled:
+    privacy_section = report["privacy"]
+    source["epsilon_max"] = privacy_section.get("epsilon_max")
+    source["epsilon_label"] = privacy_section.get("epsilon_label")
+  elif other.data.dataset != "synthetic" and not model_config.init_from_public:
+    raise config_lib.ConfigError(
+        f"--init_from={path}: that run trained WITHOUT DP on dataset "
+        f"{other.data.dataset!r}, so its parameters are not public and would "
+        "carry its training data into this run's outputs. Pretrain on public "
+        "data (e.g. the built-in synthetic data), or pass --init_from_public "
+        f"to state that {other.data.dataset!r} is public.")
+  return source, other
+
+
+def pretrained_params(model_config: config_lib.ModelConfig, like):
+  """The --init_from run's evaluated model (its EMA if it kept one, else
+  its final global model), checked against this run's parameter shapes."""
+  _, other = _init_source(model_config)
+  sim = Simulation(other, model_config.init_from)
+  if sim.state.rounds_completed == 0:
+    raise config_lib.ConfigError(
+        f"--init_from={model_config.init_from}: that run has no completed "
+        "round.")
+  params = evaluated_params(other, sim.state)
+  want = jax.tree.map(lambda x: (x.shape, x.dtype), like)
+  got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise config_lib.ConfigError(
+        f"--init_from={model_config.init_from}: its model does not match "
+        "this one (use the same --model/--widths/--norm/--residual and data "
+        "with the same channels and classes).")
+  return jax.tree.map(jnp.asarray, jax.device_get(params))
 
 
 def _restore_or_init(run: _Run, params) -> RunState:
@@ -1119,6 +1172,20 @@ def _assumptions(config, plan: _Plan, diagnostics_released: bool) -> dict:
   ]
   if diagnostics_released:
     not_covered.append(DIAGNOSTICS_WARNING)
+  if config.model.init_from:
+    source, _ = _init_source(config.model)
+    if source["dp"]:
+      public.append(
+          f"the initial model: the DP-trained model of {source['workdir']} "
+          f"(dataset {source['dataset']!r}, {source['epsilon_label']} max "
+          f"{source['epsilon_max']}); its privacy cost is that dataset's, "
+          "not accounted here")
+    else:
+      public.append(
+          f"the initial model: trained without DP on the public dataset "
+          f"{source['dataset']!r} ({source['workdir']}"
+          + ("; public as stated by --init_from_public)"
+             if source["dataset"] != "synthetic" else ")"))
   covered = ("the trained parameters and everything computed from them "
              "(post-processing), every epsilon, the noised adaptive-clipping "
              "releases (clip norms)")

@@ -307,3 +307,36 @@ def test_a_checkpoint_from_before_a_new_field_compares_with_its_default():
       TINY.federated, ema_decay=0.5))
   assert experiment._comparable(stored) != experiment._comparable(
       changed.to_dict())
+
+
+def test_init_from_a_public_run_and_refusing_a_private_one(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  pretrain = dataclasses.replace(_levers(rounds=1), privacy=C.PrivacyConfig(
+      enabled=False))
+  experiment.train_and_evaluate(pretrain, tmp_path / "public")
+  source = experiment.Simulation(pretrain, tmp_path / "public")
+  tuned = dataclasses.replace(_levers(rounds=1), model=dataclasses.replace(
+      TINY.model, init_from=str(tmp_path / "public")))
+  sim = experiment.Simulation(tuned, tmp_path / "tuned")
+  for a, b in zip(jax.tree.leaves(sim.initial_params),
+                  jax.tree.leaves(source.state.server_state.params)):
+    np.testing.assert_array_equal(a, b)
+  assumptions = experiment._assumptions(tuned, sim.run.plan, False)
+  assert any("initial model" in line and "without DP" in line
+             for line in assumptions["public"])
+  # A non-private run on a prepared dataset is not public: refused, unless
+  # stated public.
+  private = tmp_path / "private"
+  private.mkdir()
+  report = {"config": dataclasses.replace(
+      pretrain, data=C.DataConfig(dataset="hospital_scans",
+                                  data_dir=str(tmp_path))).to_dict(),
+            "rounds_completed": 1}
+  (private / experiment.REPORT).write_text(json.dumps(report))
+  refused = dataclasses.replace(tuned, model=dataclasses.replace(
+      TINY.model, init_from=str(private)))
+  with pytest.raises(C.ConfigError, match="init_from_public"):
+    experiment.Simulation(refused, tmp_path / "refused")
+  with pytest.raises(C.ConfigError, match="no report.json"):
+    experiment.Simulation(dataclasses.replace(tuned, model=dataclasses.replace(
+        TINY.model, init_from=str(tmp_path / "nothing"))), tmp_path / "x")
