@@ -93,6 +93,9 @@ class ModelConfig:
     init_from_public: state that the --init_from run's dataset is public
       (needed for a non-private run on a prepared dataset; the built-in
       synthetic data are public).
+    trainable: parameter groups trained (encoder, decoder, head, norm);
+      empty = all. Fewer private dimensions: clipping and noise cover only
+      these; the others stay at their initial (e.g. --init_from) values.
   """
 
   preset: str = "tiny"
@@ -102,6 +105,7 @@ class ModelConfig:
   dropout: float = 0.0
   init_from: str | None = None
   init_from_public: bool = False
+  trainable: tuple[str, ...] = ()
 
   def __post_init__(self):
     _check(self.preset in unet.PRESETS, "model",
@@ -112,6 +116,9 @@ class ModelConfig:
            f" per-example DP), got {self.norm!r}.")
     _check(all(w > 0 for w in self.widths), "widths", "must be positive.")
     _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1).")
+    unknown = [g for g in self.trainable if g not in unet.PARAM_GROUPS]
+    _check(not unknown, "trainable",
+           f"unknown groups {unknown}; choose from {unet.PARAM_GROUPS}.")
 
   def unet_config(self, in_channels: int, num_classes: int,
                   spatial_dims: int = 2) -> unet.UNetConfig:
@@ -393,6 +400,10 @@ class ExperimentConfig:
           "the site, outside the site-level DP mechanism, and evaluating "
           "with them would reveal which sites were sampled; use another "
           "algorithm with site-level DP.")
+    if self.model.trainable and self.privacy.use_site_level:
+      raise ConfigError("--trainable: not with site-level DP (its server "
+                        "noise would move the frozen parameters); use "
+                        "record-level DP.")
     if self.federated.augmult and self.data.volumes:
       raise ConfigError("--augmult: augmentation is for 2D slices; this run "
                         "trains 3D volumes (--volumes).")

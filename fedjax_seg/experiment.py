@@ -324,8 +324,11 @@ def _trainer_settings(config, plan, params) -> dict:
         expected_sites=p.site_sampling_rate * int(plan.training_sites.sum()),
         adaptive_clipping=plan.site_adaptive)
   norm_mask = models.norm_param_mask(params) if f.algorithm == "fedbn" else None
+  trainable = (models.trainable_mask(params, config.model.trainable)
+               if config.model.trainable else None)
   return dict(client=client, local_dp=local_dp, server=server, site_dp=site_dp,
-              norm_mask=norm_mask, backend=perf.backend)
+              norm_mask=norm_mask, backend=perf.backend,
+              trainable_mask=trainable)
 
 
 def trainer_signature(config, plan, params) -> tuple:

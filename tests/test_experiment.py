@@ -340,3 +340,34 @@ def test_init_from_a_public_run_and_refusing_a_private_one(tmp_path):
   with pytest.raises(C.ConfigError, match="no report.json"):
     experiment.Simulation(dataclasses.replace(tuned, model=dataclasses.replace(
         TINY.model, init_from=str(tmp_path / "nothing"))), tmp_path / "x")
+
+
+def test_trainable_groups_only_train_and_clip_those(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_seg import models  # pylint: disable=g-import-not-at-top
+  from fedjax_seg import segmentation_task  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.federated import client as client_lib  # pylint: disable=g-import-not-at-top
+  config = dataclasses.replace(_levers(rounds=1), model=dataclasses.replace(
+      TINY.model, trainable=("head", "norm")))
+  sim = experiment.Simulation(config, tmp_path / "run")
+  part = sim.begin_round()
+  sim.end_round(part, *sim.run_round(part))
+  mask = models.trainable_mask(sim.initial_params, ("head", "norm"))
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
+                       sim.state.server_state.params, sim.initial_params)
+  assert jax.tree.leaves(moved) == jax.tree.leaves(mask)
+  assert any(jax.tree.leaves(mask)) and not all(jax.tree.leaves(mask))
+  # The clipped per-unit gradient lives on the trained leaves only: all of
+  # C goes to them, the frozen ones get exactly 0.
+  loss = client_lib._frozen_outside(
+      segmentation_task.example_loss(sim.run.model), mask)
+  batch = jax.tree.map(lambda x: x[0, :2], {
+      "image": sim.run.test.image, "label": sim.run.test.label})
+  clipped, stats = privacy.clipped_grad(loss, l2_clip_norm=1e-4)(
+      sim.initial_params, batch)
+  assert int(stats.num_clipped) == 2
+  for m, g in zip(jax.tree.leaves(mask), jax.tree.leaves(clipped)):
+    if not m:
+      assert not np.any(np.asarray(g))
+  with pytest.raises(C.ConfigError, match="trainable"):
+    C.ModelConfig(trainable=("bottleneck",))

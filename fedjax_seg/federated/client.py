@@ -544,7 +544,8 @@ def local_step(state: LocalState, batch: Batch, *, start: PyTree,
                local_opt: optax.GradientTransformation,
                noise_tx: optax.GradientTransformationExtraArgs,
                l2_clip_norm: jax.Array | None = None,
-               audit_canaries: tuple | None = None) -> LocalState:
+               audit_canaries: tuple | None = None,
+               trainable_mask=None) -> LocalState:
   """One local step on `batch`: gradient -> noise -> FedProx -> optimizer.
 
   `private_gradient` (from `make_private_gradient`) is used when DP is on;
@@ -585,6 +586,9 @@ def local_step(state: LocalState, batch: Batch, *, start: PyTree,
     grad, stats = nonprivate_gradient(loss_fn, params, batch, client)
     loss_sum, num_real = stats.loss_sum, stats.num_real
     num_clipped = jnp.zeros([], jnp.int32)
+  if trainable_mask is not None:  # Frozen leaves: no noise, no update.
+    grad = jax.tree.map(lambda m, g: g if m else jnp.zeros_like(g),
+                        trainable_mask, grad)
   if client.prox_mu > 0:  # Data-independent: post-processing under DP.
     grad = jax.tree.map(lambda g, p, s: g + client.prox_mu * (p - s), grad,
                         params, start)
@@ -621,9 +625,19 @@ def final_output(state: LocalState, start: PyTree, site_state: SiteState,
                                       state.audit_state), state.metrics)
 
 
+def _frozen_outside(loss_fn, trainable_mask):
+  """`loss_fn` with the leaves outside `trainable_mask` held constant."""
+  def loss(params, example):
+    held = jax.tree.map(lambda m, p: p if m else jax.lax.stop_gradient(p),
+                        trainable_mask, params)
+    return loss_fn(held, example)
+  return loss
+
+
 def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
                        client: ClientConfig, dp: LocalDPConfig,
-                       norm_mask=None) -> Callable[..., ClientOutput]:
+                       norm_mask=None,
+                       trainable_mask=None) -> Callable[..., ClientOutput]:
   """Builds the per-site update function (see module docstring).
 
   Args:
@@ -632,8 +646,15 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     dp: record-level DP settings.
     norm_mask: optional pytree of bools like params (FedBN): True leaves stay
       at the site and are not aggregated.
+    trainable_mask: optional pytree of bools like params: only True leaves
+      train. The others are held constant inside the loss (stop_gradient),
+      so each unit's gradient, its norm and its clipping involve only the
+      trained leaves, and their (noised) gradient is zeroed before the
+      optimizer (post-processing): they never move.
   """
   shuffle = resolve_batch_sampling(client, dp) == "shuffle"
+  if trainable_mask is not None:
+    loss_fn = _frozen_outside(loss_fn, trainable_mask)
   if client.augmult:
     loss_fn = augment_lib.multiplicity_loss(loss_fn, client.augmult,
                                             client.augment)
@@ -680,7 +701,7 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
           private_gradient=private_gradient, client=client, dp=dp,
           local_opt=local_opt, noise_tx=noise_tx,
           l2_clip_norm=site_config.l2_clip_norm,
-          audit_canaries=audit_canaries)
+          audit_canaries=audit_canaries, trainable_mask=trainable_mask)
       return state, None
 
     state = client_init(start, site_state, local_opt, noise_tx)

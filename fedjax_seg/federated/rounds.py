@@ -66,6 +66,9 @@ class FederatedTrainer:
     server: server optimizer settings.
     site_dp: optional site-level DP (DP-FedAvg).
     norm_mask: optional FedBN mask (pytree of bools like params).
+    trainable_mask: optional pytree of bools like params: only True leaves
+      are trained (the others get no gradient, so per-unit clipping and the
+      clip norm's budget cover only the trained ones, and no update).
     backend: one of BACKENDS (performance only).
   """
 
@@ -73,15 +76,16 @@ class FederatedTrainer:
                local_dp: client_lib.LocalDPConfig,
                server: server_lib.ServerConfig,
                site_dp: server_lib.SiteLevelDPConfig | None = None,
-               norm_mask=None, backend: str = "auto"):
+               norm_mask=None, backend: str = "auto", trainable_mask=None):
     self.client_config = client
     self.local_dp = local_dp
     self.server_config = server
     self.site_dp = site_dp
     self.norm_mask = norm_mask
     self.backend = resolve_backend(backend)
+    self.trainable_mask = trainable_mask
     self._client_update = client_lib.make_client_update(
-        loss_fn, client, local_dp, norm_mask)
+        loss_fn, client, local_dp, norm_mask, trainable_mask)
     self._jit_client = jax.jit(self._client_update)
     self._jit_finish = jax.jit(self._finish)
     self._placeholders = {}

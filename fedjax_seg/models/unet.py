@@ -273,6 +273,28 @@ def is_norm_param(path: tuple) -> bool:
   return any(str(getattr(k, "key", k)).startswith("norm") for k in path)
 
 
+PARAM_GROUPS = ("encoder", "decoder", "head", "norm")
+
+
+def trainable_mask(params, groups) -> Any:
+  """A pytree of bools like `params`: True for the parameters in `groups`
+  (of `PARAM_GROUPS`): "encoder" the down path (bottleneck included),
+  "decoder" the up path and its transposed convolutions, "head" the final
+  1x1 convolution, "norm" every normalisation scale and bias."""
+  unknown = [g for g in groups if g not in PARAM_GROUPS]
+  if unknown:
+    raise ValueError(f"unknown parameter groups {unknown}; choose from "
+                     f"{PARAM_GROUPS}.")
+
+  def selected(path, _):
+    top = str(getattr(path[0], "key", path[0]))
+    group = {"down": "encoder", "up": "decoder", "upconv": "decoder",
+             "head": "head"}.get(top)
+    return group in groups or ("norm" in groups and is_norm_param(path))
+
+  return jax.tree_util.tree_map_with_path(selected, params)
+
+
 def norm_param_mask(params) -> Any:
   """A pytree of bools like `params`: True for normalisation parameters."""
   return jax.tree_util.tree_map_with_path(lambda p, _: is_norm_param(p),
