@@ -405,7 +405,7 @@ def write_grids(workdir, results: dict, images: dict) -> list:
         ax.set_yticks([])
         if i == 0:
           ax.set_title(title, fontsize=7)
-    fig.suptitle(f"{site}, B={batch_size}", fontsize=9)
+    fig.suptitle(f"{site}, B={batch_size}", fontsize=9, y=1.0 + 0.25 / rows)
     path = pathlib.Path(workdir) / f"attack_{site}_b{batch_size}.png"
     plots.save_figure(fig, path)
     paths.append(path)
