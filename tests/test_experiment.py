@@ -363,7 +363,7 @@ def test_trainable_groups_only_train_and_clip_those(tmp_path):
       segmentation_task.example_loss(sim.run.model), mask)
   batch = jax.tree.map(lambda x: x[0, :2], {
       "image": sim.run.test.image, "label": sim.run.test.label})
-  clipped, stats = privacy.clipped_grad(loss, l2_clip_norm=1e-4)(
+  clipped, stats = jax.jit(privacy.clipped_grad(loss, l2_clip_norm=1e-4))(
       sim.initial_params, batch)
   assert int(stats.num_clipped) == 2
   for m, g in zip(jax.tree.leaves(mask), jax.tree.leaves(clipped)):

@@ -58,7 +58,7 @@ def _loss(w, example):
 def test_multiplicity_is_the_mean_over_copies_and_one_clipped_unit():
   image, label = _blob(16)
   config = augment.AugmentConfig(max_rotation_degrees=20)
-  loss = augment.multiplicity_loss(_loss, 3, config)
+  loss = jax.jit(augment.multiplicity_loss(_loss, 3, config))
   w = jnp.float32(0.7)
   example = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
   # Without the key leaf (evaluation): the plain loss.
@@ -68,15 +68,16 @@ def test_multiplicity_is_the_mean_over_copies_and_one_clipped_unit():
   one = {k: v[0] for k, v in keyed.items()}
   copies = jax.random.split(jax.random.wrap_key_data(one[augment.KEY_LEAF]),
                             3)
+  augment_one = jax.jit(augment.augment_slice, static_argnums=3)
   want = np.mean([float(_loss(w, dict(zip(("image", "label"),
-                                          augment.augment_slice(
-                                              image, label, k, config)))))
+                                          augment_one(image, label, k,
+                                                      config)))))
                   for k in copies])
   assert float(loss(w, one)) == pytest.approx(want, rel=1e-5)
   # Through DP clipping: each unit (with all its copies) contributes at most
   # C, and a padding unit nothing.
   batch = jax.tree.map(lambda x: jnp.concatenate([x, x]), keyed)
-  clipped, stats = privacy.clipped_grad(loss, l2_clip_norm=0.01)(
+  clipped, stats = jax.jit(privacy.clipped_grad(loss, l2_clip_norm=0.01))(
       w, batch, jnp.array([False, True]))
   assert abs(float(clipped)) <= 0.01 * (1 + 1e-6)
   assert int(stats.num_real) == 1
