@@ -1,9 +1,9 @@
 r"""Write the built-in synthetic patients as NIfTI files and a cases CSV.
 
-  python -m data_prep.export_synthetic --output_dir=/tmp/synthetic_nifti \
+  python -m data_prep.export_synthetic --output_dir=runs/nifti_cases \
       --image_size=64 --num_slices=16 --sites=ct_scanner_a,mri_t1_1p5t
-  python -m data_prep.prepare --input=/tmp/synthetic_nifti/cases.csv \
-      --output_dir=$HOME/fedjax_data --name=synthetic_nifti --image_size=64 \
+  python -m data_prep.prepare --input=runs/nifti_cases/cases.csv \
+      --output_dir=runs/nifti_data --name=synthetic_nifti --image_size=64 \
       --class_names=background,organ,lesion
 
 See `fedjax_seg/data/export.py`.
