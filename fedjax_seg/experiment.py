@@ -553,7 +553,8 @@ def _setup(config, workdir: pathlib.Path, splits=None,
   return run, params
 
 
-def _init_source(model_config: config_lib.ModelConfig) -> dict:
+def _init_source(model_config: config_lib.ModelConfig
+                 ) -> tuple[dict, config_lib.ExperimentConfig]:
   """What --init_from points at, from its report.json (checked public or
   DP); raises ConfigError naming --init_from."""
   from fedjax_seg import config_flags  # pylint: disable=g-import-not-at-top
@@ -567,7 +568,7 @@ def _init_source(model_config: config_lib.ModelConfig) -> dict:
   other = config_flags.config_from_dict(report["config"])
   p = other.privacy
   source = {"workdir": str(path), "dataset": other.data.dataset,
-            "dp": p.enabled, "rounds_completed": report["rounds_completed"],
+            "dp": p.enabled,
             "params_sha256": report.get("evaluated_params_sha256",
                                         report.get("final_params_sha256"))}
   if p.enabled:
@@ -620,10 +621,6 @@ def _restore_or_init(run: _Run, params) -> RunState:
   latest = run.checkpointer.latest()
   if latest is None:
     return state
-  other_settings = config_lib.ConfigError(
-      f"--workdir={run.workdir} holds a run with other settings; resuming "
-      "it with these would make its privacy ledger wrong. Use a new "
-      "--workdir, or the same flags.")
   target = {"server": server_state, "sites": site_states}
   if state.averaged_params is not None:
     target["averaged"] = state.averaged_params
@@ -636,7 +633,10 @@ def _restore_or_init(run: _Run, params) -> RunState:
         "other settings (e.g. --ema_decay) or is damaged. Use a new "
         "--workdir, or the run's flags.") from e
   if _comparable(meta["config"]) != _comparable(config.to_dict()):
-    raise other_settings
+    raise config_lib.ConfigError(
+        f"--workdir={run.workdir} holds a run with other settings; resuming "
+        "it with these would make its privacy ledger wrong. Use a new "
+        "--workdir, or the same flags.")
   _check_noise_plan_unchanged(meta, plan, config)
   state = RunState(
       restored["server"], restored["sites"],
@@ -1181,12 +1181,14 @@ def _assumptions(config, plan: _Plan, diagnostics_released: bool) -> dict:
       public.append(
           f"the initial model: the DP-trained model of {source['workdir']} "
           f"(dataset {source['dataset']!r}, {source['epsilon_label']} max "
-          f"{source['epsilon_max']}); its privacy cost is that dataset's, "
+          f"{source['epsilon_max']}; params sha256 "
+          f"{source['params_sha256']}); its privacy cost is that dataset's, "
           "not accounted here")
     else:
       public.append(
           f"the initial model: trained without DP on the public dataset "
-          f"{source['dataset']!r} ({source['workdir']}"
+          f"{source['dataset']!r} ({source['workdir']}, params sha256 "
+          f"{source['params_sha256']}"
           + ("; public as stated by --init_from_public)"
              if source["dataset"] != "synthetic" else ")"))
   covered = ("the trained parameters and everything computed from them "

@@ -25,17 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_seg import privacy
+from fedjax_seg.attacks import gradient_inversion
 
 PyTree = Any
 SETTINGS = ("nodp", "example", "patient")
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _mean_gradient(loss_fn, params, images, labels):
-  def batch_loss(p):
-    return jnp.mean(jax.vmap(lambda x, y: loss_fn(p, {
-        "image": x, "label": y}))(images, labels))
-  return jax.grad(batch_loss)(params)
 
 
 @functools.lru_cache(maxsize=16)
@@ -78,7 +71,7 @@ def capture_update(loss_fn: Callable[[PyTree, dict], jax.Array],
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   if setting == "nodp":
-    return _mean_gradient(loss_fn, params, images, labels)
+    return gradient_inversion.mean_gradient(loss_fn, params, images, labels)
   if noise_key is None:
     raise ValueError("a DP setting needs noise_key.")
   if not l2_clip_norm > 0 or not noise_multiplier >= 0:

@@ -95,14 +95,23 @@ def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def gradient_of(loss_fn: Callable[[PyTree, dict], jax.Array], params: PyTree,
-                images: jax.Array, labels: jax.Array) -> jax.Array:
-  """Flattened gradient of the mean per-example loss over a batch (what a
-  non-private site reports at batch size B, one local step)."""
+def mean_gradient(loss_fn: Callable[[PyTree, dict], jax.Array],
+                  params: PyTree, images: jax.Array,
+                  labels: jax.Array) -> PyTree:
+  """Gradient (like params) of the mean per-example loss over a batch (what
+  a non-private site reports at batch size B, one local step)."""
   def batch_loss(p):
     return jnp.mean(jax.vmap(lambda x, y: loss_fn(p, {
         "image": x, "label": y}))(images, labels))
-  return flatten_util.ravel_pytree(jax.grad(batch_loss)(params))[0]
+  return jax.grad(batch_loss)(params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def gradient_of(loss_fn: Callable[[PyTree, dict], jax.Array], params: PyTree,
+                images: jax.Array, labels: jax.Array) -> jax.Array:
+  """`mean_gradient`, flattened."""
+  return flatten_util.ravel_pytree(
+      mean_gradient(loss_fn, params, images, labels))[0]
 
 
 def invert_gradients(loss_fn: Callable[[PyTree, dict], jax.Array],
