@@ -1,13 +1,16 @@
 r"""DP-SGD gradient vs the non-private gradient, same model and batch.
 
 Times (after compilation, median of --repeats) the gradient of the tiny U-Net
-on a batch of --batch 32x32 slices: (a) the non-private batched gradient of
-the mean loss, (b) per-example gradients with `jax.vmap`, (c) our
+on a batch of --batch slices of --size: (a) the non-private batched gradient
+of the mean loss, (b) per-example gradients with `jax.vmap`, (b') the same
+per-example gradients from each layer's input and output gradient
+(`privacy.layer_gradients`, `--per_example_grads=layers`), kernels by their
+per-example VJP or by one contraction per tap, (c) our
 `privacy.clipped_grad` (jax_privacy underneath) with clipping, (d) (c) plus
 the Gaussian noise transform. Ratios are against (a), measured in the same
 run.
 
-  python benchmarks/bench_dp_step.py --batch=16
+  python benchmarks/bench_dp_step.py --batch=16 --size=32
 """
 
 import json
@@ -26,6 +29,7 @@ from fedjax_seg import segmentation_task
 _BATCH = flags.DEFINE_integer("batch", 16, "Examples per step.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls.")
 _MODEL = flags.DEFINE_string("model", "tiny", "U-Net preset.")
+_SIZE = flags.DEFINE_integer("size", 32, "Image side in pixels.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the figures as JSON.")
 
 
@@ -42,12 +46,17 @@ def _time(fn, *args):
 def main(argv):
   del argv
   model = models.SegmentationModel(models.preset(_MODEL.value))
-  params = model.init(jax.random.key(0), (1, 32, 32, 1))
+  size = _SIZE.value
+  params = model.init(jax.random.key(0), (1, size, size, 1))
   loss = segmentation_task.example_loss(model)
   batch = {"image": jax.random.normal(jax.random.key(1),
-                                      (_BATCH.value, 32, 32, 1)),
+                                      (_BATCH.value, size, size, 1)),
            "label": jax.random.randint(jax.random.key(2),
-                                       (_BATCH.value, 32, 32), 0, 3)}
+                                       (_BATCH.value, size, size), 0, 3)}
+  layered = {how: privacy.layer_gradients.per_example_value_and_grad(
+      lambda p, x, tape: model.apply(p, x, tape=tape),
+      segmentation_task.logits_loss(), kernel_method=how)
+             for how in ("vjp", "taps")}
   mean_loss = lambda p, b: jnp.mean(jax.vmap(loss, (None, 0))(p, b))
   clipped = privacy.clipped_grad(loss, l2_clip_norm=1.0)
   noise = privacy.gaussian_noise(1.0, l2_clip_norm=1.0,
@@ -61,18 +70,22 @@ def main(argv):
       "non_private_grad": _time(jax.jit(jax.grad(mean_loss)), params, batch),
       "per_example_grads_vmap": _time(jax.jit(jax.vmap(
           jax.grad(loss), (None, 0))), params, batch),
+      "per_example_grads_layers_vjp": _time(jax.jit(
+          lambda p, b: layered["vjp"](p, b)[1]), params, batch),
+      "per_example_grads_layers_taps": _time(jax.jit(
+          lambda p, b: layered["taps"](p, b)[1]), params, batch),
       "clipped_grad": _time(jax.jit(lambda p, b: clipped(p, b)[0]), params,
                             batch),
       "dp_step_clip_and_noise": _time(jax.jit(dp_step), params, batch,
                                       jax.random.key(3)),
   }
   base = results["non_private_grad"]
-  report = {"model": _MODEL.value, "batch": _BATCH.value,
+  report = {"model": _MODEL.value, "batch": _BATCH.value, "size": size,
             "device": str(jax.devices()[0]), "jax": jax.__version__,
             "seconds": results,
             "ratio_vs_non_private": {k: v / base for k, v in results.items()}}
   for k, v in results.items():
-    print(f"{k:24s} {1e3 * v:8.1f} ms   x{v / base:.2f}")
+    print(f"{k:30s} {1e3 * v:8.1f} ms   x{v / base:.2f}")
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
       json.dump(report, f, indent=1)

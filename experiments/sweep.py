@@ -68,11 +68,12 @@ def main(argv):
     return
   for target, best in sorted(summary["best_per_target_epsilon"].items(),
                              key=lambda kv: float(kv[0])):
-    logging.info("best at target epsilon %s: %s (Dice %.3f)", target,
+    logging.info("best at target epsilon %s (by validation Dice %.3f): %s "
+                 "(test Dice %.3f)", target, best["validation_dice_mean"],
                  best["member"], best["dice_mean"])
   print(f"{len(summary['members'])} members in {summary['seconds']:.0f} s | "
-        "best per target epsilon: " + ", ".join(
-            f"{t}: {b['member']} (Dice {b['dice_mean']:.3f})" for t, b in
+        "best per target epsilon (by validation Dice): " + ", ".join(
+            f"{t}: {b['member']} (test Dice {b['dice_mean']:.3f})" for t, b in
             sorted(summary["best_per_target_epsilon"].items(),
                    key=lambda kv: float(kv[0])))
         + f" | {_WORKDIR.value}/sweep.json")

@@ -334,12 +334,18 @@ class PerformanceConfig:
       is computed in chunks of this many slices and the chunks after the
       last sampled unit are skipped (patients' slices are packed first);
       none computes the whole padded capacity. 4 measured fastest on CPU.
+    per_example_grads: how a DP step forms per-unit gradients, the same
+      values either way: vmap (jax.vmap of jax.grad) or layers (one batched
+      backward pass, each layer's per-example gradient from its input and
+      output gradient; needs chunk_size, no augmult). vmap measured as fast
+      or faster on CPU (BENCHMARKS.md).
   """
 
   backend: str = "auto"
   microbatch_size: int | None = None
   local_loop: str = "auto"
   chunk_size: int | None = 4
+  per_example_grads: str = "vmap"
 
   def __post_init__(self):
     from fedjax_seg.federated import rounds  # pylint: disable=g-import-not-at-top
@@ -351,6 +357,11 @@ class PerformanceConfig:
            f"must be one of {client_lib.LOCAL_LOOPS}.")
     _check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size",
            "must be >= 1 (or none for the whole padded capacity).")
+    _check(self.per_example_grads in client_lib.PER_EXAMPLE_GRADS,
+           "per_example_grads",
+           f"must be one of {client_lib.PER_EXAMPLE_GRADS}.")
+    _check(self.per_example_grads == "vmap" or self.chunk_size is not None,
+           "per_example_grads", "layers needs --chunk_size (not none).")
     _check(self.chunk_size is None or self.microbatch_size is None,
            "microbatch_size", "applies to the full-capacity path only; set "
            "--chunk_size=none with it (chunks already bound the memory).")
@@ -404,6 +415,11 @@ class ExperimentConfig:
       raise ConfigError("--trainable: not with site-level DP (its server "
                         "noise would move the frozen parameters); use "
                         "record-level DP.")
+    if (self.performance.per_example_grads == "layers"
+        and self.federated.augmult):
+      raise ConfigError("--per_example_grads=layers: not with --augmult "
+                        "(a unit's copies are averaged inside its loss); use "
+                        "--per_example_grads=vmap.")
     if self.federated.augmult and self.data.volumes:
       raise ConfigError("--augmult: augmentation is for 2D slices; this run "
                         "trains 3D volumes (--volumes).")

@@ -310,6 +310,7 @@ def _trainer_settings(config, plan, params) -> dict:
       prox_mu=f.prox_mu if f.algorithm == "fedprox" else 0.0,
       microbatch_size=perf.microbatch_size, local_loop=perf.local_loop,
       chunk_size=perf.chunk_size, augmult=f.augmult,
+      per_example_grads=perf.per_example_grads,
       **_augment_settings(f, plan))
   optimizer = {"fedavg": "fedavg", "fedprox": "fedavg", "fedbn": "fedavg",
                "fedavgm": "fedavgm", "fedadam": "fedadam",

@@ -7,6 +7,19 @@ from fedjax_seg.data import sites as sites_lib
 from fedjax_seg.federated import client as client_lib
 from fedjax_seg.models import losses
 from fedjax_seg.models import unet
+from fedjax_seg.privacy import layer_gradients
+
+
+def logits_loss(class_weights=None):
+  """`(logits [H, W, K], example) -> scalar` Dice + CE loss of ONE slice."""
+
+  def loss(logits, example):
+    label = example["label"]
+    if not jnp.issubdtype(label.dtype, jnp.floating):
+      label = label.astype(jnp.int32)
+    return losses.dice_ce_loss(logits, label, class_weights=class_weights)
+
+  return loss
 
 
 def example_loss(model: unet.SegmentationModel, class_weights=None):
@@ -15,15 +28,20 @@ def example_loss(model: unet.SegmentationModel, class_weights=None):
   `example` is {"image": [H, W, C], "label": [H, W]} (no batch axis; a
   float label [H, W, K] is read as class probabilities); the model is
   applied to a batch of one, which is exact for our per-example U-Nets.
+  The returned function carries `per_example_value_and_grad`: the same
+  per-example losses and gradients from the layers' inputs and output
+  gradients (`privacy.layer_gradients`), for `--per_example_grads=layers`.
   """
+  from_logits = logits_loss(class_weights)
 
   def loss_fn(params, example):
-    logits = model.apply(params, example["image"][None])[0]
-    label = example["label"]
-    if not jnp.issubdtype(label.dtype, jnp.floating):
-      label = label.astype(jnp.int32)
-    return losses.dice_ce_loss(logits, label, class_weights=class_weights)
+    return from_logits(model.apply(params, example["image"][None])[0],
+                       example)
 
+  loss_fn.per_example_value_and_grad = (
+      layer_gradients.per_example_value_and_grad(
+          lambda params, x, tape: model.apply(params, x, tape=tape),
+          from_logits))
   return loss_fn
 
 

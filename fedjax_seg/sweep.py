@@ -35,9 +35,12 @@ Keys: member i folds i into the root key after the seed
 (`--sweep_member`), so no two members share a key even with equal seeds.
 
 Privacy: each member's epsilons are those of that member run alone, per
-site. Choosing the best member by its Dice on held-out patients is
-data-dependent hyper-parameter selection, which these figures do not cover
-(the ledger's stated exclusion).
+site. The best member per target epsilon is chosen by its mean Dice on the
+VALIDATION patients at the last validated round, never by test Dice, so the
+test figures of the chosen member stay an unbiased estimate. Choosing by
+validation Dice is still data-dependent hyper-parameter selection, which
+these figures do not cover (the ledger's stated exclusion): tune on public
+data (the built-in synthetic data are public) to keep them exact.
 """
 
 import csv
@@ -72,6 +75,7 @@ SHAPE_FLAGS = frozenset({
 # Settings every member shares by construction.
 SHARED_FLAGS = frozenset({
     "rounds", "backend", "microbatch_size", "local_loop", "chunk_size",
+    "per_example_grads",
     "eval_every", "checkpoint_every", "stop_after_rounds",
     "release_training_diagnostics", "sweep_member"})
 
@@ -305,6 +309,8 @@ def _member_entry(member: Member, report: dict) -> dict:
       "iou_per_site": metrics["iou_per_site"],
       "hd95_per_site": metrics["hd95_per_site"],
       "validation_history": metrics["validation_history"],
+      "validation_dice_mean": _last_validation_mean(
+          metrics["validation_history"]),
       "rounds_completed": report["rounds_completed"],
       "stopped_reason": report["stopped_reason"],
       "seconds": report["timing"]["total_seconds"],
@@ -313,18 +319,34 @@ def _member_entry(member: Member, report: dict) -> dict:
   return entry
 
 
+def _last_validation_mean(history: Sequence[dict]) -> float | None:
+  """Mean over sites of the last validated round's Dice, over the sites
+  where it is defined (as the run's own val_dice_mean); None when the run
+  was never validated or no site's Dice is defined."""
+  if not history:
+    return None
+  values = [v for v in history[-1]["dice_per_site"].values()
+            if v is not None and v == v]
+  return float(sum(values) / len(values)) if values else None
+
+
 def summarize(members: Sequence[Member], reports: Sequence[dict],
               seconds: float, backend: str, num_groups: int) -> dict:
   """The sweep's JSON: every member, and the best member per target epsilon
-  (highest mean test Dice among members with that --target_epsilon)."""
+  (highest mean VALIDATION Dice at the last validated round among members
+  with that --target_epsilon; its test Dice is reported, not used)."""
   entries = [_member_entry(m, r) for m, r in zip(members, reports)]
   best = {}
   for e in entries:
-    if not e["private"] or e["target_epsilon"] is None or e["dice_mean"] is None:
+    if (not e["private"] or e["target_epsilon"] is None
+        or e["validation_dice_mean"] is None):
       continue
     key = f"{e['target_epsilon']:g}"
-    if key not in best or e["dice_mean"] > best[key]["dice_mean"]:
-      best[key] = {"member": e["name"], "dice_mean": e["dice_mean"],
+    if (key not in best or e["validation_dice_mean"]
+        > best[key]["validation_dice_mean"]):
+      best[key] = {"member": e["name"],
+                   "validation_dice_mean": e["validation_dice_mean"],
+                   "dice_mean": e["dice_mean"],
                    "dice_per_modality": e["dice_per_modality"],
                    "epsilon_max": e["epsilon_max"],
                    "epsilon_pld_max": e["epsilon_pld_max"],
@@ -340,9 +362,10 @@ def summarize(members: Sequence[Member], reports: Sequence[dict],
       "seconds": seconds,
       "privacy_note": (
           "Each member's epsilons are those of that member run alone "
-          "(per site, the unit and delta given). Selecting the best member "
-          "by test Dice on held-out patients is data-dependent "
-          "hyper-parameter selection, which they do not cover."),
+          "(per site, the unit and delta given). The best member is chosen "
+          "by validation Dice (test Dice is reported, not used); that "
+          "choice is data-dependent hyper-parameter selection, which they "
+          "do not cover."),
   }
 
 
@@ -359,11 +382,12 @@ def write_outputs(workdir: pathlib.Path, summary: dict,
   writer = csv.writer(buf)
   writer.writerow(["member"] + keys + [
       "private", "target_epsilon", "epsilon_max_rdp", "epsilon_max_pld",
-      "dice_mean"] + [f"dice_{m}" for m in modalities] + ["seconds"])
+      "validation_dice_mean", "dice_mean"] + [
+          f"dice_{m}" for m in modalities] + ["seconds"])
   for e in entries:
     writer.writerow([e["name"]] + [e["overrides"].get(k, "") for k in keys] + [
         e["private"], e["target_epsilon"], e["epsilon_max"],
-        e["epsilon_pld_max"], e["dice_mean"]] + [
+        e["epsilon_pld_max"], e["validation_dice_mean"], e["dice_mean"]] + [
             e["dice_per_modality"].get(m) for m in modalities] + [
                 f"{e['seconds']:.1f}"])
   experiment.atomic_write(workdir / SWEEP_CSV, buf.getvalue().encode())

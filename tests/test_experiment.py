@@ -371,3 +371,36 @@ def test_trainable_groups_only_train_and_clip_those(tmp_path):
       assert not np.any(np.asarray(g))
   with pytest.raises(C.ConfigError, match="trainable"):
     C.ModelConfig(trainable=("bottleneck",))
+
+
+@pytest.mark.parametrize("unit,trainable", [("patient", ()),
+                                            ("example", ("decoder", "head"))])
+def test_layer_per_example_gradients_give_the_vmap_run(tmp_path, unit,
+                                                       trainable):
+  base = dataclasses.replace(
+      TINY, model=C.ModelConfig(widths=(4, 4), trainable=trainable),
+      privacy=C.PrivacyConfig(unit=unit),
+      federated=dataclasses.replace(TINY.federated, rounds=1),
+      eval_every=1, checkpoint_every=1)
+  runs = {}
+  for how in ("vmap", "layers"):
+    config = dataclasses.replace(base, performance=C.PerformanceConfig(
+        per_example_grads=how))
+    runs[how] = experiment.train_and_evaluate(config, tmp_path / how)
+  vmap, layers = runs["vmap"], runs["layers"]
+  # A performance flag: the ledger and every epsilon are the same ...
+  assert layers["privacy"]["ledger"] == vmap["privacy"]["ledger"]
+  assert layers["privacy"]["epsilon_per_site"] == \
+      vmap["privacy"]["epsilon_per_site"]
+  # ... and the model the same up to float rounding of the gradients.
+  got = layers["metrics"]["dice_per_site"]
+  for site, dice in vmap["metrics"]["dice_per_site"].items():
+    np.testing.assert_allclose(np.array(got[site], float),
+                               np.array(dice, float), atol=1e-3)
+
+
+def test_layer_per_example_gradients_are_refused_with_augmult():
+  with pytest.raises(C.ConfigError, match="--per_example_grads"):
+    dataclasses.replace(
+        TINY, federated=dataclasses.replace(TINY.federated, augmult=2),
+        performance=C.PerformanceConfig(per_example_grads="layers"))

@@ -107,7 +107,13 @@ def test_members_meet_their_targets_and_the_summary_is_complete(loop_sweep):
   best = summary["best_per_target_epsilon"]
   assert set(best) == {"2", "8"}
   assert best["8"]["member"] == members[2].name
-  assert best["2"]["dice_mean"] == max(e["dice_mean"] for e in entries[:2])
+  # Chosen by validation Dice at the last validated round, not test Dice.
+  assert best["2"]["validation_dice_mean"] == max(
+      e["validation_dice_mean"] for e in entries[:2])
+  for e in entries:
+    last = [v for v in e["validation_history"][-1]["dice_per_site"].values()
+            if v is not None and v == v]
+    assert e["validation_dice_mean"] == pytest.approx(sum(last) / len(last))
   written = json.loads((workdir / sweep.SWEEP_JSON).read_text())
   assert written["best_per_target_epsilon"] == best
   assert [e["name"] for e in written["members"]] == [m.name for m in members]

@@ -57,6 +57,7 @@ UNITS = units_lib.RECORD_UNITS
 LOCAL_OPTIMIZERS = ("sgd", "momentum", "adam")
 LOCAL_LOOPS = ("auto", "scan", "unroll")
 BATCH_SAMPLINGS = ("auto", "poisson", "shuffle")
+PER_EXAMPLE_GRADS = ("vmap", "layers")
 
 
 def resolve_local_loop(local_loop: str, canonical_convs: bool = False) -> str:
@@ -168,6 +169,11 @@ class ClientConfig:
     augment_per_site: optional [sites][len(AUGMENTATIONS)] bools: which of
       `augment`'s transforms each site's examples get (e.g. by modality;
       `augment.ops_table`); None: all of them everywhere.
+    per_example_grads: how a DP step forms per-unit gradients (performance
+      only, the same values): "vmap" (`jax.vmap(jax.grad)`) or "layers"
+      (one batched backward pass and each layer's per-example gradient from
+      its input and output gradient, `privacy.layer_gradients`; needs a
+      loss with `per_example_value_and_grad`, chunk_size set, no augmult).
   """
 
   local_steps: int = 1
@@ -184,8 +190,16 @@ class ClientConfig:
   augmult: int = 0
   augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
   augment_per_site: tuple[tuple[bool, ...], ...] | None = None
+  per_example_grads: str = "vmap"
 
   def __post_init__(self):
+    if self.per_example_grads not in PER_EXAMPLE_GRADS:
+      raise ValueError(f"per_example_grads must be one of "
+                       f"{PER_EXAMPLE_GRADS}, got {self.per_example_grads!r}.")
+    if self.per_example_grads == "layers" and (self.chunk_size is None
+                                               or self.augmult):
+      raise ValueError("per_example_grads='layers' needs chunk_size set and "
+                       "no augmult.")
     if self.augmult < 0:
       raise ValueError(f"augmult must be >= 0, got {self.augmult}.")
     if self.batch_sampling not in BATCH_SAMPLINGS:
@@ -384,7 +398,7 @@ def sample_batch(data: SiteData, sampling_rate: jax.Array, key: jax.Array,
 
 def make_private_gradient(
     loss_fn: Callable[[PyTree, PyTree], jax.Array], client: ClientConfig,
-    dp: LocalDPConfig,
+    dp: LocalDPConfig, per_example_value_and_grad=None,
 ) -> Callable[[PyTree, Batch, jax.Array],
               tuple[PyTree, privacy.ClipStats]]:
   """`(params, batch, l2_clip_norm) -> (clipped_grad_sum, ClipStats)`.
@@ -394,7 +408,9 @@ def make_private_gradient(
   the full capacity (chunk_size=None), else `privacy.chunked_clipped_grad`
   (examples) or `privacy.packed_group_clipped_grad` (patients), which give the
   same sum and ClipStats (per unit, [B_max]) computing only the chunks that
-  hold sampled units.
+  hold sampled units. With `per_example_value_and_grad` (the layers path,
+  `client.per_example_grads="layers"`) the per-slice gradients come from it,
+  and an example is a group of one slice: the same sum and ClipStats.
   """
   unit = "group" if dp.unit == "patient" else "example"
   if client.chunk_size is None:
@@ -404,19 +420,45 @@ def make_private_gradient(
     return lambda params, batch, clip: full(
         params, batch.examples, ~batch.mask, slice_mask=batch.slice_mask,
         l2_clip_norm=clip)
-  if unit == "group":
+  if unit == "group" or per_example_value_and_grad is not None:
     packed = privacy.packed_group_clipped_grad(
         loss_fn, l2_clip_norm=dp.l2_clip_norm,
         num_groups=client.max_batch_size, chunk_size=client.chunk_size,
-        canonicalize=client.canonicalize_convs)
+        canonicalize=client.canonicalize_convs,
+        per_example_value_and_grad=per_example_value_and_grad)
+    if unit == "group":
+      return lambda params, batch, clip: packed(
+          params, batch.examples, batch.segment_ids, batch.slice_mask,
+          l2_clip_norm=clip)
+    # One slice per unit: slot i is group i, real when sampled.
     return lambda params, batch, clip: packed(
-        params, batch.examples, batch.segment_ids, batch.slice_mask,
+        params, batch.examples,
+        jnp.arange(client.max_batch_size, dtype=jnp.int32), batch.mask,
         l2_clip_norm=clip)
   chunked = privacy.chunked_clipped_grad(
       loss_fn, l2_clip_norm=dp.l2_clip_norm, chunk_size=client.chunk_size,
       canonicalize=client.canonicalize_convs)
   return lambda params, batch, clip: chunked(params, batch.examples,
                                              ~batch.mask, l2_clip_norm=clip)
+
+
+def _layer_value_and_grad(loss_fn, trainable_mask):
+  """The loss's per-layer per-example `(losses, grads)`, with the frozen
+  leaves' gradients 0 (as `_frozen_outside` gives them)."""
+  fn = getattr(loss_fn, "per_example_value_and_grad", None)
+  if fn is None:
+    raise ValueError("per_example_grads='layers' needs a loss with a "
+                     "`per_example_value_and_grad` (segmentation_task."
+                     "example_loss has one).")
+  if trainable_mask is None:
+    return fn
+
+  def frozen(params, batch):
+    losses, grads = fn(params, batch)
+    return losses, jax.tree.map(
+        lambda m, g: g if m else jnp.zeros_like(g), trainable_mask, grads)
+
+  return frozen
 
 
 class UnitLossStats(NamedTuple):
@@ -653,12 +695,14 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
       optimizer (post-processing): they never move.
   """
   shuffle = resolve_batch_sampling(client, dp) == "shuffle"
+  layered = (_layer_value_and_grad(loss_fn, trainable_mask)
+             if dp.enabled and client.per_example_grads == "layers" else None)
   if trainable_mask is not None:
     loss_fn = _frozen_outside(loss_fn, trainable_mask)
   if client.augmult:
     loss_fn = augment_lib.multiplicity_loss(loss_fn, client.augmult,
                                             client.augment)
-  private_gradient = (make_private_gradient(loss_fn, client, dp)
+  private_gradient = (make_private_gradient(loss_fn, client, dp, layered)
                       if dp.enabled else None)
 
   def client_update(global_params, site_state: SiteState, data: SiteData,

@@ -140,6 +140,19 @@ def _upsample2(upconv: nnx.ConvTranspose, x: jax.Array,
   return y
 
 
+def _layer(tape, path: tuple, kind: str, module, x, fn=None):
+  """`module(x)` (or `fn(x)`), recorded on `tape` when one is given.
+
+  `tape` (see `per_example_grads`) keeps each parametrised layer's input and
+  adds a zero perturbation to its output, whose gradient is the layer's
+  output gradient: what per-layer per-example gradients are made of.
+  """
+  fn = module if fn is None else fn
+  if tape is None:
+    return fn(x)
+  return tape.record(path, kind, module, x, fn(x))
+
+
 class ConvBlock(nnx.Module):
   """Two (conv 3^d -> norm -> ReLU) layers, optionally residual."""
 
@@ -156,12 +169,15 @@ class ConvBlock(nnx.Module):
     self.residual = config.residual
     self.rate = config.dropout
 
-  def __call__(self, x, dropout_key=None):
-    h = nnx.relu(self.norm1(self.conv1(x)))
+  def __call__(self, x, dropout_key=None, tape=None, path=()):
+    h = _layer(tape, path + ("conv1",), "conv", self.conv1, x)
+    h = nnx.relu(_layer(tape, path + ("norm1",), "norm", self.norm1, h))
     h = _dropout(h, self.rate, dropout_key)
-    h = self.norm2(self.conv2(h))
+    h = _layer(tape, path + ("conv2",), "conv", self.conv2, h)
+    h = _layer(tape, path + ("norm2",), "norm", self.norm2, h)
     if self.residual:
-      h = h + (self.skip(x) if self.skip is not None else x)
+      h = h + (_layer(tape, path + ("skip",), "conv", self.skip, x)
+               if self.skip is not None else x)
     return nnx.relu(h)
 
 
@@ -184,7 +200,7 @@ class UNet(nnx.Module):
     self.head = nnx.Conv(widths[0], config.num_classes, (1,) * d,
                          dtype=config.dtype, rngs=rngs)
 
-  def __call__(self, x, dropout_key=None):
+  def __call__(self, x, dropout_key=None, tape=None):
     keys = (jax.random.split(dropout_key, 2 * len(self.down))
             if dropout_key is not None else [None] * (2 * len(self.down)))
     skips = []
@@ -192,13 +208,15 @@ class UNet(nnx.Module):
     for i, block in enumerate(self.down):
       if i > 0:
         h = _max_pool2(h)
-      h = block(h, keys[i])
+      h = block(h, keys[i], tape, ("down", i))
       skips.append(h)
     for j, (upconv, block) in enumerate(zip(self.upconv, self.up)):
-      h = _upsample2(upconv, h, self.config.dtype)
+      h = _layer(tape, ("upconv", j), "upsample2", upconv, h,
+                 functools.partial(_upsample2, upconv,
+                                   dtype=self.config.dtype))
       h = jnp.concatenate([h, skips[-2 - j]], axis=-1)
-      h = block(h, keys[len(self.down) + j])
-    return self.head(h).astype(jnp.float32)
+      h = block(h, keys[len(self.down) + j], tape, ("up", j))
+    return _layer(tape, ("head",), "conv", self.head, h).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,15 +252,17 @@ class SegmentationModel:
     return _init_params(self.config, key)
 
   def apply(self, params: dict, x: jax.Array,
-            dropout_key: jax.Array | None = None) -> jax.Array:
+            dropout_key: jax.Array | None = None, tape=None) -> jax.Array:
     """Logits [B, ..., num_classes] float32 for inputs [B, ..., C].
 
     Each example's logits depend on that example only (GroupNorm /
-    InstanceNorm; dropout masks do not depend on data).
+    InstanceNorm; dropout masks do not depend on data). A `tape`
+    (`privacy.layer_gradients.Tape`) records every parametrised layer for
+    per-layer per-example gradients; the logits are the same.
     """
     self._check_shape(x.shape)
     module = nnx.merge(_graphdef_cached(self.config), params)
-    return module(x, dropout_key)
+    return module(x, dropout_key, tape)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -661,6 +661,7 @@ class PackedGroupClippedGrad(_ClipNormSensitivity):
   chunk_size: int
   canonicalize: bool | None
   accumulation_dtype: Any
+  per_example_value_and_grad: Callable[..., Any] | None = None
 
   def __call__(
       self,
@@ -697,7 +698,8 @@ class PackedGroupClippedGrad(_ClipNormSensitivity):
     # so each slice's gradient enters its group's with weight 1 / n_group.
     weight = jnp.where(mask, 1.0 / jnp.maximum(group_slices[seg], 1.0), 0.0)
     dtype = self.accumulation_dtype
-    per_slice = jax.vmap(jax.value_and_grad(self.loss_fn), in_axes=(None, 0))
+    per_slice = (self.per_example_value_and_grad
+                 or jax.vmap(jax.value_and_grad(self.loss_fn), in_axes=(None, 0)))
 
     def chunk_sums(params, chunk, chunk_mask, chunk_seg, chunk_weight):
       """Per-group sums of one chunk's weighted slice gradients and losses."""
@@ -764,6 +766,7 @@ def packed_group_clipped_grad(
     chunk_size: int,
     canonicalize: bool | None = None,
     accumulation_dtype: Any = jnp.float32,
+    per_example_value_and_grad: Callable[..., Any] | None = None,
 ) -> PackedGroupClippedGrad:
   """Per-group (patient) clipped gradient sum over a packed slice buffer.
 
@@ -811,6 +814,11 @@ def packed_group_clipped_grad(
     chunk_size: slices per chunk (performance only).
     canonicalize: as in `chunked_clipped_grad` (performance only).
     accumulation_dtype: dtype of the per-group sums and the returned sum.
+    per_example_value_and_grad: optional `(params, slices [c, ...]) ->
+      (losses [c], grads [c, ...])` with the values of
+      `vmap(value_and_grad(loss_fn))` computed another way (e.g.
+      `layer_gradients.per_example_value_and_grad`; performance only: every
+      rule above is applied to its output unchanged).
 
   Returns:
     A `PackedGroupClippedGrad` callable with a `.sensitivity()` method.
@@ -821,4 +829,5 @@ def packed_group_clipped_grad(
   if num_groups < 1:
     raise ValueError(f"num_groups must be >= 1, got {num_groups}.")
   return PackedGroupClippedGrad(loss_fn, l2_clip_norm, num_groups, chunk_size,
-                                canonicalize, accumulation_dtype)
+                                canonicalize, accumulation_dtype,
+                                per_example_value_and_grad)

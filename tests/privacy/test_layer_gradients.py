@@ -1,0 +1,95 @@
+"""Per-layer per-example gradients equal vmap(value_and_grad) for every layer
+type of the U-Nets (2D/3D convolutions, 1x1 head and residual skips, 2x2
+upsampling, GroupNorm and InstanceNorm scales and biases)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from fedjax_seg import segmentation_task
+from fedjax_seg.models import unet
+from fedjax_seg.privacy import layer_gradients
+
+CASES = {
+    "2d_group_two_channels": dict(widths=(4, 8), in_channels=2),
+    "2d_instance_residual": dict(widths=(4, 8), norm="instance",
+                                 residual=True),
+    "3d_group": dict(widths=(2, 4), spatial_dims=3),
+}
+
+
+def _setup(case, n=3):
+  config = unet.UNetConfig(**CASES[case])
+  model = unet.SegmentationModel(config)
+  d = config.spatial_dims
+  shape = (n,) + (8,) * d + (config.in_channels,)
+  params = model.init(jax.random.key(0), (1,) + shape[1:])
+  # Move norm scales/biases off their init (1, 0) so their gradients are
+  # not special.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.3 * jax.random.normal(
+          jax.random.key(hash(str(p)) % 2**31), v.shape), params)
+  k1, k2 = jax.random.split(jax.random.key(1))
+  batch = {"image": jax.random.normal(k1, shape),
+           "label": jax.random.randint(k2, shape[:-1], 0, 3)}
+  return model, params, batch
+
+
+@pytest.mark.parametrize("case,kernel_method", [
+    ("2d_group_two_channels", "taps"), ("2d_instance_residual", "vjp"),
+    ("3d_group", "taps")])
+def test_equals_vmap_of_value_and_grad(case, kernel_method):
+  model, params, batch = _setup(case, n=2)
+  loss_fn = segmentation_task.example_loss(model)
+  want_losses, want = jax.jit(jax.vmap(jax.value_and_grad(loss_fn),
+                                       in_axes=(None, 0)))(params, batch)
+  layered = layer_gradients.per_example_value_and_grad(
+      lambda p, x, tape: model.apply(p, x, tape=tape),
+      segmentation_task.logits_loss(), kernel_method=kernel_method)
+  got_losses, got = jax.jit(layered)(params, batch)
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+  chex.assert_trees_all_close(got_losses, want_losses, rtol=1e-5, atol=1e-6)
+  # Leaf by leaf, relative to the leaf's scale (float32 sums in another
+  # order); a conv bias before a norm has a gradient of 0 up to rounding.
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                          jax.tree.leaves(want)):
+    scale = float(jnp.max(jnp.abs(w)))
+    assert float(jnp.max(jnp.abs(g - w))) <= 1e-4 * scale + 1e-7, path
+
+
+def test_each_example_gets_only_its_own_gradient():
+  model, params, batch = _setup("2d_group_two_channels", n=2)
+  fn = jax.jit(segmentation_task.example_loss(model)
+               .per_example_value_and_grad)
+  _, both = fn(params, batch)
+  _, first = fn(params, jax.tree.map(lambda x: x[:1], batch))
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[:1], both), first,
+                              rtol=1e-5, atol=1e-7)
+
+
+def test_taps_and_vjp_kernel_gradients_agree_in_3d():
+  a = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 3))
+  b = jax.random.normal(jax.random.key(1), (2, 4, 4, 4, 5))
+  chex.assert_trees_all_close(
+      layer_gradients.conv_kernel_grad(a, b, (3, 3, 3)),
+      layer_gradients.conv_kernel_grad_vjp(a, b, (3, 3, 3)), atol=1e-4)
+
+
+def test_normalized_matches_groupnorm_before_its_affine():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  norm = nnx.GroupNorm(8, num_groups=4, rngs=nnx.Rngs(0))
+  x = 3.0 + jax.random.normal(jax.random.key(0), (2, 5, 5, 8))
+  chex.assert_trees_all_close(layer_gradients.normalized(norm, x), norm(x),
+                              atol=1e-5)
+
+
+def test_unrecorded_parameters_are_refused():
+  model, params, batch = _setup("2d_group_two_channels", n=1)
+  params = dict(params, extra={"kernel": jnp.zeros((2, 2))})
+  fn = layer_gradients.per_example_value_and_grad(
+      lambda p, x, tape: model.apply(
+          {k: v for k, v in p.items() if k != "extra"}, x, tape=tape),
+      segmentation_task.logits_loss())
+  with pytest.raises(ValueError, match="extra"):
+    fn(params, batch)
