@@ -309,8 +309,7 @@ def _member_entry(member: Member, report: dict) -> dict:
       "iou_per_site": metrics["iou_per_site"],
       "hd95_per_site": metrics["hd95_per_site"],
       "validation_history": metrics["validation_history"],
-      "validation_dice_mean": _last_validation_mean(
-          metrics["validation_history"]),
+      "validation_dice_mean": _last_validation_mean(report["history"]),
       "rounds_completed": report["rounds_completed"],
       "stopped_reason": report["stopped_reason"],
       "seconds": report["timing"]["total_seconds"],
@@ -320,14 +319,12 @@ def _member_entry(member: Member, report: dict) -> dict:
 
 
 def _last_validation_mean(history: Sequence[dict]) -> float | None:
-  """Mean over sites of the last validated round's Dice, over the sites
-  where it is defined (as the run's own val_dice_mean); None when the run
-  was never validated or no site's Dice is defined."""
-  if not history:
-    return None
-  values = [v for v in history[-1]["dice_per_site"].values()
-            if v is not None and v == v]
-  return float(sum(values) / len(values)) if values else None
+  """The run's own `val_dice_mean` (mean over sites of the validation Dice)
+  at its last validated round; None when it was never validated or that
+  mean is undefined."""
+  value = next((row["val_dice_mean"] for row in reversed(history)
+                if "val_dice_mean" in row), None)
+  return None if value is None or value != value else float(value)
 
 
 def summarize(members: Sequence[Member], reports: Sequence[dict],

@@ -442,6 +442,12 @@ def make_private_gradient(
                                              ~batch.mask, l2_clip_norm=clip)
 
 
+def zero_frozen(tree: PyTree, trainable_mask) -> PyTree:
+  """`tree` with the leaves outside `trainable_mask` replaced by zeros."""
+  return jax.tree.map(lambda m, g: g if m else jnp.zeros_like(g),
+                      trainable_mask, tree)
+
+
 def _layer_value_and_grad(loss_fn, trainable_mask):
   """The loss's per-layer per-example `(losses, grads)`, with the frozen
   leaves' gradients 0 (as `_frozen_outside` gives them)."""
@@ -455,8 +461,7 @@ def _layer_value_and_grad(loss_fn, trainable_mask):
 
   def frozen(params, batch):
     losses, grads = fn(params, batch)
-    return losses, jax.tree.map(
-        lambda m, g: g if m else jnp.zeros_like(g), trainable_mask, grads)
+    return losses, zero_frozen(grads, trainable_mask)
 
   return frozen
 
@@ -629,8 +634,7 @@ def local_step(state: LocalState, batch: Batch, *, start: PyTree,
     loss_sum, num_real = stats.loss_sum, stats.num_real
     num_clipped = jnp.zeros([], jnp.int32)
   if trainable_mask is not None:  # Frozen leaves: no noise, no update.
-    grad = jax.tree.map(lambda m, g: g if m else jnp.zeros_like(g),
-                        trainable_mask, grad)
+    grad = zero_frozen(grad, trainable_mask)
   if client.prox_mu > 0:  # Data-independent: post-processing under DP.
     grad = jax.tree.map(lambda g, p, s: g + client.prox_mu * (p - s), grad,
                         params, start)

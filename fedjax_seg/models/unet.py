@@ -143,7 +143,7 @@ def _upsample2(upconv: nnx.ConvTranspose, x: jax.Array,
 def _layer(tape, path: tuple, kind: str, module, x, fn=None):
   """`module(x)` (or `fn(x)`), recorded on `tape` when one is given.
 
-  `tape` (see `per_example_grads`) keeps each parametrised layer's input and
+  `tape` (`privacy.layer_gradients.Tape`) keeps each parametrised layer's input and
   adds a zero perturbation to its output, whose gradient is the layer's
   output gradient: what per-layer per-example gradients are made of.
   """

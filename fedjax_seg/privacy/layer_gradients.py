@@ -109,6 +109,24 @@ def conv_kernel_grad(a: jax.Array, b: jax.Array,
   return g.reshape((a.shape[0],) + kernel_size + g.shape[2:])
 
 
+def conv_kernel_grad_vjp(a: jax.Array, b: jax.Array,
+                         kernel_size: tuple[int, ...]) -> jax.Array:
+  """As `conv_kernel_grad`, through the convolution's own kernel VJP per
+  example (what `vmap(grad)` does for this one layer)."""
+  d = len(kernel_size)
+  dn = jax.lax.conv_dimension_numbers(
+      (1,) + a.shape[1:], kernel_size + (a.shape[-1], b.shape[-1]),
+      ("N" + "DHW"[-d:] + "C", "DHW"[-d:] + "IO", "N" + "DHW"[-d:] + "C"))
+
+  def one(a1, b1):
+    conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
+        a1[None], w, (1,) * d, "SAME", dimension_numbers=dn)
+    w0 = jnp.zeros(kernel_size + (a.shape[-1], b.shape[-1]), a.dtype)
+    return jax.vjp(conv, w0)[1](b1[None])[0]
+
+  return jax.vmap(one)(a, b)
+
+
 def upsample2_kernel_grad(a: jax.Array, b: jax.Array) -> jax.Array:
   """Per-example kernel gradient [N, 2^d..., C_in, C_out] of
   `unet._upsample2` with input a [N, *S, C_in] and output gradient b
@@ -123,6 +141,15 @@ def upsample2_kernel_grad(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.flip(flipped, axis=tuple(range(1, d + 1)))
 
 
+KERNEL_METHODS = ("vjp", "taps")
+
+
+def _check_kernel_method(kernel_method: str) -> None:
+  if kernel_method not in KERNEL_METHODS:
+    raise ValueError(f"kernel_method must be one of {KERNEL_METHODS}, got "
+                     f"{kernel_method!r}.")
+
+
 def layer_grads(kind: str, a: jax.Array, b: jax.Array,
                 param_shapes: dict[str, tuple],
                 kernel_method: str = "vjp") -> dict[str, jax.Array]:
@@ -132,12 +159,10 @@ def layer_grads(kind: str, a: jax.Array, b: jax.Array,
   per kernel tap, `conv_kernel_grad`) or "vjp" (the convolution's kernel VJP
   per example, `conv_kernel_grad_vjp`); the same values.
   """
+  _check_kernel_method(kernel_method)
   out = {}
   if "bias" in param_shapes:
     out["bias"] = _spatial_sum(b)
-  if kernel_method not in ("vjp", "taps"):
-    raise ValueError(f"kernel_method must be 'vjp' or 'taps', got "
-                     f"{kernel_method!r}.")
   if kind == "norm":
     if "scale" in param_shapes:
       out["scale"] = _spatial_sum(b * a)
@@ -157,11 +182,16 @@ def layer_grads(kind: str, a: jax.Array, b: jax.Array,
   return out
 
 
+def _keys(keypath) -> tuple:
+  """A pytree key path as plain keys, e.g. ("down", 0, "conv1", "kernel")."""
+  return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in keypath)
+
+
 def _layer_params(params: dict) -> dict[tuple, dict[str, tuple]]:
   """{layer path: {leaf name: shape}} from a nested params dict."""
   layers: dict[tuple, dict[str, tuple]] = {}
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in keypath)
+    keys = _keys(keypath)
     layers.setdefault(keys[:-1], {})[keys[-1]] = leaf.shape
   return layers
 
@@ -184,13 +214,14 @@ def per_example_value_and_grad(
     loss_from_logits: `(logits [...], example) -> scalar` for ONE example.
     input_key: the batch entry fed to the model.
     kernel_method: how convolution kernels' per-example gradients are formed
-      from A and B ("vjp" or "taps", see `layer_grads`). On 2 CPU cores
-      "vjp" was as fast as `vmap(grad)` and "taps" up to 1.6x slower at 32x32
-      (BENCHMARKS.md).
+      from A and B ("vjp" or "taps", see `layer_grads`). On 2 CPU cores, at
+      32x32, the whole call was 1.22x ("vjp") and 1.74x ("taps") the time
+      of `vmap(grad)` (BENCHMARKS.md).
 
   Every parameter leaf must belong to a recorded layer (else ValueError
   naming it), and no layer may be applied twice.
   """
+  _check_kernel_method(kernel_method)
 
   def value_and_grads(params, batch):
     x = batch[input_key]
@@ -217,26 +248,10 @@ def per_example_value_and_grad(
                  for path, shapes in layers.items()}
 
     def leaf(keypath, p):
-      keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in keypath)
+      keys = _keys(keypath)
       return per_layer[keys[:-1]][keys[-1]].astype(p.dtype)
 
     return losses, jax.tree_util.tree_map_with_path(leaf, params)
 
   return value_and_grads
 
-
-def conv_kernel_grad_vjp(a, b, kernel_size):
-  """As `conv_kernel_grad`, through the convolution's own kernel VJP per
-  example (what `vmap(grad)` does for this one layer)."""
-  d = len(kernel_size)
-  dn = jax.lax.conv_dimension_numbers(
-      (1,) + a.shape[1:], kernel_size + (a.shape[-1], b.shape[-1]),
-      ("N" + "DHW"[-d:] + "C", "DHW"[-d:] + "IO", "N" + "DHW"[-d:] + "C"))
-
-  def one(a1, b1):
-    conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
-        a1[None], w, (1,) * d, "SAME", dimension_numbers=dn)
-    w0 = jnp.zeros(kernel_size + (a.shape[-1], b.shape[-1]), a.dtype)
-    return jax.vjp(conv, w0)[1](b1[None])[0]
-
-  return jax.vmap(one)(a, b)
