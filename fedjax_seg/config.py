@@ -274,14 +274,16 @@ class FederatedConfig:
       unflipped); a modality not listed gets augmentations.
     ema_decay: evaluate and report an exponential moving average of the
       global model over rounds with this decay (post-processing of released
-      models, free in privacy); 0 = the last model.
+      models, free in privacy); 0 = the last model. Default 0.9.
   """
 
   algorithm: str = "fedavg"
   rounds: int = 30
-  local_steps: int = 2
-  batch_size: int = 4
-  learning_rate: float = 0.5
+  # Tuned at equal epsilon per patient (README, "Levers for utility"): one
+  # step on an expected 16 patients beats two on 4 at epsilon 1 and 8.
+  local_steps: int = 1
+  batch_size: int = 16
+  learning_rate: float = 0.25
   local_optimizer: str = "sgd"
   server_learning_rate: float = 1.0
   prox_mu: float = 0.01
@@ -291,7 +293,7 @@ class FederatedConfig:
   augmult: int = 0
   augmentations: tuple[str, ...] = augment.AUGMENTATIONS
   augment_by_modality: tuple[str, ...] = ()
-  ema_decay: float = 0.0
+  ema_decay: float = 0.9
 
   def __post_init__(self):
     _check(self.augmult >= 0, "augmult", "must be >= 0.")

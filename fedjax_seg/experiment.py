@@ -202,6 +202,11 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
   if empty:
     raise config_lib.ConfigError(
         f"--split_fractions: sites {empty} have no training data.")
+  if f.batch_size > units.max():
+    raise config_lib.ConfigError(
+        f"--batch_size={f.batch_size}: more than the largest site's "
+        f"{int(units.max())} training {'patients' if unit is privacy.PrivacyUnit.PATIENT else 'slices'} "
+        f"({train.site_names[int(units.argmax())]}); lower --batch_size.")
   rates = np.minimum(1.0, f.batch_size / units)
   max_batch = max(fed.max_batch_size_for(int(n), float(q))
                   for n, q in zip(units, rates))
@@ -430,10 +435,20 @@ class _quiet:  # pylint: disable=invalid-name
     logging.set_verbosity(self._level)
 
 
+# Fields added after runs were checkpointed whose default has changed since:
+# a checkpoint without the field ran with this value (its behaviour then).
+_VALUE_BEFORE_THE_FIELD = {("federated", "ema_decay"): 0.0}
+
+
 def _comparable(config_dict: dict) -> dict:
   # Through the config class, so that a checkpoint written before a field
-  # existed compares with that field's default (the behaviour it had).
+  # existed compares with the behaviour it had: the field's value then
+  # (_VALUE_BEFORE_THE_FIELD), else its default.
   from fedjax_seg import config_flags  # pylint: disable=g-import-not-at-top
+  config_dict = json.loads(json.dumps(config_dict))
+  for (section, name), value in _VALUE_BEFORE_THE_FIELD.items():
+    if isinstance(config_dict.get(section), dict):
+      config_dict[section].setdefault(name, value)
   try:
     config_dict = config_flags.config_from_dict(config_dict).to_dict()
   except (config_lib.ConfigError, KeyError, TypeError):

@@ -41,6 +41,24 @@ def test_flags_build_the_config():
   assert config.data_seed == 4 and config.seed == 0
 
 
+
+def test_default_flagfile_is_the_default_config():
+  """README: the default simulation is the same with or without default.flags,
+  and the reference flagfiles differ from it only where they say."""
+  flagfile = REPO / "experiments" / "flags" / "default.flags"
+  default = config_flags.config_from_flags(_values([]))
+  assert config_flags.config_from_flags(
+      _values([f"--flagfile={flagfile}"])) == default
+  assert (default.federated.batch_size, default.federated.local_steps,
+          default.federated.learning_rate, default.federated.ema_decay) == (
+              16, 1, 0.25, 0.9)
+  nonprivate = config_flags.config_from_flags(_values(
+      [f"--flagfile={REPO / 'experiments' / 'flags' / 'nonprivate.flags'}"]))
+  assert not nonprivate.privacy.enabled
+  assert (nonprivate.federated.batch_size, nonprivate.federated.local_steps,
+          nonprivate.federated.learning_rate,
+          nonprivate.federated.ema_decay) == (4, 2, 0.5, 0.0)
+
 def test_flagfile_round_trip(tmp_path):
   config = config_flags.config_from_values(dict(
       rounds=4, dp=False, learning_rate=0.125, held_out_sites=("x",),

@@ -13,7 +13,8 @@ from fedjax_seg import privacy
 TINY = C.ExperimentConfig(
     data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.0625),
     model=C.ModelConfig(widths=(4,)),
-    federated=C.FederatedConfig(rounds=4, local_steps=1, batch_size=4),
+    federated=C.FederatedConfig(rounds=4, local_steps=1, batch_size=4,
+                                learning_rate=0.5, ema_decay=0.0),
     eval_every=2, checkpoint_every=1)
 
 
@@ -192,6 +193,14 @@ def test_non_private_run_is_marked(tmp_path):
   assert saved["privacy"]["enabled"] is False
 
 
+def test_a_batch_larger_than_every_site_is_refused_before_writing(tmp_path):
+  config = dataclasses.replace(TINY, federated=dataclasses.replace(
+      TINY.federated, batch_size=1000))
+  with pytest.raises(C.ConfigError, match="--batch_size=1000"):
+    experiment.train_and_evaluate(config, tmp_path / "big")
+  assert not (tmp_path / "big").exists()
+
+
 def test_config_validation_names_the_flag():
   with pytest.raises(C.ConfigError, match="--noise_multiplier"):
     C.PrivacyConfig(noise_multiplier=-0.5)
@@ -296,7 +305,7 @@ def test_augmult_with_no_transform_is_the_plain_run_and_costs_no_epsilon(
     dataclasses.replace(_levers(augmult=2), data=C.DataConfig(volumes=True))
 
 
-def test_a_checkpoint_from_before_a_new_field_compares_with_its_default():
+def test_a_checkpoint_from_before_a_new_field_compares_with_its_value_then():
   stored = TINY.to_dict()
   for field in ("augmult", "augmentations", "augment_by_modality",
                 "ema_decay"):
@@ -307,6 +316,13 @@ def test_a_checkpoint_from_before_a_new_field_compares_with_its_default():
       TINY.federated, ema_decay=0.5))
   assert experiment._comparable(stored) != experiment._comparable(
       changed.to_dict())
+  # A checkpoint from before --ema_decay ran without EMA, whatever today's
+  # default is.
+  today = dataclasses.replace(TINY, federated=dataclasses.replace(
+      TINY.federated, ema_decay=C.FederatedConfig().ema_decay))
+  assert today.federated.ema_decay != 0
+  assert experiment._comparable(stored) != experiment._comparable(
+      today.to_dict())
 
 
 def test_init_from_a_public_run_and_refusing_a_private_one(tmp_path):

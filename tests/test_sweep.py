@@ -14,8 +14,11 @@ from fedjax_seg import sweep
 # Tests are distributed to workers by file (setup.cfg: --dist=loadfile), so
 # one worker runs this module and the sweep fixture runs once.
 
+# Small sites (patients_scale 1/16): the batch settings these tests were
+# written for, not the default's 16 patients per step.
 TINY = dict(image_size=16, num_slices=2, patients_scale=0.0625, rounds=2,
-            eval_every=1, checkpoint_every=1)
+            eval_every=1, checkpoint_every=1, batch_size=4, local_steps=2,
+            learning_rate=0.5, ema_decay=0.0)
 # Three schedules at two targets (one compiled program), and a non-private
 # reference member (a program of its own).
 MEMBERS = [dict(noise_schedule="constant", target_epsilon=2.0),

@@ -215,7 +215,7 @@ def per_example_value_and_grad(
     input_key: the batch entry fed to the model.
     kernel_method: how convolution kernels' per-example gradients are formed
       from A and B ("vjp" or "taps", see `layer_grads`). On 2 CPU cores, at
-      32x32, the whole call was 1.22x ("vjp") and 1.74x ("taps") the time
+      32x32, the whole call was 1.14x ("vjp") and 1.42x ("taps") the time
       of `vmap(grad)` (BENCHMARKS.md).
 
   Every parameter leaf must belong to a recorded layer (else ValueError
