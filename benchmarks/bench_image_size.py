@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from fedjax_seg import experiment
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -92,10 +94,8 @@ def main():
           + f" | round {t['round'] / base['round']:.1f}x the {sizes[0]}px "
           f"round (pixels {(size / sizes[0]) ** 2:.0f}x)", flush=True)
   if args.output:
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=1)
-    os.replace(tmp, args.output)
+    experiment.atomic_write(pathlib.Path(args.output),
+                            json.dumps(results, indent=1).encode())
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from torch.utils import data as torch_data  # pylint: disable=g-import-not-at-to
 import opacus  # pylint: disable=g-import-not-at-top
 import torch_unet  # pylint: disable=g-import-not-at-top
 
+from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
 from fedjax_seg import models  # pylint: disable=g-import-not-at-top
 from fedjax_seg import privacy  # pylint: disable=g-import-not-at-top
 from fedjax_seg import segmentation_task  # pylint: disable=g-import-not-at-top
@@ -240,10 +241,8 @@ def main():
     print("  " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()),
           flush=True)
   if args.output:
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=1)
-    os.replace(tmp, args.output)
+    experiment.atomic_write(pathlib.Path(args.output),
+                            json.dumps(results, indent=1).encode())
 
 
 if __name__ == "__main__":
