@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -167,6 +168,13 @@ class Template:
   wm: np.ndarray
   affine: np.ndarray
   source: str
+
+  @functools.cached_property
+  def brain_centre_mm(self) -> np.ndarray:
+    """[3] world position (mm) of the GM + WM centre of mass (computed once:
+    every patient's rotation and scaling is about it)."""
+    voxel = np.array(ndimage.center_of_mass(self.gm + self.wm))
+    return (self.affine @ np.append(voxel, 1.0))[:3]
 
 
 def template_files() -> dict[str, pathlib.Path]:
@@ -326,9 +334,7 @@ def make_patient(template: Template, profile: ScannerProfile, index: int,
                  axis=0).reshape(3, -1).astype(np.float64)
   world = out_affine[:3, :3] @ ijk + out_affine[:3, 3:4]
   # The patient's anatomy: where in the template each scanner voxel lands.
-  brain = template.gm + template.wm
-  centre = (template.affine @ np.append(
-      np.array(ndimage.center_of_mass(brain)), 1.0))[:3]
+  centre = template.brain_centre_mm
   rotation = _rotation(np.deg2rad(anatomy.uniform(
       -config.rotation_deg, config.rotation_deg, 3)))
   scale = 1.0 + anatomy.uniform(-config.scale_range, config.scale_range, 3)
@@ -360,18 +366,14 @@ def make_patient(template: Template, profile: ScannerProfile, index: int,
   return image, label, out_affine
 
 
-def _stored(data: np.ndarray, affine: np.ndarray, orientation: str):
-  """`data` (RAS voxel order) in the voxel order `orientation`, same world."""
-  flips = [code != ras for code, ras in zip(orientation, "RAS")]
-  out, new = data, affine.copy()
-  for axis, flip in enumerate(flips):
-    if flip:
-      out = np.flip(out, axis=axis)
-      n = data.shape[axis]
-      # Voxel i' = n - 1 - i: the column flips and the origin moves.
-      new[:3, 3] = new[:3, 3] + new[:3, axis] * (n - 1)
-      new[:3, axis] = -new[:3, axis]
-  return np.ascontiguousarray(out), new
+def _stored(data: np.ndarray, affine: np.ndarray,
+            orientation: str) -> nib.Nifti1Image:
+  """`data` (RAS voxel order) as an image stored in voxel order
+  `orientation`, same world coordinates (nibabel's reorientation)."""
+  transform = nib.orientations.ornt_transform(
+      nib.orientations.axcodes2ornt("RAS"),
+      nib.orientations.axcodes2ornt(orientation))
+  return nib.Nifti1Image(data, affine).as_reoriented(transform)
 
 
 def patient_ids(profile: ScannerProfile, config: CohortConfig) -> list[str]:
@@ -417,8 +419,7 @@ def write_cohort(output_dir: str | os.PathLike,
         image, label, affine = make_patient(template, profile, index, config,
                                             blurred)
         for suffix, data in (("t1", image), ("seg", label)):
-          stored, stored_affine = _stored(data, affine, profile.orientation)
-          img = nib.Nifti1Image(stored, stored_affine)
+          img = _stored(data, affine, profile.orientation)
           img.header.set_xyzt_units("mm")
           nib.save(img, str(tmp / profile.name / f"{patient}_{suffix}.nii.gz"))
         rows.append({"image": f"{profile.name}/{patient}_t1.nii.gz",
