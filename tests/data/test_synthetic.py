@@ -79,3 +79,25 @@ def test_bad_configs_are_refused():
     synthetic.SiteSpec("x", "PET", 3)
   with pytest.raises(ValueError, match="unique"):
     synthetic.SyntheticConfig(sites=(synthetic.SiteSpec("a", "CT", 2),) * 2)
+
+
+def test_xray_ray_sampling_keeps_the_projection(monkeypatch):
+  # Above XRAY_RAY_SAMPLES pixels an X-ray is projected from a volume with
+  # fewer samples along each ray than pixels; its labels and intensities must
+  # match the full-cube projection's statistics.
+  config = synthetic.SyntheticConfig(image_size=48)
+  site = [s.modality for s in config.sites].index("XRAY")
+  def stats():
+    labels, means = [], []
+    for patient in range(6):
+      image, label = synthetic.patient_volume(config, site, patient)
+      assert image.shape == label.shape == (1, 48, 48)
+      labels.append(np.bincount(label.ravel(), minlength=3) / label.size)
+      means.append(image.mean())
+    return np.mean(labels, 0), np.mean(means)
+  sampled_labels, sampled_mean = stats()
+  monkeypatch.setattr(synthetic, "XRAY_RAY_SAMPLES", 48)
+  cube_labels, cube_mean = stats()
+  np.testing.assert_allclose(sampled_labels, cube_labels, atol=0.03)
+  assert abs(sampled_mean - cube_mean) < 0.05
+  assert sampled_labels[1] > 0.03  # An organ is there to compare.
