@@ -112,7 +112,8 @@ class SiteArrays:
 
 def stack_sites(data: dataset_lib.SliceDataset, *,
                 pad_examples_to: int | None = None,
-                pad_slices_to: int | None = None) -> SiteArrays:
+                pad_slices_to: int | None = None,
+                pad_patients_to: int | None = None) -> SiteArrays:
   """Stacks `data` by site into padded arrays (site order of `site_names`).
 
   Args:
@@ -120,6 +121,7 @@ def stack_sites(data: dataset_lib.SliceDataset, *,
     pad_examples_to: M, at least the largest site's slice count (default:
       exactly that). Fix it to keep shapes equal across splits or runs.
     pad_slices_to: L, at least the largest patient's slice count.
+    pad_patients_to: P, at least the largest site's patient count.
   """
   num_sites = data.num_sites
   counts = np.bincount(data.site, minlength=num_sites)
@@ -148,6 +150,11 @@ def stack_sites(data: dataset_lib.SliceDataset, *,
     per_site_groups.append([np.flatnonzero(patient[s, :n] == p)
                             for p in np.unique(patient[s, :n])])
   p_max = max(1, max(len(g) for g in per_site_groups))
+  if pad_patients_to is not None:
+    if pad_patients_to < p_max:
+      raise ValueError(f"pad_patients_to={pad_patients_to} is below the "
+                       f"largest site's {p_max} patients.")
+    p_max = pad_patients_to
   l_max = max([1] + [len(x) for g in per_site_groups for x in g])
   if pad_slices_to is not None:
     if pad_slices_to < l_max:
