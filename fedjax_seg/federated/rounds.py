@@ -118,10 +118,11 @@ class FederatedTrainer:
         self.site_dp, round_index, root_key, server_learning_rate)
 
   def _all_sites(self, params, site_states, data, site_config, round_index,
-                 root_key, backend=None):
+                 root_key, backend=None, site_ids=None):
     backend = backend or self.backend
     num_sites = data.num_examples.shape[0]
-    site_ids = jnp.arange(num_sites, dtype=jnp.int32)
+    if site_ids is None:
+      site_ids = jnp.arange(num_sites, dtype=jnp.int32)
     per_site = lambda st, d, c, k: self._client_update(
         params, st, d, c, round_index, k, root_key)
     if backend == "vmap":
@@ -143,9 +144,9 @@ class FederatedTrainer:
 
   def _round(self, server_state, site_states, data, site_config,
              participating, round_index, root_key, server_learning_rate=None,
-             backend=None):
+             backend=None, site_ids=None):
     out = self._all_sites(server_state.params, site_states, data, site_config,
-                          round_index, root_key, backend)
+                          round_index, root_key, backend, site_ids)
     new_sites = _select(participating, out.site_state, site_states)
     metrics = _select(participating, out.metrics,
                       jax.tree.map(jnp.zeros_like, out.metrics))
@@ -156,20 +157,32 @@ class FederatedTrainer:
 
   def run_round(self, server_state, site_states, data: client_lib.SiteData,
                 site_config: client_lib.SiteConfig, participating,
-                round_index: int, root_key, server_learning_rate=None):
+                round_index: int, root_key, server_learning_rate=None,
+                site_ids=None):
     """One round. `participating` is [S] bool (host or device array).
 
     Returns (server_state, site_states, RoundOutput). The round index is
     passed as an int32 array, so rounds never recompile.
     `server_learning_rate` ([] array) overrides the server config's.
+    `site_ids` ([S] int, default 0..S-1) are the sites' ids in the
+    consortium, from which their keys derive: a round over a cohort of a
+    larger consortium passes the cohort's ids, so that a site's keys are its
+    own whichever cohort it is in.
     """
     participating = jnp.asarray(participating, bool)
     r = jnp.int32(round_index)
+    num_sites = participating.shape[0]
+    site_ids = (np.arange(num_sites) if site_ids is None
+                else np.asarray(site_ids))
+    if site_ids.shape != (num_sites,) or len(set(site_ids.tolist())) != \
+        num_sites:
+      raise ValueError(f"site_ids must be {num_sites} distinct ids, got "
+                       f"{site_ids.tolist()}.")
+    site_ids = site_ids.astype(np.int32)
     if self.backend == "loop":
       return self._loop_round(server_state, site_states, data, site_config,
                               participating, r, root_key,
-                              server_learning_rate)
-    num_sites = participating.shape[0]
+                              server_learning_rate, site_ids)
     pad = 0
     if self.backend == "shard":
       pad = (-num_sites) % jax.device_count()
@@ -180,9 +193,12 @@ class FederatedTrainer:
           grow, (site_states, data, site_config))
       participating = jnp.concatenate([participating,
                                        jnp.zeros((pad,), bool)])
+      # Padding sites do not take part; their ids only need to be distinct.
+      site_ids = np.concatenate([site_ids, site_ids.max() + 1
+                                 + np.arange(pad, dtype=np.int32)])
     server_state, site_states, output = self._jit_round(
         server_state, site_states, data, site_config, participating, r,
-        root_key, server_learning_rate)
+        root_key, server_learning_rate, site_ids=jnp.asarray(site_ids))
     if pad:
       site_states, client_metrics = jax.tree.map(
           lambda x: x[:num_sites], (site_states, output.client))
@@ -190,7 +206,8 @@ class FederatedTrainer:
     return server_state, site_states, output
 
   def _loop_round(self, server_state, site_states, data, site_config,
-                  participating, r, root_key, server_learning_rate):
+                  participating, r, root_key, server_learning_rate,
+                  site_ids):
     num_sites = participating.shape[0]
     take = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
     host_part = np.asarray(participating)
@@ -200,7 +217,7 @@ class FederatedTrainer:
       if host_part[k]:
         outputs.append(self._jit_client(
             server_state.params, take(site_states, k), take(data, k),
-            take(site_config, k), r, jnp.int32(k), root_key))
+            take(site_config, k), r, jnp.int32(site_ids[k]), root_key))
         continue
       if placeholder is None:
         placeholder = self._placeholder(server_state.params, site_states,

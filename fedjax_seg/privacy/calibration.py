@@ -171,11 +171,16 @@ def calibrate_site_noise_multipliers(
     >>> sig["small"] > sig["large"]
     True
   """
-  result = {}
+  result, by_size = {}, {}
   for site, size in site_sizes.items():
     b = batch_size[site] if isinstance(batch_size, Mapping) else batch_size
     if size < 1 or b < 1:
       raise ValueError(f"site {site!r}: size {size} and batch {b} must be >= 1.")
+    # Sites of the same size and batch get the same sigma: calibrate once
+    # (a consortium of 10,000 sites has a few hundred distinct sizes).
+    if (size, b) in by_size:
+      result[site] = by_size[size, b]
+      continue
     rate = min(1.0, b / size)
     sigma = calibrate_noise_multiplier(target_epsilon, delta, rate, steps,
                                        schedule, accountant=accountant)
@@ -184,7 +189,7 @@ def calibrate_site_noise_multipliers(
           sigma, target_epsilon, delta, sampling_rate=rate, steps=steps,
           schedule=schedule, steps_per_event=steps_per_event,
           dataset_size=int(size), max_batch_size=max_batch_size)
-    result[site] = sigma
+    result[site] = by_size[size, b] = sigma
   return result
 
 

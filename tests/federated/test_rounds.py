@@ -172,6 +172,33 @@ def test_identical_sites_draw_different_noise():
   assert not np.allclose(out.delta["w"], out1.delta["w"])
 
 
+@pytest.mark.parametrize("backend", ["loop", "vmap"])
+def test_a_cohort_round_is_those_sites_of_the_full_round(backend):
+  # Sites 0 and 2 of 4 take part. A round over just their data, given their
+  # consortium ids, is the same round: same keys, deltas and server update.
+  take = lambda tree, ids: jax.tree.map(lambda x: x[np.asarray(ids)], tree)
+  tr = toy.trainer(backend, steps=2)
+  server, sites = tr.init(toy.init_params(), 4)
+  full = tr.run_round(server, sites, DATA, CFG,
+                      np.array([True, False, True, False]), 0,
+                      jax.random.key(0))
+  cohort = lambda ids: tr.run_round(
+      server, take(sites, [0, 2]), take(DATA, [0, 2]), take(CFG, [0, 2]),
+      np.ones(2, bool), 0, jax.random.key(0), site_ids=ids)
+  mine = cohort([0, 2])
+  chex.assert_trees_all_close(mine[0].params, full[0].params, rtol=1e-5,
+                              atol=1e-6)
+  chex.assert_trees_all_close(mine[1], take(full[1], [0, 2]), rtol=1e-5,
+                              atol=1e-6)
+  chex.assert_trees_all_close(mine[2].client, take(full[2].client, [0, 2]),
+                              rtol=1e-5, atol=1e-5)
+  # Positions in the cohort are not ids: site 2 at position 1 would reuse
+  # site 1's keys.
+  assert not np.allclose(cohort(None)[0].params["w"], full[0].params["w"])
+  with pytest.raises(ValueError, match="distinct"):
+    cohort([2, 2])
+
+
 @pytest.mark.parametrize("backend", ["loop", "vmap", "map"])
 def test_exactly_one_compilation_across_rounds(backend):
   tr = toy.trainer(backend)
