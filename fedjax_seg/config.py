@@ -45,6 +45,16 @@ class DataConfig:
     data_seed: seed of the synthetic data and of the train/val/test split
       (None: --seed). A sweep over --seed keeps it fixed, so its members
       train on the same data.
+    num_sites: a consortium of this many built-in sites instead of the 8
+      default ones (`fedjax_seg.data.consortium`: each site draws one of the
+      8 scanner profiles and a heavy-tailed size, deterministically per site
+      id). Sites are rendered when their cohort is drawn and only the
+      cohort's data are on the device; use with --sites_per_round (or
+      site-level DP's Poisson sampling). None: the 8 default sites.
+    eval_sites: with --num_sites, validation during training covers this
+      fixed, seeded sample of sites (all if fewer).
+    test_sites: with --num_sites, the final test evaluation covers this
+      seeded sample of sites (all if fewer; the report gives the number).
   """
 
   dataset: str = "synthetic"
@@ -56,6 +66,9 @@ class DataConfig:
   held_out_sites: tuple[str, ...] = ()
   volumes: bool = False
   data_seed: int | None = None
+  num_sites: int | None = None
+  eval_sites: int = 32
+  test_sites: int = 1000
 
   def __post_init__(self):
     _check(bool(self.dataset), "dataset", "must not be empty.")
@@ -68,6 +81,13 @@ class DataConfig:
       _check(self.data_dir is not None, "data_dir",
              f"is required for the prepared dataset {self.dataset!r} "
              "(use --dataset=synthetic for the built-in one).")
+    if self.num_sites is not None:
+      _check(self.num_sites >= 1, "num_sites", "must be >= 1.")
+      _check(self.dataset == "synthetic" and not self.volumes, "num_sites",
+             "makes a consortium of the built-in 2D sites: only with "
+             "--dataset=synthetic and without --volumes.")
+    _check(self.eval_sites >= 1, "eval_sites", "must be >= 1.")
+    _check(self.test_sites >= 1, "test_sites", "must be >= 1.")
     _check(self.image_size >= 16, "image_size", "must be >= 16.")
     _check(self.num_slices >= 1, "num_slices", "must be >= 1.")
     _check(self.patients_scale > 0, "patients_scale", "must be > 0.")

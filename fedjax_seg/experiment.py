@@ -33,10 +33,12 @@ import optax
 from fedjax_seg import centralized
 from fedjax_seg import config as config_lib
 from fedjax_seg import federated as fed
+from fedjax_seg import many_sites
 from fedjax_seg import models
 from fedjax_seg import privacy
 from fedjax_seg import segmentation_task
 from fedjax_seg.data import augment as augment_lib
+from fedjax_seg.data import consortium as consortium_lib
 from fedjax_seg.data import sites as sites_lib
 from fedjax_seg.data import synthetic
 from fedjax_seg.federated import client as client_lib
@@ -45,6 +47,7 @@ from fedjax_seg.privacy import schedules
 
 REPORT = "report.json"
 ROUNDS_CSV = "rounds.csv"
+SITES_CSV = "sites.csv"  # With more than many_sites.PER_SITE_OUTPUTS_MAX sites.
 CHECKPOINTS = "checkpoints"
 # Settings that may change between a run and its resumption; any other change
 # would make the resumed run a different experiment (and its ledger wrong).
@@ -511,9 +514,19 @@ class _Run:
   trainer: Any
   site_data: Any
   val: sites_lib.SiteArrays
-  test: sites_lib.SiteArrays
+  test: sites_lib.SiteArrays | None
   root: jax.Array
   checkpointer: _Checkpointer
+  # With --num_sites: the cohorts' data, and the consortium ids of the
+  # validation (`val`'s sites) and final test samples.
+  cohorts: many_sites.CohortSource | None = None
+  val_ids: np.ndarray | None = None
+  test_ids: np.ndarray | None = None
+
+  @property
+  def many(self) -> bool:
+    """Distributions and a per-site table instead of per-site columns."""
+    return len(self.plan.site_names) > many_sites.PER_SITE_OUTPUTS_MAX
 
 
 def root_key(config: config_lib.ExperimentConfig) -> jax.Array:
@@ -535,12 +548,31 @@ def _setup(config, workdir: pathlib.Path, splits=None,
   `trainer_signature`, when given); writes nothing before the data and
   settings are checked. Returns (run, initial params)."""
   p = config.privacy
-  if splits is None:
-    splits = load_data(config.data, config.data_seed)
-  train = sites_lib.stack_sites(splits["train"])
-  val = sites_lib.stack_sites(splits["val"])
-  test = sites_lib.stack_sites(splits["test"])
-  plan = _plan(config, train)
+  cohorts = val_ids = test_ids = None
+  if config.data.num_sites is not None:
+    d = config.data
+    seed = config.data_seed
+    consortium = consortium_lib.Consortium(
+        num_sites=d.num_sites, image_size=d.image_size,
+        num_slices=d.num_slices, patients_scale=d.patients_scale, seed=seed,
+        split_fractions=d.split_fractions)
+    counts = many_sites.site_counts(consortium)
+    plan = _plan(config, counts)
+    cohorts = many_sites.CohortSource(
+        consortium, config.federated.sites_per_round or (
+            math.ceil(p.site_sampling_rate * d.num_sites)
+            if p.use_site_level else d.num_sites))
+    val_ids = many_sites.eval_sample(d.num_sites, d.eval_sites, seed)
+    test_ids = many_sites.test_sample(d.num_sites, d.test_sites, seed)
+    val = consortium.site_arrays(val_ids, "val")
+    train, test = consortium.site_arrays([0], "train"), None
+  else:
+    if splits is None:
+      splits = load_data(config.data, config.data_seed)
+    train = sites_lib.stack_sites(splits["train"])
+    val = sites_lib.stack_sites(splits["val"])
+    test = sites_lib.stack_sites(splits["test"])
+    plan = _plan(config, train)
   workdir.mkdir(parents=True, exist_ok=True)
   model = models.SegmentationModel(config.model.unet_config(
       in_channels=train.image.shape[-1], num_classes=len(train.class_names),
@@ -564,8 +596,8 @@ def _setup(config, workdir: pathlib.Path, splits=None,
       trainers[signature] = _trainer(config, model, plan, params)
     trainer = trainers[signature]
   run = _Run(config, workdir, plan, model, trainer,
-             segmentation_task.site_data(train), val, test, root,
-             _Checkpointer(workdir))
+             None if cohorts else segmentation_task.site_data(train), val,
+             test, root, _Checkpointer(workdir), cohorts, val_ids, test_ids)
   return run, params
 
 
@@ -762,6 +794,9 @@ def _run_round(run: _Run, state: RunState, round_index: int,
                part: np.ndarray):
   """One federated round on the device: (new state, output, seconds)."""
   site_config, server_lr = round_arrays(run.config, run.plan, round_index)
+  if run.cohorts is not None:
+    return _run_cohort_round(run, state, round_index, part, site_config,
+                             server_lr)
   t0 = time.perf_counter()
   server_state, site_states, out = run.trainer.run_round(
       state.server_state, state.site_states, run.site_data, site_config, part,
@@ -771,6 +806,29 @@ def _run_round(run: _Run, state: RunState, round_index: int,
   state = dataclasses.replace(state, server_state=server_state,
                               site_states=site_states)
   return state, jax.tree.map(np.asarray, out), seconds
+
+
+def _run_cohort_round(run: _Run, state: RunState, round_index: int,
+                      part: np.ndarray, site_config, server_lr):
+  """`_run_round` over the cohort `part` of a --num_sites consortium: only
+  the cohort's data go to the device; the output is as the all-sites round's
+  (metrics [N], zeros for sites not in the cohort)."""
+  cohort = np.flatnonzero(part)
+  # Rendering the cohort is host work (the row's host_seconds).
+  data, states, configs, participating, ids = run.cohorts.round_inputs(
+      cohort, state.site_states, site_config)
+  t0 = time.perf_counter()
+  server_state, new_states, out = run.trainer.run_round(
+      state.server_state, states, data, configs, participating, round_index,
+      run.root, server_lr, site_ids=ids)
+  jax.block_until_ready(server_state.params)
+  seconds = time.perf_counter() - t0
+  site_states, client = run.cohorts.scatter(
+      state.site_states, new_states, cohort, out.client, len(part))
+  state = dataclasses.replace(state, server_state=server_state,
+                              site_states=site_states)
+  out = fed.RoundOutput(client, jax.tree.map(np.asarray, out.server))
+  return state, out, seconds
 
 
 def _record_round(run: _Run, state: RunState, round_index: int,
@@ -818,10 +876,11 @@ def _round_row(run: _Run, state: RunState, round_index: int,
   config, plan = run.config, run.plan
   p = config.privacy
   names = plan.site_names
+  epsilon = (_main_ledger(config, state).epsilons() if p.enabled
+             else {s: None for s in names})
   row = {
       "round": round_index + 1, "device_seconds": seconds,
-      "epsilon": (_main_ledger(config, state).epsilons() if p.enabled
-                  else {s: None for s in names}),
+      "epsilon": epsilon,
       "sigma": dict(zip(names, map(float, plan.accounted_sigma[round_index]))),
   }
   if p.use_site_level:
@@ -835,6 +894,16 @@ def _round_row(run: _Run, state: RunState, round_index: int,
     row["clip"] = dict(zip(names, map(float, np.where(
         part, out.client.l2_clip_norm if p.record_level else np.inf,
         np.nan))))
+  if run.many:
+    # Per-site values only for the sites that trained (the whole table is
+    # in the report's privacy section and sites.csv); distributions for all.
+    shown = [] if p.use_site_level else row["participants"]
+    for key in ("epsilon", "sigma", "clip"):
+      if key in row:
+        row[key] = {s: row[key][s] for s in shown}
+    values = [v for v in epsilon.values() if v is not None]
+    row["epsilon_max"] = max(values) if values else None
+    row["epsilon_median"] = float(np.median(values)) if values else None
   if config.release_training_diagnostics:
     m = out.client
     units = int(m.num_real.sum())
@@ -849,25 +918,30 @@ def _round_row(run: _Run, state: RunState, round_index: int,
   return row
 
 
-def _site_params(run: _Run, state: RunState, evaluated: bool = False):
-  """The params each site uses (FedBN: a function of the site index): the
-  training model, or with `evaluated` the reported one (`evaluated_params`)."""
+def _site_params(run: _Run, state: RunState, evaluated: bool = False,
+                 ids=None):
+  """The params each site uses (FedBN: a function of the site index, or of
+  the position in `ids` when given): the training model, or with `evaluated`
+  the reported one (`evaluated_params`)."""
   params = (evaluated_params(run.config, state) if evaluated
             else state.server_state.params)
   if run.trainer.norm_mask is None:
     return params
+  site = (lambda k: k) if ids is None else (lambda k: int(ids[k]))
   return lambda k: client_lib.merge_local(
-      params, jax.tree.map(lambda x: x[k], state.site_states.local_params),
+      params, jax.tree.map(lambda x: x[site(k)],
+                           state.site_states.local_params),
       run.trainer.norm_mask)
 
 
 def _evaluate_validation(run: _Run, state: RunState, row: dict) -> None:
-  """Validation Dice per site (held-out patients) into `state.evals`."""
-  result = centralized.evaluate(run.model, _site_params(run, state, True),
-                                run.val)
+  """Validation Dice per site (held-out patients) into `state.evals`; with
+  --num_sites, of the fixed sample of sites `run.val` holds."""
+  result = centralized.evaluate(
+      run.model, _site_params(run, state, True, run.val_ids), run.val)
   fg = _nanmean(result["dice_per_site"][:, 1:], axis=-1)
   state.evals.append({"round": row["round"], "dice_per_site": dict(zip(
-      run.plan.site_names, map(float, fg)))})
+      run.val.site_names, map(float, fg)))})
   row["val_dice_mean"] = float(_nanmean(fg))
 
 
@@ -877,8 +951,9 @@ def _log_round(run: _Run, row: dict, round_times: list) -> None:
   eta = np.mean(round_times) * (f.rounds - row["round"])
   label = plan.unit.epsilon_label if p.record_level else (
       privacy.PrivacyUnit.SITE.epsilon_label)
-  eps = (f"{label} max {max(row['epsilon'].values()):.3f}" if p.enabled
-         else "epsilon inf (NO DP)")
+  worst = (row["epsilon_max"] if "epsilon_max" in row
+           else max(row["epsilon"].values()) if p.enabled else None)
+  eps = (f"{label} max {worst:.3f}" if p.enabled else "epsilon inf (NO DP)")
   clip = "-"
   if p.record_level and "clip" in row:
     values = [v for v in row["clip"].values() if np.isfinite(v)]
@@ -1090,8 +1165,13 @@ class Simulation:
                  f"--target_epsilon={p.target_epsilon}")
         logging.warning("%s", above)
         stopped_reason += f" ({above})"
-    test_result = centralized.evaluate(
-        run.model, _site_params(run, state, True), run.test, with_hd95=True)
+    if run.cohorts is None:
+      test_result = centralized.evaluate(
+          run.model, _site_params(run, state, True), run.test, with_hd95=True)
+    else:
+      test_result = many_sites.evaluate_sites(
+          run.model, _site_params(run, state, True), run.cohorts.consortium,
+          run.test_ids, "test", with_hd95=True)
     report = _report(run, state, test_result, stopped_reason,
                      time.time() - self.start_time, self.round_times)
     report["final_params_sha256"] = params_digest(state.server_state.params)
@@ -1109,7 +1189,7 @@ class Simulation:
           "by": "python -m fedjax_seg.privacy.verify (plain dp_accounting)"}
       if not result.ok:
         logging.error("privacy verification FAILED: %s", result.problems)
-    _write_outputs(self.workdir, report, state.history, run.plan)
+    _write_outputs(self.workdir, report, state.history, run.plan, state)
     return report
 
 
@@ -1332,8 +1412,13 @@ def audit_section(run: _Run, state: RunState, audit: auditing.AuditConfig,
 
 def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
             round_times) -> dict:
-  config, plan, test = run.config, run.plan, run.test
+  config, plan = run.config, run.plan
   names = plan.site_names
+  # With --num_sites the test pass covers a sample of sites; `run.val` has
+  # the vocabularies.
+  test = run.test if run.cohorts is None else run.val
+  tested = (names if run.cohorts is None
+            else tuple(names[k] for k in run.test_ids))
   def fg(a):  # Mean over foreground classes; NaN for sites without data.
     a = np.asarray(a, np.float64)[..., 1:]
     count = np.sum(~np.isnan(a), axis=-1)
@@ -1348,23 +1433,23 @@ def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
       "metrics": {
           "split": "test (held-out patients; not covered by the guarantee)",
           "dice_per_site": {s: _nan_to_none(float(v)) for s, v in
-                            zip(names, dice_site)},
+                            zip(tested, dice_site)},
           "dice_per_modality": {m: _nan_to_none(float(v)) for m, v in zip(
               test.modality_names, fg(result["dice_per_modality"]))},
           "dice_mean": _nan_to_none(float(_nanmean(dice_site))),
           "dice_per_site_per_class": {
               s: dict(zip(test.class_names, map(float, row)))
-              for s, row in zip(names, result["dice_per_site"])},
+              for s, row in zip(tested, result["dice_per_site"])},
           "iou_per_site": {s: _nan_to_none(float(v)) for s, v in
-                           zip(names, fg(result["iou_per_site"]))},
+                           zip(tested, fg(result["iou_per_site"]))},
           "hd95_per_site": {s: _nan_to_none(float(np.mean(v)))
-                            for s, v in zip(names, result["hd95_per_site"])},
+                            for s, v in zip(tested, result["hd95_per_site"])},
           "validation_history": state.evals,
       },
       "history": state.history,
       "config": config.to_dict(),
       "sites": {s: {"modality": m, "train_units": int(n)} for s, m, n in
-                zip(names, test.site_modalities, plan.units)},
+                zip(names, plan.site_modalities, plan.units)},
       "versions": _versions(),
       "device": {"platform": jax.default_backend(),
                  "devices": [str(d) for d in jax.devices()],
@@ -1374,6 +1459,15 @@ def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
       "timing": _timing(seconds, state.history[-len(round_times):]
                         if round_times else []),
   }
+  if run.cohorts is not None:
+    report["metrics"]["sites_evaluated"] = (
+        f"{len(tested)} of {len(names)} sites (seeded sample, --test_sites)"
+        if len(tested) < len(names) else f"all {len(names)} sites")
+    report["metrics"]["validation_sites"] = list(run.val.site_names)
+  if run.many:
+    report["sites_summary"] = many_sites.summary(
+        report, names, plan.site_modalities, plan.units,
+        state.charged_rounds)
   if _diagnostics_released(config, state.history):
     report["training_diagnostics"] = {
         "warning": DIAGNOSTICS_WARNING,
@@ -1400,17 +1494,25 @@ def _timing(total_seconds: float, rows: list) -> dict:
 
 
 def _write_outputs(workdir: pathlib.Path, report: dict, history: list,
-                   plan: _Plan) -> None:
+                   plan: _Plan, state: RunState | None = None) -> None:
   atomic_write(workdir / REPORT, json.dumps(report, indent=1).encode())
+  many = "sites_summary" in report
+  if many:
+    atomic_write(workdir / SITES_CSV, many_sites.sites_csv(
+        report, plan.site_names, plan.site_modalities, plan.units,
+        state.charged_rounds).encode())
   buf = io.StringIO()
   writer = csv.writer(buf)
-  names = list(plan.site_names)
+  # Many sites: the distributions' summaries instead of a column per site.
+  names = [] if many else list(plan.site_names)
   label = report["privacy"]["epsilon_label"].replace(" ", "_")
   has = lambda key: any(key in row for row in history)
   header = ["round", "wall_seconds", "device_seconds", "host_seconds",
             "evaluation_seconds", "val_dice_mean"]
+  if many:
+    header += [f"{label}_max", f"{label}_median"]
   header += [f"{label}_{s}" for s in names] + [f"sigma_{s}" for s in names]
-  if has("clip"):
+  if has("clip") and names:
     header += [f"clip_{s}" for s in names]
   if has("site_level_clip"):
     header.append("site_level_clip")
@@ -1426,9 +1528,11 @@ def _write_outputs(workdir: pathlib.Path, report: dict, history: list,
         f"{row[k]:.4f}" if k in row else "" for k in (
             "wall_seconds", "device_seconds", "host_seconds",
             "evaluation_seconds")] + [row.get("val_dice_mean", "")]
+    if many:
+      line += [row.get("epsilon_max", ""), row.get("epsilon_median", "")]
     line += [row["epsilon"][s] for s in names]
     line += [row["sigma"][s] for s in names]
-    if has("clip"):
+    if has("clip") and names:
       line += [row.get("clip", {}).get(s, "") for s in names]
     if has("site_level_clip"):
       line.append(row.get("site_level_clip", ""))
@@ -1441,4 +1545,7 @@ def _write_outputs(workdir: pathlib.Path, report: dict, history: list,
     writer.writerow(line)
   atomic_write(workdir / ROUNDS_CSV, buf.getvalue().encode())
   from fedjax_seg import plots  # pylint: disable=g-import-not-at-top
-  plots.write_all(workdir, report, history)
+  if many:
+    plots.write_many_sites(workdir, report, history)
+  else:
+    plots.write_all(workdir, report, history)

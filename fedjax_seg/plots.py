@@ -28,7 +28,8 @@ def write_all(workdir: pathlib.Path, report: dict, history: list) -> None:
   evals = report["metrics"]["validation_history"]
 
   fig, ax = plt.subplots(figsize=(7, 4))
-  for s in sites:
+  # The validated sites (with --num_sites, a sample of them).
+  for s in (list(evals[0]["dice_per_site"]) if evals else []):
     ax.plot([e["round"] for e in evals],
             [e["dice_per_site"][s] for e in evals], marker="o", label=s)
   ax.set(xlabel="round", ylabel="validation Dice (foreground mean)",
@@ -66,13 +67,83 @@ def write_all(workdir: pathlib.Path, report: dict, history: list) -> None:
   dice = report["metrics"]["dice_per_site"]
   eps = report["privacy"]["epsilon_per_site"]
   for s in sites:
-    if dice[s] is not None:
+    if dice.get(s) is not None:
       x = eps[s] if eps[s] is not None else np.nan
       ax.scatter([x], [dice[s]], label=s)
   ax.set(xlabel=f"final {label}", ylabel="test Dice (foreground mean)",
          title=f"Dice vs {label}")
   ax.legend(fontsize=7)
   save_figure(fig, workdir / PLOTS[3])
+
+
+def write_many_sites(workdir: pathlib.Path, report: dict,
+                     history: list) -> None:
+  """The same four files for a consortium too large for a curve per site:
+  validation Dice of the sampled sites over rounds (median and quartiles),
+  the epsilon distribution (histogram, and max/median over rounds), the
+  noise multipliers' distribution, and test Dice per modality
+  (histograms) with Dice against epsilon for the tested sites."""
+  summary = report["sites_summary"]
+  label = report["privacy"]["epsilon_label"]
+  evals = report["metrics"]["validation_history"]
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if evals:
+    rounds = [e["round"] for e in evals]
+    grid = np.array([[np.nan if v is None else v
+                      for v in e["dice_per_site"].values()] for e in evals])
+    q = np.nanpercentile(grid, [25, 50, 75], axis=1)
+    ax.fill_between(rounds, q[0], q[2], alpha=0.3, label="quartiles")
+    ax.plot(rounds, q[1], marker="o", label="median")
+  ax.set(xlabel="round", ylabel="validation Dice (foreground mean)",
+         title=f"Dice of {len(evals[0]['dice_per_site']) if evals else 0} "
+               f"sampled sites of {summary['num_sites']}")
+  ax.legend(fontsize=7)
+  save_figure(fig, workdir / PLOTS[0])
+
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+  _histogram(a1, summary["epsilon_charged_sites"])
+  a1.set(xlabel=f"final {label}", ylabel="sites",
+         title=f"{summary['sites_charged']} of {summary['num_sites']} sites "
+               "charged (the others: 0)")
+  rounds = [row["round"] for row in history]
+  for key, name in (("epsilon_max", "max"), ("epsilon_median", "median")):
+    a2.plot(rounds, [np.nan if row.get(key) is None else row[key]
+                     for row in history], label=name)
+  a2.set(xlabel="round", ylabel=label, title=f"{label} over rounds")
+  a2.legend(fontsize=7)
+  save_figure(fig, workdir / PLOTS[1])
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  sigma = report["privacy"].get("noise_multiplier_per_site") or {}
+  if sigma:
+    ax.hist(list(sigma.values()), bins=20)
+  ax.set(xlabel="noise multiplier sigma (before the schedule)",
+         ylabel="sites", title="sigma per site (small sites: larger)")
+  save_figure(fig, workdir / PLOTS[2])
+
+  by_modality = summary["test_dice_per_modality"]
+  fig, axes = plt.subplots(1, len(by_modality) + 1,
+                           figsize=(4 * (len(by_modality) + 1), 4))
+  axes = np.atleast_1d(axes)
+  for ax, (modality, h) in zip(axes, by_modality.items()):
+    _histogram(ax, h)
+    ax.set(xlabel="test Dice (foreground mean)", ylabel="sites",
+           title=f"{modality}: {h.get('count', 0)} sites")
+  dice = report["metrics"]["dice_per_site"]
+  eps = report["privacy"].get("epsilon_per_site") or {}
+  pairs = [(eps.get(s), d) for s, d in dice.items() if d is not None]
+  axes[-1].scatter([np.nan if e is None else e for e, _ in pairs],
+                   [d for _, d in pairs], s=6)
+  axes[-1].set(xlabel=f"final {label}", ylabel="test Dice",
+               title=f"Dice vs {label}")
+  save_figure(fig, workdir / PLOTS[3])
+
+
+def _histogram(ax, h: dict) -> None:
+  if h.get("count"):
+    edges = np.asarray(h["edges"])
+    ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge")
 
 
 SWEEP_PLOTS = ("frontier.png", "dice_per_site_per_member.png",

@@ -225,7 +225,18 @@ def run_sweep(members: Sequence[Member], workdir: str | os.PathLike, *,
   experiment.enable_compilation_cache()
   start = time.time()
   base = members[0].config
-  splits = experiment.load_data(base.data, base.data_seed)
+  if base.data.num_sites is not None:
+    # Each member renders its own cohorts; members cannot share one batched
+    # program over different cohorts.
+    if member_backend == "auto":
+      backend = "loop"
+    if backend != "loop":
+      raise config_lib.ConfigError(
+          "--member_backend: with --num_sites the members run one after the "
+          "other (--member_backend=loop).")
+    splits = None
+  else:
+    splits = experiment.load_data(base.data, base.data_seed)
   trainers: dict = {}
   sims = []
   for m in members:

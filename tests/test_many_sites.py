@@ -1,0 +1,162 @@
+"""Tests for fedjax_seg.many_sites: runs over a consortium (--num_sites)."""
+
+import csv
+import dataclasses
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_seg import centralized
+from fedjax_seg import config as C
+from fedjax_seg import experiment
+from fedjax_seg import many_sites
+from fedjax_seg import models
+from fedjax_seg import plots
+from fedjax_seg.data import consortium as consortium_lib
+
+SITES = 80  # More than PER_SITE_OUTPUTS_MAX: distributions, sites.csv.
+CONSORTIUM = C.ExperimentConfig(
+    data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.25,
+                      num_sites=SITES, eval_sites=4, test_sites=6),
+    model=C.ModelConfig(widths=(4,)),
+    federated=C.FederatedConfig(rounds=3, local_steps=1, batch_size=2,
+                                learning_rate=0.5, ema_decay=0.0,
+                                sites_per_round=3),
+    eval_every=3, checkpoint_every=3)
+
+
+def test_a_consortium_run_trains_and_charges_only_its_cohorts(tmp_path):
+  report = experiment.train_and_evaluate(CONSORTIUM, tmp_path)
+  privacy = report["privacy"]
+  assert privacy["verified"]["ok"] is True
+  eps = privacy["epsilon_per_site"]
+  assert len(eps) == SITES
+  trained = set()
+  for row in report["history"]:
+    assert len(row["participants"]) == 3
+    # Per-site values only for the round's cohort; the distribution for all.
+    assert set(row["epsilon"]) == set(row["participants"])
+    assert row["epsilon_max"] >= max(row["epsilon"].values()) > 0
+    trained |= set(row["participants"])
+  charged = {s for s, r in privacy["plan"]["rounds_trained_per_site"].items()
+             if r}
+  assert charged == trained
+  assert all(eps[s] > 0 for s in trained)
+  assert all(eps[s] == 0 for s in set(eps) - trained)
+  assert report["history"][-1]["epsilon_max"] == max(eps.values())
+  # Evaluation: the fixed validation sample, and the test sample.
+  assert len(report["metrics"]["validation_history"][0]["dice_per_site"]) == 4
+  assert len(report["metrics"]["dice_per_site"]) == 6
+  assert report["metrics"]["sites_evaluated"].startswith("6 of 80 sites")
+  summary = report["sites_summary"]
+  assert summary["num_sites"] == SITES
+  assert summary["sites_charged"] == len(trained)
+  assert summary["epsilon"]["count"] == SITES
+  assert sum(summary["epsilon"]["counts"]) == SITES
+  assert summary["epsilon_charged_sites"]["count"] == len(trained)
+  assert summary["epsilon_charged_sites"]["max"] == max(eps.values())
+  # Readable at any N: no per-site columns, one row per site in sites.csv.
+  header = (tmp_path / experiment.ROUNDS_CSV).read_text().splitlines()[0]
+  assert "epsilon_per_patient_max" in header and "site00" not in header
+  rows = list(csv.DictReader(io.StringIO(
+      (tmp_path / experiment.SITES_CSV).read_text())))
+  assert len(rows) == SITES
+  by_name = {r["site"]: r for r in rows}
+  for s in eps:
+    assert float(by_name[s]["epsilon_per_patient"]) == pytest.approx(eps[s])
+  for name in plots.PLOTS:
+    assert (tmp_path / name).stat().st_size > 0
+
+
+def test_a_resumed_consortium_run_continues_the_same_run(tmp_path):
+  # Few sites: per-site outputs, over the validation and test samples.
+  small = dataclasses.replace(
+      CONSORTIUM, data=dataclasses.replace(CONSORTIUM.data, num_sites=6,
+                                           eval_sites=2, test_sites=3),
+      federated=dataclasses.replace(CONSORTIUM.federated, rounds=2,
+                                    sites_per_round=2),
+      eval_every=1, checkpoint_every=1)
+  full = experiment.train_and_evaluate(small, tmp_path / "full")
+  killed = dataclasses.replace(small, stop_after_rounds=1)
+  experiment.train_and_evaluate(killed, tmp_path / "resumed")
+  resumed = experiment.train_and_evaluate(small, tmp_path / "resumed")
+  assert resumed["final_params_sha256"] == full["final_params_sha256"]
+  assert resumed["privacy"]["ledger"] == full["privacy"]["ledger"]
+  assert resumed["privacy"]["verified"]["ok"] is True
+  assert "sites_summary" not in full
+  assert len(full["metrics"]["dice_per_site"]) == 3
+  header = (tmp_path / "full" / experiment.ROUNDS_CSV).read_text()
+  assert header.count("epsilon_per_patient_site0") == 6
+  for name in plots.PLOTS:
+    assert (tmp_path / "full" / name).stat().st_size > 0
+
+
+def test_validation_and_test_samples_are_fixed_and_seeded():
+  a = many_sites.eval_sample(1000, 32, seed=0)
+  np.testing.assert_array_equal(a, many_sites.eval_sample(1000, 32, seed=0))
+  assert len(set(a.tolist())) == 32 and np.all(np.diff(a) > 0)
+  assert not np.array_equal(a, many_sites.eval_sample(1000, 32, seed=1))
+  assert not np.array_equal(a, many_sites.test_sample(1000, 32, seed=0))
+  np.testing.assert_array_equal(many_sites.test_sample(20, 1000, seed=0),
+                                np.arange(20))
+
+
+def test_blockwise_evaluation_is_the_all_sites_evaluation(monkeypatch):
+  consortium = consortium_lib.Consortium(num_sites=5, image_size=16,
+                                         num_slices=2, patients_scale=0.5)
+  model = models.SegmentationModel(models.preset("tiny", widths=(4,)))
+  params = model.init(jax.random.key(0), (1, 16, 16, 1))
+  ids = np.array([4, 0, 2, 3])
+  monkeypatch.setattr(many_sites, "EVAL_BLOCK", 3)  # Blocks of 3 and 1.
+  got = many_sites.evaluate_sites(model, params, consortium, ids, "test",
+                                  with_hd95=True)
+  want = centralized.evaluate(model, params,
+                              consortium.site_arrays(ids, "test"),
+                              with_hd95=True)
+  for key in ("dice_per_site", "iou_per_site", "hd95_per_site",
+              "dice_per_modality"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+
+
+def test_cohort_inputs_have_fixed_shapes_and_scatter_back():
+  consortium = consortium_lib.Consortium(num_sites=30, image_size=16,
+                                         num_slices=2, patients_scale=0.25)
+  source = many_sites.CohortSource(consortium, slots=4)
+  states = {"c": jnp.arange(30.0)}
+  configs = {"q": jnp.linspace(0, 1, 30)}
+  shapes = None
+  for cohort in ([3, 7, 21], [0, 29, 5, 11], []):
+    data, st, cfg, part, ids = source.round_inputs(np.array(cohort, int),
+                                                   states, configs)
+    got = jax.tree.map(jnp.shape, data)
+    assert shapes is None or got == shapes
+    shapes = got
+    assert part.tolist() == [True] * len(cohort) + [False] * (4 - len(cohort))
+    assert ids[:len(cohort)].tolist() == cohort and (ids[len(cohort):] >= 30
+                                                     ).all()
+    np.testing.assert_array_equal(st["c"][:len(cohort)], cohort)
+    np.testing.assert_allclose(cfg["q"][:len(cohort)],
+                               np.linspace(0, 1, 30)[cohort])
+  # A larger cohort widens the slots (one more shape, never a truncation).
+  data, *_ , part, ids = source.round_inputs(np.arange(5), states, configs)
+  assert source.slots == 8 and part.sum() == 5 and len(ids) == 8
+  new_states, metrics = many_sites.CohortSource.scatter(
+      states, {"c": jnp.full((8,), -1.0)}, np.array([2, 9]),
+      {"loss": np.array([5.0, 6.0, 7.0])}, 30)
+  assert np.asarray(new_states["c"])[[2, 9]].tolist() == [-1, -1]
+  assert np.asarray(new_states["c"]).sum() == np.arange(30).sum() - 11 - 2
+  assert metrics["loss"].shape == (30,) and metrics["loss"][9] == 6.0
+  assert metrics["loss"].sum() == 11.0
+
+
+def test_consortium_settings_are_checked():
+  with pytest.raises(C.ConfigError, match="--num_sites"):
+    C.DataConfig(num_sites=0)
+  with pytest.raises(C.ConfigError, match="--num_sites"):
+    C.DataConfig(num_sites=10, volumes=True)
+  with pytest.raises(C.ConfigError, match="--eval_sites"):
+    C.DataConfig(num_sites=10, eval_sites=0)
