@@ -69,6 +69,22 @@ def test_ledger_equals_plain_dp_accounting_and_never_decreases(per_site):
   assert ledger.max_epsilon() == max(ledger.epsilons().values())
 
 
+def test_cached_epsilons_follow_every_new_event():
+  # epsilon is cached per event count: reading, recording (one site, or a
+  # round's events at once) and reading again gives the fresh figures.
+  ledger = accounting.PrivacyLedger(["a", "b", "c"], delta=1e-5)
+  event = accounting.poisson_gaussian_event(1.0, 0.1, 5)
+  for _ in range(3):
+    before = ledger.epsilons()
+    ledger.record_events({"a": event, "b": event})
+    ledger.record("a", 1.2, 0.05, 3)
+    fresh = accounting.PrivacyLedger.from_dict(ledger.to_dict())
+    assert ledger.epsilons() == fresh.epsilons()
+    assert ledger.epsilon("a") > before["a"] and ledger.epsilon("b") > \
+        before["b"]
+  assert ledger.epsilon("c") == 0.0
+
+
 def test_epsilon_is_zero_before_any_event_and_inf_without_noise():
   ledger = accounting.PrivacyLedger(["a", "b"], delta=1e-5)
   assert ledger.epsilons() == {"a": 0.0, "b": 0.0}
