@@ -70,8 +70,26 @@ def train(model: unet.SegmentationModel, data: dataset_lib.SliceDataset,
   return params, [float(v) for v in history]
 
 
+# Pixels (voxels) per evaluation batch on CPU: XLA's CPU convolutions run
+# fastest per slice when a batch's activations stay small. Measured per
+# slice, tiny U-Net, 2 cores: 64x64 in batches of 8 took 6.0 ms against
+# 10.5 ms in batches of 64; 128x128 in batches of 2 took 24 ms against
+# 34 ms; 32x32 was the same from 16 to 64.
+CPU_EVAL_PIXELS = 32768
+EVAL_BATCH_MAX = 64
+
+
+def evaluation_batch_size(spatial_shape) -> int:
+  """Slices (or volumes) per evaluation batch for images of `spatial_shape`:
+  about CPU_EVAL_PIXELS pixels on CPU, EVAL_BATCH_MAX on accelerators."""
+  if jax.default_backend() != "cpu":
+    return EVAL_BATCH_MAX
+  pixels = int(np.prod(spatial_shape))
+  return max(1, min(EVAL_BATCH_MAX, CPU_EVAL_PIXELS // pixels))
+
+
 def evaluate(model: unet.SegmentationModel, params,
-             data: sites_lib.SiteArrays, batch_size: int = 64,
+             data: sites_lib.SiteArrays, batch_size: int | None = None,
              with_hd95: bool = False) -> dict:
   """Dice / IoU (and optionally HD95) of a model on every site's slices.
 
@@ -80,7 +98,8 @@ def evaluate(model: unet.SegmentationModel, params,
     params: params, or a callable `site index -> params` (e.g. FedBN, where
       each site has its own normalisation parameters).
     data: one split of every site.
-    batch_size: evaluation chunk (padded, so one compilation).
+    batch_size: evaluation chunk (padded, so one compilation); None:
+      `evaluation_batch_size` for the image shape.
     with_hd95: also compute HD95 per site and foreground class (host side).
 
   Returns:
@@ -90,6 +109,8 @@ def evaluate(model: unet.SegmentationModel, params,
     site or modality without slices).
   """
   params_of = params if callable(params) else (lambda _: params)
+  if batch_size is None:
+    batch_size = evaluation_batch_size(data.image.shape[2:-1])
   @jax.jit
   def apply(p, x, y):
     logits = model.apply(p, x)
