@@ -50,7 +50,8 @@ class DataConfig:
       8 scanner profiles and a heavy-tailed size, deterministically per site
       id). Sites are rendered when their cohort is drawn and only the
       cohort's data are on the device; use with --sites_per_round (or
-      site-level DP's Poisson sampling). None: the 8 default sites.
+      site-level DP's Poisson sampling; one of them is required above 64
+      sites). None: the 8 default sites.
     eval_sites: with --num_sites, validation during training covers this
       fixed, seeded sample of sites (all if fewer).
     test_sites: with --num_sites, the final test evaluation covers this
@@ -433,6 +434,10 @@ class ExperimentConfig:
           "the site, outside the site-level DP mechanism, and evaluating "
           "with them would reveal which sites were sampled; use another "
           "algorithm with site-level DP.")
+    if self.data.num_sites is not None and self.privacy.audit:
+      raise ConfigError("--audit: not with --num_sites (every site would "
+                        "carry the audit's state); audit a run of the 8 "
+                        "default sites.")
     if self.model.trainable and self.privacy.use_site_level:
       raise ConfigError("--trainable: not with site-level DP (its server "
                         "noise would move the frozen parameters); use "

@@ -558,10 +558,9 @@ def _setup(config, workdir: pathlib.Path, splits=None,
         split_fractions=d.split_fractions)
     counts = many_sites.site_counts(consortium)
     plan = _plan(config, counts)
-    cohorts = many_sites.CohortSource(
-        consortium, config.federated.sites_per_round or (
-            math.ceil(p.site_sampling_rate * d.num_sites)
-            if p.use_site_level else d.num_sites))
+    cohorts = many_sites.CohortSource(consortium, many_sites.cohort_slots(
+        d.num_sites, config.federated.sites_per_round,
+        p.site_sampling_rate if p.use_site_level else None))
     val_ids = many_sites.eval_sample(d.num_sites, d.eval_sites, seed)
     test_ids = many_sites.test_sample(d.num_sites, d.test_sites, seed)
     val = consortium.site_arrays(val_ids, "val")
@@ -869,6 +868,13 @@ def _main_ledger(config, state: RunState) -> privacy.PrivacyLedger:
   return state.ledger if config.privacy.record_level else state.site_ledger
 
 
+def _rounds_charged(config, state: RunState) -> dict:
+  """{site: rounds charged in the main ledger}: the rounds a site trained,
+  or every round under site-level DP (one event per charged round)."""
+  ledger = _main_ledger(config, state)
+  return {s: len(ledger.events(s)) for s in ledger.site_names}
+
+
 def _round_row(run: _Run, state: RunState, round_index: int,
                part: np.ndarray, out, seconds: float) -> dict:
   """The history row of a round: covered, public or held-out values only,
@@ -902,6 +908,7 @@ def _round_row(run: _Run, state: RunState, round_index: int,
       if key in row:
         row[key] = {s: row[key][s] for s in shown}
     values = [v for v in epsilon.values() if v is not None]
+    row["sigma_max"] = float(plan.accounted_sigma[round_index].max())
     row["epsilon_max"] = max(values) if values else None
     row["epsilon_median"] = float(np.median(values)) if values else None
   if config.release_training_diagnostics:
@@ -969,7 +976,8 @@ def _log_round(run: _Run, row: dict, round_times: list) -> None:
              f"{d['train_loss']:.4f}, clipped {d['clipped_fraction']:.3f}")
     if "participants" in d:
       extra += f", {len(d['participants'])} sites sampled"
-  noise = (f"sigma {max(row['sigma'].values()):.3f}" if p.record_level
+  sigma = row.get("sigma_max") or max(row["sigma"].values(), default=0.0)
+  noise = (f"sigma {sigma:.3f}" if p.record_level
            else f"z {run.plan.site_applied_sigma:.3f} (site)" if p.enabled
            else "no noise")
   logging.info(
@@ -981,8 +989,11 @@ def _log_round(run: _Run, row: dict, round_times: list) -> None:
 
 
 def _time_round(row: dict, round_start: float, evaluation: float) -> None:
-  """The whole round's wall time and its parts (public: they depend on the
-  machine, not on the data beyond what the round's shapes fix).
+  """The whole round's wall time and its parts. Not covered by the
+  guarantee (the report's assumptions say so): they follow the realised
+  sample, and under site-level DP the number and sizes of the sampled sites
+  (the loop backend runs only sampled sites; with --num_sites the host part
+  renders the cohort).
 
   wall_seconds: from choosing the participants to now (budget check, device
   round, device-to-host copies, accounting, history row, validation, log,
@@ -1189,7 +1200,8 @@ class Simulation:
           "by": "python -m fedjax_seg.privacy.verify (plain dp_accounting)"}
       if not result.ok:
         logging.error("privacy verification FAILED: %s", result.problems)
-    _write_outputs(self.workdir, report, state.history, run.plan, state)
+    _write_outputs(self.workdir, report, state.history, run.plan,
+                   _rounds_charged(config, state))
     return report
 
 
@@ -1263,8 +1275,10 @@ def _assumptions(config, plan: _Plan, diagnostics_released: bool) -> dict:
       "patients who are in no training set; they describe those patients and "
       "are not covered by the training guarantee",
       "wall-clock timings (seconds per round, ETA): they follow how much was "
-      "sampled; a simulation runs on data you hold, but do not publish "
-      "per-round timings of a real deployment",
+      "sampled and, under site-level DP, how many sites were sampled and how "
+      "large they are (the loop backend runs only sampled sites; with "
+      "--num_sites a round renders its cohort); a simulation runs on data "
+      "you hold, but do not publish per-round timings of a real deployment",
       "checkpoint state files (parameters, optimizer and site-local states, "
       "for resumption): the simulator's internal state, not a release; the "
       "final parameters are covered",
@@ -1467,7 +1481,7 @@ def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
   if run.many:
     report["sites_summary"] = many_sites.summary(
         report, names, plan.site_modalities, plan.units,
-        state.charged_rounds)
+        _rounds_charged(config, state))
   if _diagnostics_released(config, state.history):
     report["training_diagnostics"] = {
         "warning": DIAGNOSTICS_WARNING,
@@ -1494,13 +1508,15 @@ def _timing(total_seconds: float, rows: list) -> dict:
 
 
 def _write_outputs(workdir: pathlib.Path, report: dict, history: list,
-                   plan: _Plan, state: RunState | None = None) -> None:
+                   plan: _Plan, charged: dict) -> None:
+  """report.json, rounds.csv, plots and (many sites) sites.csv; `charged`
+  is {site: number of rounds charged} (`_rounds_charged`)."""
   atomic_write(workdir / REPORT, json.dumps(report, indent=1).encode())
   many = "sites_summary" in report
   if many:
     atomic_write(workdir / SITES_CSV, many_sites.sites_csv(
         report, plan.site_names, plan.site_modalities, plan.units,
-        state.charged_rounds).encode())
+        charged).encode())
   buf = io.StringIO()
   writer = csv.writer(buf)
   # Many sites: the distributions' summaries instead of a column per site.

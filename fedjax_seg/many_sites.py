@@ -25,15 +25,17 @@ Validation during training covers a fixed, seeded sample of sites
 at a time, so memory stays flat in N.
 """
 
+import csv
 import dataclasses
 import io
-import csv
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats as scipy_stats
 
 from fedjax_seg import centralized
+from fedjax_seg import config as config_lib
 from fedjax_seg import segmentation_task
 from fedjax_seg.data import consortium as consortium_lib
 from fedjax_seg.data import sites as sites_lib
@@ -80,6 +82,28 @@ def eval_sample(num_sites: int, size: int, seed: int) -> np.ndarray:
 
 def test_sample(num_sites: int, size: int, seed: int) -> np.ndarray:
   return sample_sites(num_sites, size, seed, _TEST_SAMPLE_TAG)
+
+
+def cohort_slots(num_sites: int, sites_per_round: int,
+                 site_sampling_rate: float | None) -> int:
+  """Cohort slots of a round: --sites_per_round (at most N); under
+  site-level DP's Poisson sampling, the 1 - 1e-6 quantile of the cohort
+  size Binomial(N, q) rounded up to a multiple of 8, so the slots never
+  depend on the realised draws (one compilation, and a resumed run uses the
+  same program); else all N sites, refused above PER_SITE_OUTPUTS_MAX sites
+  (every slot holds the largest possible site)."""
+  if sites_per_round:
+    return min(sites_per_round, num_sites)
+  if site_sampling_rate is not None:
+    quantile = scipy_stats.binom.ppf(1 - 1e-6, num_sites, site_sampling_rate)
+    return int(min(num_sites, -(-max(1, int(quantile)) // 8) * 8))
+  if num_sites > PER_SITE_OUTPUTS_MAX:
+    raise config_lib.ConfigError(
+        f"--sites_per_round: with --num_sites={num_sites} every site would "
+        "train every round, stacked at the largest site's capacity; give a "
+        "cohort size (--sites_per_round) or site-level DP's "
+        "--site_sampling_rate.")
+  return num_sites
 
 
 def _take(tree, ids):
@@ -217,18 +241,19 @@ def histogram(values, bins: int = HISTOGRAM_BINS) -> dict:
           "edges": edges.tolist(), "counts": counts.tolist()}
 
 
-def summary(report: dict, names, modalities, units, rounds_charged) -> dict:
+def summary(report: dict, names, modalities, units,
+            rounds_charged: dict) -> dict:
   """The report's "sites_summary": distributions of epsilon, rounds charged
   in the record-level ledger (the rounds a site trained, or every round
   under site-level DP, which hides who trained) and test Dice (per
-  modality) over the consortium."""
+  modality) over the consortium. `rounds_charged`: {site: count}."""
   eps = report["privacy"].get("epsilon_per_site") or {}
   dice = report["metrics"]["dice_per_site"]
   by_modality = {}
   for name, modality in zip(names, modalities):
     if dice.get(name) is not None:
       by_modality.setdefault(modality, []).append(dice[name])
-  charged = [len(rounds_charged.get(s, ())) for s in names]
+  charged = [rounds_charged.get(s, 0) for s in names]
   return {
       "num_sites": len(names),
       "sites_charged": int(np.sum(np.asarray(charged) > 0)),
@@ -260,6 +285,6 @@ def sites_csv(report: dict, names, modalities, units, rounds_charged) -> str:
   for name, modality, n in zip(names, modalities, units):
     blank = lambda v: "" if v is None else v
     writer.writerow([name, modality, int(n),
-                     len(rounds_charged.get(name, ())), blank(eps.get(name)),
+                     rounds_charged.get(name, 0), blank(eps.get(name)),
                      blank(pld.get(name)), blank(dice.get(name))])
   return buf.getvalue()

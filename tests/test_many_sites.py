@@ -94,6 +94,39 @@ def test_a_resumed_consortium_run_continues_the_same_run(tmp_path):
     assert (tmp_path / "full" / name).stat().st_size > 0
 
 
+def test_site_level_dp_over_a_consortium_hides_the_cohorts(tmp_path):
+  # Record- and site-level DP over 80 sites, Poisson-sampled: every training
+  # site is charged every round, and no output names the sampled sites.
+  config = dataclasses.replace(
+      CONSORTIUM,
+      privacy=C.PrivacyConfig(site_level=True, site_noise_multiplier=1.0,
+                              site_sampling_rate=0.05),
+      federated=dataclasses.replace(CONSORTIUM.federated, rounds=2,
+                                    sites_per_round=0),
+      eval_every=2, checkpoint_every=2)
+  report = experiment.train_and_evaluate(config, tmp_path)
+  assert report["privacy"]["verified"]["ok"] is True
+  assert report["privacy"]["site_level"]["epsilon_max"] > 0
+  for row in report["history"]:
+    assert "participants" not in row and row["epsilon"] == {}
+    assert row["sigma_max"] > 0
+  summary = report["sites_summary"]
+  assert summary["sites_charged"] == SITES
+  assert summary["rounds_charged"]["min"] == 2
+  assert "participants" not in (tmp_path / experiment.ROUNDS_CSV).read_text()
+
+
+def test_cohort_slots():
+  assert many_sites.cohort_slots(100, 10, None) == 10
+  assert many_sites.cohort_slots(6, 10, None) == 6
+  assert many_sites.cohort_slots(20, 0, None) == 20
+  # Poisson: a multiple of 8 above the mean, fixed by (N, q) alone.
+  slots = many_sites.cohort_slots(10_000, 0, 0.001)
+  assert slots % 8 == 0 and slots >= 10 + 6 * np.sqrt(10)
+  with pytest.raises(C.ConfigError, match="--sites_per_round"):
+    many_sites.cohort_slots(100, 0, None)
+
+
 def test_validation_and_test_samples_are_fixed_and_seeded():
   a = many_sites.eval_sample(1000, 32, seed=0)
   np.testing.assert_array_equal(a, many_sites.eval_sample(1000, 32, seed=0))

@@ -272,6 +272,11 @@ def run_study(sim, config: StudyConfig, train: sites_lib.SiteArrays
     raise config_lib.ConfigError(
         "--volumes: the attack study attacks 2D slice models; this run "
         "trained a 3D model.")
+  if sim.config.data.num_sites is not None:
+    raise config_lib.ConfigError(
+        "--num_sites: the attack study needs the run's sites stacked in "
+        "memory; attack a run of the 8 default sites (or a prepared "
+        "dataset).")
   loss_fn = segmentation_task.example_loss(run.model)
   test = run.test
   image_shape = tuple(test.image.shape[2:])

@@ -139,6 +139,10 @@ class Consortium:
     """(M slices, P patients, L slices per patient) that hold any site's
     training split: from every possible site size up to P_MAX, so
     independent of N."""
+    return self._capacity
+
+  @functools.cached_property
+  def _capacity(self) -> tuple[int, int, int]:
     fractions = self.split_fractions
     def train_patients(n):
       split = sites_lib.assign_patient_splits(np.zeros(n, int), np.arange(n),
@@ -152,20 +156,21 @@ class Consortium:
 
   # -- rendering ---------------------------------------------------------------
 
-  def _render_site(self, k: int) -> tuple[list, list]:
-    """Site k's patients' (image, label) volumes, cached."""
-    if k in self._cache:
-      self._cache.move_to_end(k)
-      return self._cache[k]
+  def _patients(self, k: int, wanted) -> list:
+    """Site k's patients `wanted` as (image, label) volumes. Each patient has
+    its own seed, so only those are rendered; a site's rendered patients
+    are kept (least recently used sites out)."""
+    rendered = self._cache.pop(k, None) or {}
+    self._cache[k] = rendered  # Most recently used.
     spec = self.specs[k]
-    volumes = [synthetic.render_patient(
-        spec, self.image_size, self.num_slices,
-        np.random.default_rng([self.seed, CONSORTIUM_TAG, k, p]))
-               for p in range(spec.num_patients)]
-    self._cache[k] = volumes
+    for p in wanted:
+      if p not in rendered:
+        rendered[p] = synthetic.render_patient(
+            spec, self.image_size, self.num_slices,
+            np.random.default_rng([self.seed, CONSORTIUM_TAG, k, int(p)]))
     while len(self._cache) > self.cache_sites:
       self._cache.popitem(last=False)
-    return volumes
+    return [rendered[p] for p in wanted]
 
   def dataset(self, site_ids, split: str) -> dataset_lib.SliceDataset:
     """The `split` slices of `site_ids` (site axis in that order)."""
@@ -173,9 +178,8 @@ class Consortium:
     want = sites_lib.SPLITS.index(split)
     images, labels, site, patient, slices, names = [], [], [], [], [], []
     for local, k in enumerate(site_ids):
-      volumes = self._render_site(k)
-      for p in np.flatnonzero(self.patient_splits(k) == want):
-        image, label = volumes[p]
+      wanted = np.flatnonzero(self.patient_splits(k) == want)
+      for p, (image, label) in zip(wanted, self._patients(k, wanted)):
         images.append(image)
         labels.append(label)
         site += [local] * len(image)

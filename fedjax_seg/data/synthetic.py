@@ -317,7 +317,11 @@ def render_patient(spec: SiteSpec, image_size: int, num_slices: int,
     image = _render_xray(rng, spec, tissue, texture)
     label = _xray_label(label)
   else:
-    tissue, label, texture = _phantom(rng, spec, (num_slices, size, size))
+    # As when the cube test was `d == h`: a stack as deep as it is wide spans
+    # the whole organ (the data of such configurations stay the same).
+    tissue, label, texture = _phantom(
+        rng, spec, (num_slices, size, size),
+        z_extent=1.0 if num_slices == size else 0.6)
     render = _render_ct if spec.modality == "CT" else _render_mri
     image = render(rng, spec, tissue, texture)
   return image.astype(np.float32), label

@@ -408,7 +408,7 @@ class PrivacyLedger:
     self._events = {s: [] for s in site_names}
     self._rdp = {s: np.zeros(len(self.orders)) for s in site_names}
     self._truncation = {s: 0.0 for s in site_names}
-    self._epsilon_cache: dict[str, tuple[int, float]] = {}
+    self._epsilon_cache: dict[str, tuple[tuple, float]] = {}
 
   # -- recording --------------------------------------------------------------
 
@@ -496,12 +496,12 @@ class PrivacyLedger:
     """RDP epsilon of `site` at the ledger's delta (0 if nothing recorded)."""
     site = self._check_site(site)
     # Events are only ever appended, so a site's epsilon is a function of
-    # its event count: computed once per count (a round of a 10,000-site
-    # consortium changes a cohort's epsilons, not all of them).
-    count = len(self._events[site])
+    # its event count (and delta, orders): computed once per count (a round
+    # of a 10,000-site consortium changes a cohort's epsilons, not all).
+    key = (len(self._events[site]), self.delta, self.orders)
     cached = self._epsilon_cache.get(site)
-    if cached is None or cached[0] != count:
-      cached = self._epsilon_cache[site] = (count, self._epsilon_from_rdp(
+    if cached is None or cached[0] != key:
+      cached = self._epsilon_cache[site] = (key, self._epsilon_from_rdp(
           self._rdp[site], self._truncation[site], site))
     return cached[1]
 
