@@ -22,19 +22,15 @@ pixel ratio (S / S0)^2 is the reference for the round.
 """
 
 import argparse
-import csv
 import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
+import simulate_run
 from fedjax_seg import experiment
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def run(size: int, rounds: int, eval_every: int, extra: list[str]) -> dict:
@@ -43,17 +39,7 @@ def run(size: int, rounds: int, eval_every: int, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "experiments.simulate",
            f"--workdir={workdir}/run", f"--image_size={size}",
            f"--rounds={rounds}", f"--eval_every={eval_every}", *extra]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          check=False)
-    wall = time.perf_counter() - start
-    if done.returncode:
-      raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    with open(f"{workdir}/run/rounds.csv", newline="") as f:
-      rows = [{k: float(v) if k.endswith("seconds") else v
-               for k, v in row.items()} for row in csv.DictReader(f)]
-    with open(f"{workdir}/run/report.json") as f:
-      report = json.load(f)
+    rows, report, wall = simulate_run.run(cmd, f"{workdir}/run")
   later = rows[1:]
   plain = [r["wall_seconds"] for r in later if not r["evaluation_seconds"]]
   evals = [r["evaluation_seconds"] for r in rows if r["evaluation_seconds"]]

@@ -31,23 +31,21 @@ same invocation.
 """
 
 import argparse
-import csv
 import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
+import simulate_run
 from fedjax_seg import experiment
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 NUM_SLICES = 8  # simulate's default --num_slices: slices per CT/MRI patient.
 
-# Runs simulate's main in this process, measuring the live device arrays
-# after every round and the peak RSS at exit.
+# Runs simulate's main in the child process, measuring what each round holds
+# for the device when it starts, the setup and final times, and the peak RSS
+# at exit.
 _CHILD = r"""
 import atexit, json, resource, sys, time
 start = time.perf_counter()
@@ -97,17 +95,7 @@ def run(num_sites: int, cohort: int, rounds: int, extra: list[str]) -> dict:
            f"--num_sites={num_sites}", f"--sites_per_round={cohort}",
            f"--rounds={rounds}", f"--eval_every={rounds}",
            "--eval_sites=10", "--test_sites=10", *extra]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          check=False)
-    wall = time.perf_counter() - start
-    if done.returncode:
-      raise RuntimeError(f"N={num_sites} failed:\n{done.stderr[-3000:]}")
-    with open(f"{tmp}/run/rounds.csv", newline="") as f:
-      rows = [{k: float(v) if k.endswith("seconds") else v
-               for k, v in row.items()} for row in csv.DictReader(f)]
-    with open(f"{tmp}/run/report.json") as f:
-      report = json.load(f)
+    rows, report, wall = simulate_run.run(cmd, f"{tmp}/run")
     with open(stats) as f:
       measured = json.load(f)
   plain = [r for r in rows[1:] if not r["evaluation_seconds"]]
