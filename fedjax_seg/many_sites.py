@@ -123,30 +123,26 @@ class CohortSource:
   def __init__(self, consortium: consortium_lib.Consortium, slots: int):
     self.consortium = consortium
     self.slots = max(1, int(slots))
-    # Filler slots need some data of the right shape; they never train.
-    self._filler = consortium.site_arrays([0], "train", fixed_capacity=True)
 
   def round_inputs(self, cohort: np.ndarray, site_states, site_config):
     """(data, site_states, site_config, participating, site_ids) of a
     round over `cohort` (consortium ids), padded to the slots.
 
     `site_states` and `site_config` have a leading [N] axis; filler slots
-    get site 0's (they do not take part, so nothing of theirs is kept).
+    get site 0's data, state and config (they do not take part, so nothing
+    of theirs is kept; site 0 stays in the render cache).
     """
     cohort = np.asarray(cohort, np.int64)
     n = len(cohort)
     if n > self.slots:
       self.slots = -(-n // 8) * 8
     pad = self.slots - n
-    num_sites = self.consortium.num_sites
-    arrays = (self.consortium.site_arrays(cohort, "train",
-                                          fixed_capacity=True)
-              if n else None)
-    data = _stack_with_filler(arrays, self._filler, pad)
     gather = np.concatenate([cohort, np.zeros(pad, np.int64)])
+    data = self.consortium.site_arrays(gather, "train", fixed_capacity=True)
     participating = np.arange(self.slots) < n
     # Filler ids are outside 0..N-1, so never a real site's keys.
-    site_ids = np.concatenate([cohort, num_sites + np.arange(pad)])
+    site_ids = np.concatenate([cohort, self.consortium.num_sites
+                               + np.arange(pad)])
     return (segmentation_task.site_data(data), _take(site_states, gather),
             _take(site_config, gather), participating, site_ids)
 
@@ -166,31 +162,6 @@ class CohortSource:
       out[cohort] = x[:n]
       return out
     return site_states, jax.tree.map(full, client_metrics)
-
-
-def _stack_with_filler(arrays, filler, pad: int) -> sites_lib.SiteArrays:
-  if arrays is None:
-    arrays, pad = _repeat(filler, pad), 0
-  if not pad:
-    return arrays
-  extra = _repeat(filler, pad)
-  fields = {}
-  for f in dataclasses.fields(sites_lib.SiteArrays):
-    a, b = getattr(arrays, f.name), getattr(extra, f.name)
-    fields[f.name] = (np.concatenate([a, b]) if isinstance(a, np.ndarray)
-                      else a + b if f.name in ("site_names",
-                                               "site_modalities") else a)
-  return sites_lib.SiteArrays(**fields)
-
-
-def _repeat(arrays: sites_lib.SiteArrays, times: int) -> sites_lib.SiteArrays:
-  fields = {}
-  for f in dataclasses.fields(sites_lib.SiteArrays):
-    a = getattr(arrays, f.name)
-    fields[f.name] = (np.repeat(a, times, axis=0) if isinstance(a, np.ndarray)
-                      else a * times if f.name in ("site_names",
-                                                   "site_modalities") else a)
-  return sites_lib.SiteArrays(**fields)
 
 
 def evaluate_sites(model, params_of, consortium, site_ids, split: str,

@@ -12,9 +12,9 @@ function of (seed, k):
   X_MIN = 8, ALPHA = 1.3 and P_MAX = 500 (then times `patients_scale`,
   at least 4, so that at the default split every site has a training, a
   validation and a test patient): median 13 patients, mean about 26, 10%
-  of sites above 47, 1% above 280 and 0.5% at the cap. Most sites are small and a few are large,
-  as in real consortia; a site with fewer training units than the batch
-  samples all of them (q = 1);
+  of sites above 47, 1% above 280 and 0.5% at the cap. Most sites are
+  small and a few are large, as in real consortia; a site with fewer
+  training units than the batch samples all of them (q = 1);
 * its patients: patient p is rendered from the seed (seed, CONSORTIUM_TAG,
   k, p) by `synthetic.render_patient`, and split into train/val/test by
   `sites.assign_patient_splits` with the site id k.
@@ -176,32 +176,15 @@ class Consortium:
     """The `split` slices of `site_ids` (site axis in that order)."""
     site_ids = [int(k) for k in site_ids]
     want = sites_lib.SPLITS.index(split)
-    images, labels, site, patient, slices, names = [], [], [], [], [], []
-    for local, k in enumerate(site_ids):
+    patients = []
+    for k in site_ids:
       wanted = np.flatnonzero(self.patient_splits(k) == want)
-      for p, (image, label) in zip(wanted, self._patients(k, wanted)):
-        images.append(image)
-        labels.append(label)
-        site += [local] * len(image)
-        patient += [len(names)] * len(image)
-        slices += list(range(len(image)))
-        names.append(f"{self.specs[k].name}/patient{p:03d}")
-    shape = (self.image_size, self.image_size)
-    specs = [self.specs[k] for k in site_ids]
-    site = np.asarray(site, np.int32)
-    return dataset_lib.SliceDataset(
-        image=(np.concatenate(images) if images
-               else np.zeros((0,) + shape, np.float32))[..., None],
-        label=(np.concatenate(labels) if labels
-               else np.zeros((0,) + shape, np.uint8)),
-        site=site, patient=np.asarray(patient, np.int32),
-        modality=np.asarray([synthetic.MODALITIES.index(s.modality)
-                             for s in specs], np.int32)[site],
-        slice_index=np.asarray(slices, np.int32),
-        site_names=tuple(s.name for s in specs),
-        site_modalities=tuple(s.modality for s in specs),
-        modality_names=synthetic.MODALITIES,
-        class_names=synthetic.CLASS_NAMES, patient_names=tuple(names))
+      patients.append([
+          (f"{self.specs[k].name}/patient{p:03d}", image, label)
+          for p, (image, label) in zip(wanted, self._patients(k, wanted))])
+    return synthetic.slice_dataset([self.specs[k] for k in site_ids],
+                                   patients,
+                                   (self.image_size, self.image_size))
 
   def site_arrays(self, site_ids, split: str,
                   fixed_capacity: bool = False) -> sites_lib.SiteArrays:

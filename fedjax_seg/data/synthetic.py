@@ -335,29 +335,33 @@ def patient_volume(config: SyntheticConfig, site: int, patient: int):
                         np.random.default_rng([config.seed, site, patient]))
 
 
-def _build(config: SyntheticConfig, sites: list[int],
-           volumes: bool) -> dataset_lib.SliceDataset:
-  """The patients of `sites` as slices, or as one volume each."""
-  images, labels, site_ids, patients, slices, names = [], [], [], [], [], []
-  for new_index, s in enumerate(sites):
-    for p in range(config.num_patients(s)):
-      image, label = patient_volume(config, s, p)
-      if volumes:  # One example per patient: [1, D, S, S].
-        image, label = image[None], label[None]
+def slice_dataset(specs, patients, shape) -> dataset_lib.SliceDataset:
+  """A `SliceDataset` of rendered patients.
+
+  Args:
+    specs: the sites' `SiteSpec`s (the site axis, in order).
+    patients: per site, a list of (patient name, image, label) with image
+      float32 [D, ...] and label uint8 [D, ...]: D examples of that patient.
+    shape: one example's image shape without channels (for no patients).
+  """
+  images, labels, site_ids, patient_ids, slices, names = [], [], [], [], [], []
+  for index, site_patients in enumerate(patients):
+    for name, image, label in site_patients:
       n = image.shape[0]
       images.append(image)
       labels.append(label)
-      site_ids += [new_index] * n
-      patients += [len(names)] * n
+      site_ids += [index] * n
+      patient_ids += [len(names)] * n
       slices += list(range(n))
-      names.append(f"{config.sites[s].name}/patient{p:03d}")
-  specs = [config.sites[s] for s in sites]
+      names.append(name)
   site = np.asarray(site_ids, np.int32)
   return dataset_lib.SliceDataset(
-      image=np.concatenate(images)[..., None],
-      label=np.concatenate(labels),
+      image=(np.concatenate(images) if images
+             else np.zeros((0,) + tuple(shape), np.float32))[..., None],
+      label=(np.concatenate(labels) if labels
+             else np.zeros((0,) + tuple(shape), np.uint8)),
       site=site,
-      patient=np.asarray(patients, np.int32),
+      patient=np.asarray(patient_ids, np.int32),
       modality=np.asarray([MODALITIES.index(spec.modality) for spec in specs],
                           np.int32)[site],
       slice_index=np.asarray(slices, np.int32),
@@ -367,6 +371,24 @@ def _build(config: SyntheticConfig, sites: list[int],
       class_names=CLASS_NAMES,
       patient_names=tuple(names),
   )
+
+
+def _build(config: SyntheticConfig, sites: list[int],
+           volumes: bool) -> dataset_lib.SliceDataset:
+  """The patients of `sites` as slices, or as one volume each."""
+  patients = []
+  for s in sites:
+    site_patients = []
+    for p in range(config.num_patients(s)):
+      image, label = patient_volume(config, s, p)
+      if volumes:  # One example per patient: [1, D, S, S].
+        image, label = image[None], label[None]
+      site_patients.append((f"{config.sites[s].name}/patient{p:03d}", image,
+                            label))
+    patients.append(site_patients)
+  size = config.image_size
+  shape = (config.num_slices, size, size) if volumes else (size, size)
+  return slice_dataset([config.sites[s] for s in sites], patients, shape)
 
 
 def generate(config: SyntheticConfig = SyntheticConfig()
