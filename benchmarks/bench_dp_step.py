@@ -56,7 +56,7 @@ def main(argv):
   layered = {how: privacy.layer_gradients.per_example_value_and_grad(
       lambda p, x, tape: model.apply(p, x, tape=tape),
       segmentation_task.logits_loss(), kernel_method=how)
-             for how in ("vjp", "taps")}
+             for how in ("vjp", "taps", "auto")}
   mean_loss = lambda p, b: jnp.mean(jax.vmap(loss, (None, 0))(p, b))
   clipped = privacy.clipped_grad(loss, l2_clip_norm=1.0)
   noise = privacy.gaussian_noise(1.0, l2_clip_norm=1.0,
@@ -74,6 +74,8 @@ def main(argv):
           lambda p, b: layered["vjp"](p, b)[1]), params, batch),
       "per_example_grads_layers_taps": _time(jax.jit(
           lambda p, b: layered["taps"](p, b)[1]), params, batch),
+      "per_example_grads_layers_auto": _time(jax.jit(
+          lambda p, b: layered["auto"](p, b)[1]), params, batch),
       "clipped_grad": _time(jax.jit(lambda p, b: clipped(p, b)[0]), params,
                             batch),
       "dp_step_clip_and_noise": _time(jax.jit(dp_step), params, batch,

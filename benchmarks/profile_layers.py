@@ -13,6 +13,14 @@ and a dot, checked equal to the convolution). torch's ops run in
 NCHW (its native layout), ours in NHWC (XLA's CPU convolution layout).
 
   python benchmarks/profile_layers.py --size=64 --threads=2
+
+With --per_example, times instead each 3x3 convolution's per-example kernel
+gradients from its input A and output gradient B, both ways
+`privacy.layer_gradients` forms them (the kernel VJP per example, as
+`vmap(grad)` does, and one contraction per tap), and says which one
+`layer_gradients.auto_kernel_method` picks from the channel counts:
+
+  python benchmarks/profile_layers.py --per_example --size=128 --batch=4
 """
 
 import argparse
@@ -109,6 +117,42 @@ def jax_times(spec, batch, repeats):
   return times
 
 
+def per_example_times(spec, batch, repeats):
+  """{conv layer: (kernel VJP ms, per-tap ms, auto's choice)}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.privacy import layer_gradients  # pylint: disable=g-import-not-at-top
+  times = {}
+  for name, kind, s, cin, cout in spec:
+    if kind != "conv":
+      continue
+    a = jax.random.normal(jax.random.key(0), (batch, s, s, cin))
+    b = jax.random.normal(jax.random.key(1), (batch, s, s, cout))
+    per_method = []
+    for fn in (layer_gradients.conv_kernel_grad_vjp,
+               layer_gradients.conv_kernel_grad):
+      grad = jax.jit(lambda a, b, fn=fn: fn(a, b, (3, 3)))
+      per_method.append(_timed(
+          lambda grad=grad: jax.block_until_ready(grad(a, b)), repeats))
+    times[name] = (*per_method,
+                   layer_gradients.auto_kernel_method(cin, cout))
+  return times
+
+
+def print_per_example(args, spec):
+  times = per_example_times(spec, args.batch, args.repeats)
+  print(f"| conv layer ({args.size}px, batch {args.batch}) | kernel VJP ms "
+        "| per tap ms | auto picks | auto ms |")
+  print("| --- | ---: | ---: | --- | ---: |")
+  total = [0.0, 0.0, 0.0, 0.0]
+  for name, (vjp, taps, pick) in times.items():
+    auto = taps if pick == "taps" else vjp
+    for i, t in enumerate((vjp, taps, auto, min(vjp, taps))):
+      total[i] += t
+    print(f"| {name} | {vjp:.2f} | {taps:.2f} | {pick} | {auto:.2f} |")
+  print(f"| all | {total[0]:.1f} | {total[1]:.1f} | (best per layer "
+        f"{total[3]:.1f}) | {total[2]:.1f} |")
+
+
 def torch_times(spec, batch, repeats):
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
@@ -140,9 +184,14 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--per_example", action="store_true",
+                      help="Per-example kernel gradients instead.")
   args = parser.parse_args()
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
   spec = layers(args.size)
+  if args.per_example:
+    print_per_example(args, spec)
+    return
   ours = jax_times(spec, args.batch, args.repeats)
   try:
     import torch  # pylint: disable=g-import-not-at-top

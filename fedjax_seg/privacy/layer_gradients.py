@@ -141,7 +141,24 @@ def upsample2_kernel_grad(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.flip(flipped, axis=tuple(range(1, d + 1)))
 
 
-KERNEL_METHODS = ("vjp", "taps")
+KERNEL_METHODS = ("auto", "vjp", "taps")
+
+
+def auto_kernel_method(c_in: int, c_out: int) -> str:
+  """The kernel method for a convolution with `c_in` input and `c_out`
+  output channels: "taps" when c_in <= c_out, else "vjp".
+
+  Measured per layer on 2 CPU cores (`benchmarks/profile_layers.py
+  --per_example`, chunks of 4 slices, tiny U-Net at 32x32 and 128x128;
+  BENCHMARKS.md): where the channels stay or grow the per-tap contractions
+  were as fast (within noise) or faster in every run (up to 4.4x: 128px 1->16, 4.6 vs
+  1.1 ms; 64px 32->32: 13.0 vs 7.8 ms); on the decoder layers that halve
+  them the two were within run-to-run noise of each other (128px 32->16:
+  49.9 vs 52.1 ms in one run, 51.9 vs 69.3 ms in another), so these keep
+  the kernel VJP, which is what `vmap(grad)` does. Values are the same
+  either way.
+  """
+  return "taps" if c_in <= c_out else "vjp"
 
 
 def _check_kernel_method(kernel_method: str) -> None:
@@ -156,8 +173,9 @@ def layer_grads(kind: str, a: jax.Array, b: jax.Array,
   """One layer's per-example gradients {leaf name: [N, *leaf shape]}.
 
   `kernel_method` for convolutions wider than 1x1: "taps" (one contraction
-  per kernel tap, `conv_kernel_grad`) or "vjp" (the convolution's kernel VJP
-  per example, `conv_kernel_grad_vjp`); the same values.
+  per kernel tap, `conv_kernel_grad`), "vjp" (the convolution's kernel VJP
+  per example, `conv_kernel_grad_vjp`) or "auto" (per layer from its
+  channel counts, `auto_kernel_method`); the same values.
   """
   _check_kernel_method(kernel_method)
   out = {}
@@ -168,6 +186,8 @@ def layer_grads(kind: str, a: jax.Array, b: jax.Array,
       out["scale"] = _spatial_sum(b * a)
   elif kind == "conv":
     kernel_size = tuple(param_shapes["kernel"][:-2])
+    if kernel_method == "auto":
+      kernel_method = auto_kernel_method(*param_shapes["kernel"][-2:])
     grad_fn = (conv_kernel_grad if kernel_method == "taps"
                or all(k == 1 for k in kernel_size) else conv_kernel_grad_vjp)
     out["kernel"] = grad_fn(a, b, kernel_size)
@@ -200,7 +220,7 @@ def per_example_value_and_grad(
     apply_with_tape: Callable[[PyTree, jax.Array, Tape], jax.Array],
     loss_from_logits: Callable[[jax.Array, PyTree], jax.Array],
     input_key: str = "image",
-    kernel_method: str = "vjp",
+    kernel_method: str = "auto",
 ) -> Callable[[PyTree, PyTree], tuple[jax.Array, PyTree]]:
   """`(params, batch) -> (losses [N], per-example grads)`, the values of
   `jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))` for the loss
@@ -214,9 +234,10 @@ def per_example_value_and_grad(
     loss_from_logits: `(logits [...], example) -> scalar` for ONE example.
     input_key: the batch entry fed to the model.
     kernel_method: how convolution kernels' per-example gradients are formed
-      from A and B ("vjp" or "taps", see `layer_grads`). On 2 CPU cores, at
-      32x32, the whole call was 1.14x ("vjp") and 1.42x ("taps") the time
-      of `vmap(grad)` (BENCHMARKS.md).
+      from A and B ("auto", "vjp" or "taps", see `layer_grads`). On 2 CPU
+      cores, chunks of 4 slices, the whole call took 1.02x ("auto"), 1.01x
+      ("taps") and 1.12x ("vjp") the time of `vmap(grad)` at 32x32 and
+      1.03x, 1.02x and 1.14x at 128x128 (BENCHMARKS.md).
 
   Every parameter leaf must belong to a recorded layer (else ValueError
   naming it), and no layer may be applied twice.

@@ -36,8 +36,18 @@ def _setup(case, n=3):
   return model, params, batch
 
 
+def test_auto_kernel_method_follows_the_channels():
+  # Taps where the channels stay or grow, the kernel VJP where they shrink
+  # (the U-Net's decoder), as measured per layer on CPU.
+  assert layer_gradients.auto_kernel_method(16, 16) == "taps"
+  assert layer_gradients.auto_kernel_method(16, 32) == "taps"
+  assert layer_gradients.auto_kernel_method(64, 32) == "vjp"
+  with pytest.raises(ValueError, match="kernel_method"):
+    layer_gradients.layer_grads("conv", None, None, {}, "fastest")
+
+
 @pytest.mark.parametrize("case,kernel_method", [
-    ("2d_group_two_channels", "taps"), ("2d_instance_residual", "vjp"),
+    ("2d_group_two_channels", "taps"), ("2d_instance_residual", "auto"),
     ("3d_group", "taps")])
 def test_equals_vmap_of_value_and_grad(case, kernel_method):
   model, params, batch = _setup(case, n=2)
