@@ -33,9 +33,12 @@ _ROUND = flags.DEFINE_integer(
     "latest; a run keeps its last two).")
 _SITE = flags.DEFINE_string(
     "site", None, "FedBN runs (required there): the site whose "
-    "normalisation parameters to use. Also picks the modality for "
-    "normalisation when the run's sites have several and the input does "
-    "not say.")
+    "normalisation parameters to use (and whose modality scans without "
+    "one are taken to have).")
+_MODALITY = flags.DEFINE_string(
+    "modality", None, "The scans' modality (CT, MRI, X-ray, ...) when the "
+    "run's sites have several and the CSV has no modality column; it picks "
+    "the run's normalisation for that modality.")
 _PROBABILITIES = flags.DEFINE_bool(
     "probabilities", False, "Also write per-class probability maps.")
 _DATA_DIR = flags.DEFINE_string(
@@ -61,7 +64,8 @@ def main(argv):
                       "run has not finished).", _WORKDIR.value,
                       trained.round_index, trained.rounds_planned)
     summary = predict.predict_cases(trained, cases, _OUTPUT_DIR.value,
-                                    _PROBABILITIES.value, _BATCH_SIZE.value)
+                                    _PROBABILITIES.value, _BATCH_SIZE.value,
+                                    modality=_MODALITY.value)
   except predict.PredictError as e:
     raise app.UsageError(str(e)) from e
   dice = summary["dice_mean_foreground"]

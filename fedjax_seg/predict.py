@@ -28,6 +28,7 @@ that site only, by its noised local steps.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -97,6 +98,14 @@ class TrainedModel:
   source: str
   privacy: dict
 
+  @functools.cached_property
+  def softmax(self) -> Callable:
+    """Jitted `(params, x [N, ...]) -> class probabilities [N, ..., K]`
+    (compiled once per input shape)."""
+    model = self.model
+    return jax.jit(lambda p, x: jax.nn.softmax(
+        model.apply(p, x).astype(jnp.float32), axis=-1))
+
   @property
   def spatial_dims(self) -> int:
     return self.model.config.spatial_dims
@@ -110,19 +119,33 @@ class TrainedModel:
     return self.model.config.num_classes
 
   def modality_of(self, modality: str | None) -> str:
-    """The modality a case is normalised as: its own (a CSV column), else
-    the --site's, else the run's only one; PredictError otherwise."""
+    """The modality a case is normalised as: its own (a CSV column or
+    --modality), else the FedBN --site's, else the run's only one.
+
+    Raises:
+      PredictError: for a modality whose normalisation none of the run's
+        sites had, or none given when the run's sites differ.
+    """
+    if self.preprocess.normalization is not None:
+      return modality or self.preprocess.normalization  # Fixed scheme.
+    schemes = {nifti.normalization_for(m): m for m in self.site_modalities}
     if modality:
+      if nifti.normalization_for(modality) not in schemes:
+        trained_on = sorted(set(self.site_modalities))
+        raise PredictError(
+            f"modality {modality!r}: the run trained on {trained_on} only; "
+            f"its inputs were normalised as {sorted(schemes)}, not as "
+            f"{modality!r} would be.")
       return modality
     if self.site is not None:
       return self.site_modalities[self.site_names.index(self.site)]
-    distinct = sorted(set(self.site_modalities))
-    if len(distinct) == 1:
-      return distinct[0]
+    if len(schemes) == 1:
+      return next(iter(schemes.values()))
     raise PredictError(
-        f"the run's sites have several modalities {distinct}, so a scan's "
-        "normalisation depends on its modality: give --site=<a site of that "
-        "modality>, or a CSV with a modality column.")
+        f"--modality: the run's sites have several modalities "
+        f"{sorted(set(self.site_modalities))}, so a scan's normalisation "
+        "depends on its modality: give --modality, or a CSV with a modality "
+        "column.")
 
 
 # -- the run ------------------------------------------------------------------
@@ -135,8 +158,14 @@ def _checkpoint_manager(workdir: pathlib.Path):
     raise PredictError(f"--workdir={workdir}: no {CHECKPOINTS}/ there; give "
                        "the --workdir of a simulate run that completed at "
                        "least one checkpointed round.")
-  return ocp, ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns that read-only is so.
+  try:
+    return ocp, ocp.CheckpointManager(directory, options=(
+        ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                     save_interval_steps=0)))
+  finally:
+    logging.set_verbosity(level)
 
 
 def _restore(workdir: pathlib.Path, round_index: int | None):
@@ -451,23 +480,30 @@ def restore_geometry(probs: np.ndarray, geometry: Geometry,
   return nib.orientations.apply_orientation(probs, back)
 
 
-def _batched_softmax(model, params, batch_size: int) -> Callable:
-  apply = jax.jit(lambda p, x: jax.nn.softmax(
-      model.apply(p, x).astype(jnp.float32), axis=-1))
+def _softmax_in_batches(apply: Callable, params, inputs: np.ndarray,
+                        batch_size: int) -> np.ndarray:
+  """[N, ...] -> [N, ..., K] probabilities, in batches of `batch_size` (the
+  last one zero-padded, so every call has one shape)."""
+  out = []
+  for start in range(0, inputs.shape[0], batch_size):
+    chunk = inputs[start:start + batch_size]
+    n = chunk.shape[0]
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.zeros(
+          (batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(apply(params, jnp.asarray(chunk)))[:n])
+  return np.concatenate(out)
 
-  def run(inputs: np.ndarray) -> np.ndarray:
-    """[N, ...] -> [N, ..., K], batches padded to one shape (one compile)."""
-    out = []
-    for start in range(0, inputs.shape[0], batch_size):
-      chunk = inputs[start:start + batch_size]
-      n = chunk.shape[0]
-      if n < batch_size:
-        chunk = np.concatenate([chunk, np.zeros(
-            (batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-      out.append(np.asarray(apply(params, jnp.asarray(chunk)))[:n])
-    return np.concatenate(out)
 
-  return run
+def _batch_size(slices: int, spatial_shape, batch_size: int | None) -> int:
+  """The given size, else the evaluation batch for the image size, capped
+  at the next power of two above the volume's slices (few shapes, hence few
+  compilations, and little padding for short volumes)."""
+  from fedjax_seg import centralized  # pylint: disable=g-import-not-at-top
+  if batch_size:
+    return batch_size
+  return min(centralized.evaluation_batch_size(spatial_shape),
+             1 << max(0, (slices - 1).bit_length()))
 
 
 def segment(trained: TrainedModel, slices: np.ndarray,
@@ -475,16 +511,16 @@ def segment(trained: TrainedModel, slices: np.ndarray,
   """Class probabilities [D, H, W, K] of preprocessed slices [D, H, W, C]:
   slice by slice for 2D models (in batches), in tiles of the training depth
   along D for 3D models (the last tile zero-padded)."""
-  from fedjax_seg import centralized  # pylint: disable=g-import-not-at-top
   if trained.spatial_dims == 2:
-    size = batch_size or centralized.evaluation_batch_size(slices.shape[1:3])
-    return _batched_softmax(trained.model, trained.params, size)(slices)
+    return _softmax_in_batches(
+        trained.softmax, trained.params, slices,
+        _batch_size(slices.shape[0], slices.shape[1:3], batch_size))
   depth = trained.config.data.num_slices
   tiles = -(-slices.shape[0] // depth)
   padded = np.zeros((tiles * depth,) + slices.shape[1:], slices.dtype)
   padded[:slices.shape[0]] = slices
   volumes = padded.reshape((tiles, depth) + slices.shape[1:])
-  probs = _batched_softmax(trained.model, trained.params, 1)(volumes)
+  probs = _softmax_in_batches(trained.softmax, trained.params, volumes, 1)
   return probs.reshape((tiles * depth,) + probs.shape[2:])[:slices.shape[0]]
 
 
@@ -665,8 +701,8 @@ def _output_image(data: np.ndarray, img: nib.Nifti1Image, dtype
 
 def predict_cases(trained: TrainedModel, cases: Sequence[Case],
                   output_dir: str | os.PathLike, probabilities: bool = False,
-                  batch_size: int | None = None, progress: bool = True
-                  ) -> dict:
+                  batch_size: int | None = None, progress: bool = True,
+                  modality: str | None = None) -> dict:
   """Segments every case, writes `<case>_seg.nii.gz` (uint8 labels on the
   input's grid, its affine and header), with `probabilities` also
   `<case>_probabilities.nii.gz` (float32 [X, Y, Z, K]), and, when any case
@@ -683,6 +719,21 @@ def predict_cases(trained: TrainedModel, cases: Sequence[Case],
       not fit the model.
   """
   start = time.perf_counter()
+  cases = [dataclasses.replace(c, modality=c.modality or modality)
+           for c in cases]
+  for case in cases:  # Refuse an unknown or ambiguous modality up front.
+    try:
+      trained.modality_of(case.modality)
+    except PredictError as e:
+      raise PredictError(f"{case.image}: {e}") from e
+  if trained.config.data.dataset == "synthetic" and any(
+      nifti.normalization_for(trained.modality_of(c.modality)) == "MRI"
+      for c in cases):
+    logging.warning(
+        "segmenting MRI with a model trained on the built-in synthetic "
+        "data: prepare's MRI z-score (over non-zero voxels) is not the "
+        "generator's (over the body), so these inputs differ from what the "
+        "model was trained on. Train on a prepared dataset to segment MRI.")
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(dir=output_dir,
