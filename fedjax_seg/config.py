@@ -56,6 +56,15 @@ class DataConfig:
       fixed, seeded sample of sites (all if fewer).
     test_sites: with --num_sites, the final test evaluation covers this
       seeded sample of sites (all if fewer; the report gives the number).
+    scanner_changes: distributions that change over rounds
+      (`fedjax_seg.scenarios`): entries SITE:ROUND:PROFILE, site SITE's
+      scanner replaced from round ROUND on by the built-in profile PROFILE
+      of the same modality (built-in data only).
+    intensity_drift: entries SITE:RATE, the site's image intensities times
+      1 + RATE * r in round r (0-based): a slow gain drift.
+    site_joins: entries SITE:ROUND, the site trains from round ROUND on (its
+      privacy budget starts then; its noise is calibrated for its rounds).
+    site_leaves: entries SITE:ROUND, the site trains up to round ROUND - 1.
   """
 
   dataset: str = "synthetic"
@@ -70,6 +79,10 @@ class DataConfig:
   num_sites: int | None = None
   eval_sites: int = 32
   test_sites: int = 1000
+  scanner_changes: tuple[str, ...] = ()
+  intensity_drift: tuple[str, ...] = ()
+  site_joins: tuple[str, ...] = ()
+  site_leaves: tuple[str, ...] = ()
 
   def __post_init__(self):
     _check(bool(self.dataset), "dataset", "must not be empty.")
@@ -87,6 +100,13 @@ class DataConfig:
       _check(self.dataset == "synthetic" and not self.volumes, "num_sites",
              "makes a consortium of the built-in 2D sites: only with "
              "--dataset=synthetic and without --volumes.")
+    from fedjax_seg import scenarios  # pylint: disable=g-import-not-at-top
+    scenarios.check_entries(self)
+    _check(self.num_sites is None or not scenarios.any_set(self),
+           "num_sites", "scenarios that change over rounds "
+           "(--scanner_changes, --intensity_drift, --site_joins, "
+           "--site_leaves) are for the default sites or a prepared dataset, "
+           "not with --num_sites.")
     _check(self.eval_sites >= 1, "eval_sites", "must be >= 1.")
     _check(self.test_sites >= 1, "test_sites", "must be >= 1.")
     _check(self.image_size >= 16, "image_size", "must be >= 16.")
@@ -450,6 +470,11 @@ class ExperimentConfig:
     if self.federated.augmult and self.data.volumes:
       raise ConfigError("--augmult: augmentation is for 2D slices; this run "
                         "trains 3D volumes (--volumes).")
+    if self.privacy.use_site_level and (self.data.site_joins
+                                        or self.data.site_leaves):
+      raise ConfigError("--site_joins/--site_leaves: not with site-level DP "
+                        "(its server noise is scaled by a fixed expected "
+                        "number of sites); use record-level DP.")
     if self.privacy.use_site_level and self.federated.sites_per_round:
       raise ConfigError("--sites_per_round: with site-level DP, sites are "
                         "Poisson-sampled with --site_sampling_rate; leave "

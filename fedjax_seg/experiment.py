@@ -32,10 +32,12 @@ import optax
 
 from fedjax_seg import centralized
 from fedjax_seg import config as config_lib
+from fedjax_seg import distributed
 from fedjax_seg import federated as fed
 from fedjax_seg import many_sites
 from fedjax_seg import models
 from fedjax_seg import privacy
+from fedjax_seg import scenarios as scenarios_lib
 from fedjax_seg import segmentation_task
 from fedjax_seg.data import augment as augment_lib
 from fedjax_seg.data import consortium as consortium_lib
@@ -97,13 +99,20 @@ def enable_compilation_cache() -> str:
   return path
 
 
-def load_data(config: config_lib.DataConfig, seed: int):
-  """{"train", "val", "test"}: SliceDatasets split by patient."""
+def synthetic_config(config: config_lib.DataConfig,
+                     seed: int) -> synthetic.SyntheticConfig:
+  return synthetic.SyntheticConfig(
+      image_size=config.image_size, num_slices=config.num_slices,
+      patients_scale=config.patients_scale, seed=seed)
+
+
+def load_data(config: config_lib.DataConfig, seed: int,
+              synthetic_override: synthetic.SyntheticConfig | None = None):
+  """{"train", "val", "test"}: SliceDatasets split by patient (for the
+  built-in data, of `synthetic_override` when given)."""
   if config.dataset == "synthetic":
     make = synthetic.generate_volumes if config.volumes else synthetic.generate
-    data = make(synthetic.SyntheticConfig(
-        image_size=config.image_size, num_slices=config.num_slices,
-        patients_scale=config.patients_scale, seed=seed))
+    data = make(synthetic_override or synthetic_config(config, seed))
     return sites_lib.split_by_patient(data, config.split_fractions, seed)
   path = pathlib.Path(config.data_dir) / config.dataset
   if not path.is_dir():
@@ -157,6 +166,9 @@ class _Plan:
   site_recorded_sigma: float  # what the site-level ledger records.
   training_sites: np.ndarray  # [S] bool (held-out sites excluded).
   site_modalities: tuple = ()  # [S] modality names (public).
+  # [rounds, S] bool: the site is in the federation that round (scenarios
+  # with joins and leaves; else all True).
+  active: np.ndarray | None = None
 
   def to_meta(self) -> dict:
     """What a checkpoint keeps to refuse a resumption that changes it."""
@@ -196,7 +208,8 @@ def _adaptive_clipping(p: config_lib.PrivacyConfig, initial: float,
       adaptive, count_noise_multiplier=_f32(adaptive.count_noise_multiplier))
 
 
-def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
+def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays,
+          scenario: scenarios_lib.Scenario | None = None):
   p, f = config.privacy, config.federated
   unit = privacy.PrivacyUnit(p.unit)
   units = np.asarray(train.num_patients if unit is privacy.PrivacyUnit.PATIENT
@@ -216,13 +229,24 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
   rounds = f.rounds
   shape = noise_shape(p, rounds)
   round_shape = schedules.evaluate(shape, rounds)  # [rounds] float64
+  windows = (np.tile([0, rounds], (len(units), 1)) if scenario is None
+             else scenario.active_windows())
   if p.record_level and p.target_epsilon is not None:
-    sigmas = privacy.calibrate_site_noise_multipliers(
-        p.target_epsilon, p.delta,
-        site_sizes=dict(zip(train.site_names, map(int, units))),
-        batch_size=f.batch_size, steps=rounds * f.local_steps,
-        schedule=schedules.per_round(shape, f.local_steps),
-        max_batch_size=max_batch, steps_per_event=f.local_steps)
+    # Each site is calibrated for the rounds it is in the federation (all of
+    # them, unless it joins late or leaves early), with the schedule's
+    # values of those rounds.
+    sigmas = {}
+    for first, end in sorted({tuple(w) for w in windows.tolist()}):
+      members = [k for k in range(len(units))
+                 if tuple(windows[k]) == (first, end)]
+      window_shape = (shape if first == 0 else
+                      (lambda r, first=first: shape(r + first)))
+      sigmas.update(privacy.calibrate_site_noise_multipliers(
+          p.target_epsilon, p.delta,
+          site_sizes={train.site_names[k]: int(units[k]) for k in members},
+          batch_size=f.batch_size, steps=(end - first) * f.local_steps,
+          schedule=schedules.per_round(window_shape, f.local_steps),
+          max_batch_size=max_batch, steps_per_event=f.local_steps))
     base = np.array([sigmas[s] for s in train.site_names])
   else:
     base = np.full(len(units), p.noise_multiplier if p.record_level else 0.0)
@@ -262,10 +286,12 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays):
     raise config_lib.ConfigError(
         f"--augment_by_modality: no site has modality {sorted(unknown)} "
         f"(modalities: {sorted(set(train.site_modalities))}).")
+  active = (np.ones((rounds, len(units)), bool) if scenario is None
+            else scenario.active)
   return _Plan(unit, train.site_names, units, rates, max_batch, base,
                accounted, applied, recorded.astype(np.float64), adaptive,
                site_adaptive, site_applied, site_recorded, training,
-               tuple(train.site_modalities))
+               tuple(train.site_modalities), active)
 
 
 def audit_config(config: config_lib.ExperimentConfig,
@@ -382,6 +408,19 @@ def _participants(config, plan, root, round_index):
                                    dropout_rate=f.dropout_rate)
   else:
     part = np.ones(num_sites, bool)
+  if plan.active is not None and not plan.active[round_index].all():
+    active = plan.active[round_index] & plan.training_sites
+    if f.sites_per_round and not p.use_site_level:
+      # The cohort is drawn among the sites in the federation this round
+      # (from the seed and round alone, as above).
+      members = np.flatnonzero(active)
+      chosen = fed.sample_participants(
+          root, round_index, len(members),
+          num_per_round=min(f.sites_per_round, len(members)),
+          dropout_rate=f.dropout_rate)
+      part = np.zeros(num_sites, bool)
+      part[members[chosen]] = True
+    return part & active
   return part & plan.training_sites
 
 
@@ -522,6 +561,10 @@ class _Run:
   cohorts: many_sites.CohortSource | None = None
   val_ids: np.ndarray | None = None
   test_ids: np.ndarray | None = None
+  # With a scenario that changes the data (scanner changes, drift): each
+  # split as the sites see it in a given round.
+  scenario: scenarios_lib.Scenario | None = None
+  scenario_data: dict | None = None
 
   @property
   def many(self) -> bool:
@@ -548,7 +591,7 @@ def _setup(config, workdir: pathlib.Path, splits=None,
   `trainer_signature`, when given); writes nothing before the data and
   settings are checked. Returns (run, initial params)."""
   p = config.privacy
-  cohorts = val_ids = test_ids = None
+  cohorts = val_ids = test_ids = scenario = scenario_data = None
   if config.data.num_sites is not None:
     d = config.data
     seed = config.data_seed
@@ -571,7 +614,24 @@ def _setup(config, workdir: pathlib.Path, splits=None,
     train = sites_lib.stack_sites(splits["train"])
     val = sites_lib.stack_sites(splits["val"])
     test = sites_lib.stack_sites(splits["test"])
-    plan = _plan(config, train)
+    if scenarios_lib.any_set(config.data):
+      scenario = scenarios_lib.Scenario.build(
+          config.data, train.site_names, train.site_modalities,
+          config.federated.rounds)
+    plan = _plan(config, train, scenario)
+  if scenario is not None and scenario.has_data_changes:
+    replaced = {}
+    if any(scenario.new_profile):
+      other = load_data(config.data, config.data_seed,
+                        scenario.replaced_config(synthetic_config(
+                            config.data, config.data_seed)))
+      replaced = {split: sites_lib.stack_sites(other[split])
+                  for split in ("train", "val", "test")}
+    scenario_data = {
+        split: scenarios_lib.ScenarioData(scenario, arrays,
+                                          replaced.get(split))
+        for split, arrays in (("train", train), ("val", val),
+                              ("test", test))}
   workdir.mkdir(parents=True, exist_ok=True)
   model = models.SegmentationModel(config.model.unet_config(
       in_channels=train.image.shape[-1], num_classes=len(train.class_names),
@@ -596,7 +656,8 @@ def _setup(config, workdir: pathlib.Path, splits=None,
     trainer = trainers[signature]
   run = _Run(config, workdir, plan, model, trainer,
              None if cohorts else segmentation_task.site_data(train), val,
-             test, root, _Checkpointer(workdir), cohorts, val_ids, test_ids)
+             test, root, _Checkpointer(workdir), cohorts, val_ids, test_ids,
+             scenario, scenario_data)
   return run, params
 
 
@@ -789,6 +850,21 @@ def round_arrays(config, plan: _Plan, round_index: int):
   return site_config, jnp.float32(f.server_learning_rate)
 
 
+def round_site_data(run: _Run, round_index: int):
+  """The training data the sites hold in round `round_index` (0-based)."""
+  if run.scenario_data is None:
+    return run.site_data
+  return segmentation_task.site_data(run.scenario_data["train"].at(
+      round_index))
+
+
+def _split_at(run: _Run, split: str, round_index: int):
+  """Validation or test arrays as of round `round_index` (0-based)."""
+  if run.scenario_data is None:
+    return run.val if split == "val" else run.test
+  return run.scenario_data[split].at(round_index)
+
+
 def _run_round(run: _Run, state: RunState, round_index: int,
                part: np.ndarray):
   """One federated round on the device: (new state, output, seconds)."""
@@ -798,8 +874,8 @@ def _run_round(run: _Run, state: RunState, round_index: int,
                              server_lr)
   t0 = time.perf_counter()
   server_state, site_states, out = run.trainer.run_round(
-      state.server_state, state.site_states, run.site_data, site_config, part,
-      round_index, run.root, server_lr)
+      state.server_state, state.site_states, round_site_data(run, round_index),
+      site_config, part, round_index, run.root, server_lr)
   jax.block_until_ready(server_state.params)
   seconds = time.perf_counter() - t0
   state = dataclasses.replace(state, server_state=server_state,
@@ -945,7 +1021,8 @@ def _evaluate_validation(run: _Run, state: RunState, row: dict) -> None:
   """Validation Dice per site (held-out patients) into `state.evals`; with
   --num_sites, of the fixed sample of sites `run.val` holds."""
   result = centralized.evaluate(
-      run.model, _site_params(run, state, True, run.val_ids), run.val)
+      run.model, _site_params(run, state, True, run.val_ids),
+      _split_at(run, "val", row["round"] - 1))
   fg = _nanmean(result["dice_per_site"][:, 1:], axis=-1)
   state.evals.append({"round": row["round"], "dice_per_site": dict(zip(
       run.val.site_names, map(float, fg)))})
@@ -1178,7 +1255,9 @@ class Simulation:
         stopped_reason += f" ({above})"
     if run.cohorts is None:
       test_result = centralized.evaluate(
-          run.model, _site_params(run, state, True), run.test, with_hd95=True)
+          run.model, _site_params(run, state, True),
+          _split_at(run, "test", max(state.rounds_completed - 1, 0)),
+          with_hd95=True)
     else:
       test_result = many_sites.evaluate_sites(
           run.model, _site_params(run, state, True), run.cohorts.consortium,
@@ -1200,8 +1279,9 @@ class Simulation:
           "by": "python -m fedjax_seg.privacy.verify (plain dp_accounting)"}
       if not result.ok:
         logging.error("privacy verification FAILED: %s", result.problems)
-    _write_outputs(self.workdir, report, state.history, run.plan,
-                   _rounds_charged(config, state))
+    if distributed.is_writer():  # Host 0 alone writes (several hosts).
+      _write_outputs(self.workdir, report, state.history, run.plan,
+                     _rounds_charged(config, state))
     return report
 
 
@@ -1478,6 +1558,13 @@ def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
         f"{len(tested)} of {len(names)} sites (seeded sample, --test_sites)"
         if len(tested) < len(names) else f"all {len(names)} sites")
     report["metrics"]["validation_sites"] = list(run.val.site_names)
+  if run.scenario is not None:
+    report["scenario"] = scenarios_lib.report_section(run.scenario,
+                                                      state.evals)
+    if run.scenario_data is not None:
+      report["metrics"]["split"] += (
+          f" as the sites' scanners acquire them in the last round run "
+          f"({max(state.rounds_completed, 1)})")
   if run.many:
     report["sites_summary"] = many_sites.summary(
         report, names, plan.site_modalities, plan.units,

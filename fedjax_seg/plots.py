@@ -29,9 +29,21 @@ def write_all(workdir: pathlib.Path, report: dict, history: list) -> None:
 
   fig, ax = plt.subplots(figsize=(7, 4))
   # The validated sites (with --num_sites, a sample of them).
+  colors = {}
   for s in (list(evals[0]["dice_per_site"]) if evals else []):
-    ax.plot([e["round"] for e in evals],
-            [e["dice_per_site"][s] for e in evals], marker="o", label=s)
+    line, = ax.plot([e["round"] for e in evals],
+                    [e["dice_per_site"][s] for e in evals], marker="o",
+                    label=s)
+    colors[s] = line.get_color()
+  # Scenario events (scanner replaced, joins, leaves): a dotted line in the
+  # site's colour at the first round that sees the change.
+  for event in report.get("scenario", {}).get("events", []):
+    if event["round"] > 1:
+      ax.axvline(event["round"] - 0.5, color=colors.get(event["site"], "k"),
+                 linestyle=":", linewidth=1)
+      ax.annotate(f"{event['site']}: {event['change']}",
+                  (event["round"] - 0.5, ax.get_ylim()[0]), rotation=90,
+                  fontsize=6, va="bottom", ha="right")
   ax.set(xlabel="round", ylabel="validation Dice (foreground mean)",
          title="Dice per site")
   ax.legend(fontsize=7, ncol=2)

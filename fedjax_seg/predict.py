@@ -308,14 +308,31 @@ def load_trained(workdir: str | os.PathLike, round_index: int | None = None,
   if site is not None and site not in site_names:
     raise PredictError(f"--site={site}: not a site of this run; its sites "
                        f"are {list(site_names)}.")
+  run_sites = list(meta.get("charged_rounds", {}))
+  if run_sites and run_sites != list(site_names):
+    raise PredictError(
+        f"--data_dir: the dataset found there lists sites {list(site_names)},"
+        f" the run trained on {run_sites} (in that order); point --data_dir "
+        "at the dataset the run was prepared from.")
+  if len(class_names) != model.config.num_classes:
+    raise PredictError(
+        f"--data_dir: the dataset found there has {len(class_names)} classes "
+        f"{list(class_names)}, the run's model {model.config.num_classes}.")
   decay, rounds = config.federated.ema_decay, int(meta["rounds_completed"])
-  if decay and rounds and "averaged" in state:
+  if decay and rounds and "averaged" not in state:
+    raise PredictError(f"{what}: the run averages its models (--ema_decay="
+                       f"{decay}) but the checkpoint holds no average.")
+  if decay and rounds:
     params = _like(template, state["averaged"], what)
     params = jax.tree.map(lambda e: e / np.asarray(1.0 - decay ** rounds,
                                                    e.dtype), params)
   else:
     params = _like(template, stored, what)
   if fedbn:
+    if site in meta.get("charged_rounds", {}) and not meta[
+        "charged_rounds"][site]:
+      logging.warning("--site=%s never trained in this run: its "
+                      "normalisation parameters are the initial ones.", site)
     local = _like(template, state["sites"]["local_params"], what)
     k = site_names.index(site)
     mask = models.norm_param_mask(template)
@@ -413,11 +430,23 @@ def preprocess(img: nib.Nifti1Image, data: np.ndarray,
     (slices float32 [D, H, W, C] along `prep.slice_axis`, Geometry).
   """
   orientation = nib.orientations.io_orientation(img.affine)
-  canonical = nib.orientations.apply_orientation(data, orientation)
+  # As `nifti.read_nifti` reads a file: nibabel's closest canonical image,
+  # whose voxel sizes come from the header for a file already in RAS and
+  # from the reoriented affine otherwise (they differ when a tool wrote a
+  # pixdim that disagrees with the sform).
+  canonical_img = nib.as_closest_canonical(
+      img.__class__(data, img.affine, img.header))
+  canonical = np.asarray(canonical_img.dataobj, np.float64)
+  canonical_zooms = np.asarray(canonical_img.header.get_zooms()[:3],
+                               np.float64)
   zooms = np.asarray(img.header.get_zooms()[:3], np.float64)
-  # File axis i becomes RAS axis orientation[i, 0].
-  canonical_zooms = np.empty(3)
-  canonical_zooms[orientation[:, 0].astype(int)] = zooms
+  if prep.target_spacing is not None:
+    factors = canonical_zooms / np.asarray(prep.target_spacing, np.float64)
+    if np.any(np.round(np.asarray(canonical.shape[:3]) * factors) < 1):
+      raise PredictError(
+          f"voxels of {tuple(canonical_zooms)} mm over a grid of "
+          f"{canonical.shape[:3]} leave an axis with no voxel at the run's "
+          f"target spacing {prep.target_spacing} mm.")
   resampled = nifti._resample(canonical, canonical_zooms,  # pylint: disable=protected-access
                               prep.target_spacing, order=1)
   scheme = prep.normalization or nifti.normalization_for(modality)
@@ -470,7 +499,10 @@ def restore_geometry(probs: np.ndarray, geometry: Geometry,
     # False), as the forward resampling did, so this is its inverse map.
     factors = [c / r for c, r in zip(geometry.canonical_shape,
                                      probs.shape[:3])]
-    probs = np.stack([ndimage.zoom(probs[..., k], factors, order=1)
+    # mode="nearest": with the default constant mode the last output
+    # voxel, a rounding error past the input's edge, would read zeros.
+    probs = np.stack([ndimage.zoom(probs[..., k], factors, order=1,
+                                   mode="nearest")
                       for k in range(probs.shape[-1])], axis=-1)
     if tuple(probs.shape[:3]) != geometry.canonical_shape:
       raise AssertionError(f"resampled back to {probs.shape[:3]}, expected "
@@ -694,8 +726,6 @@ def _output_image(data: np.ndarray, img: nib.Nifti1Image, dtype
   out = nib.Nifti1Image(np.asarray(data, dtype), img.affine, header)
   out.header.set_slope_inter(1.0, 0.0)
   out.header["cal_min"], out.header["cal_max"] = 0, 0
-  if data.ndim == 4:
-    out.header.set_intent("vector", name="class probabilities")
   return out
 
 
@@ -735,17 +765,30 @@ def predict_cases(trained: TrainedModel, cases: Sequence[Case],
         "generator's (over the body), so these inputs differ from what the "
         "model was trained on. Train on a prepared dataset to segment MRI.")
   output_dir = pathlib.Path(output_dir)
-  output_dir.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(dir=output_dir,
-                                          prefix=".predict-incomplete-"))
+  if output_dir.exists() and not output_dir.is_dir():
+    raise PredictError(f"--output_dir={output_dir}: exists and is not a "
+                       "folder.")
+  # Staged next to --output_dir (same file system: the moves are renames),
+  # which is made only when every case has succeeded.
+  output_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(
+      dir=output_dir.absolute().parent,
+      prefix=f".{output_dir.name}.predict-incomplete-"))
   per_case, outputs = {}, []
   try:
     for case in tqdm.tqdm(cases, desc="segmenting", unit="case",
                           disable=not progress):
-      img, data = load_image(case.image, trained.in_channels)
-      label = (_read_label(case, img, trained.preprocess, trained.num_classes)
-               if case.label else None)
-      probs = predict_volume(trained, img, data, case.modality, batch_size)
+      try:
+        img, data = load_image(case.image, trained.in_channels)
+        label = (_read_label(case, img, trained.preprocess,
+                             trained.num_classes) if case.label else None)
+        probs = predict_volume(trained, img, data, case.modality, batch_size)
+      except PredictError as e:
+        if case.image in str(e) or (case.label or "\0") in str(e):
+          raise
+        raise PredictError(f"{case.image}: {e}") from e
+      except Exception as e:  # Name the file whatever went wrong.
+        raise PredictError(f"{case.image}: {type(e).__name__}: {e}") from e
       pred = np.argmax(probs, axis=-1).astype(np.uint8)
       names = [f"{case.case_id}{LABEL_MAP_SUFFIX}"]
       nib.save(_output_image(pred, img, np.uint8), str(staging / names[0]))
@@ -776,6 +819,17 @@ def predict_cases(trained: TrainedModel, cases: Sequence[Case],
           "cases_metrics": per_case, "model": _model_record(trained)}
       (staging / METRICS_FILE).write_text(json.dumps(record, indent=1))
       outputs.append(METRICS_FILE)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    taken = [n for n in outputs if (output_dir / n).is_dir()]
+    if taken:
+      raise PredictError(f"--output_dir={output_dir}: {taken[0]} is a "
+                         "folder there; nothing was written.")
+    stale = output_dir / METRICS_FILE
+    if not per_case and stale.is_file():
+      # It scored an earlier prediction, not these label maps.
+      stale.unlink()
+      logging.warning("removed %s: it described an earlier prediction",
+                      stale)
     for name in outputs:  # Everything succeeded: move into place.
       os.replace(staging / name, output_dir / name)
   finally:

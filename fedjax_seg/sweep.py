@@ -200,7 +200,7 @@ def _vmap_round(sims: list, parts: list, shard: bool):
   server, sites, out = trainer.run_member_rounds(
       _stack([s.state.server_state for s in sims]),
       _stack([s.state.site_states for s in sims]),
-      sims[0].run.site_data,
+      experiment.round_site_data(sims[0].run, sims[0].next_round),
       _stack([a[0] for a in arrays]),
       np.stack(parts), sims[0].next_round,
       jnp.stack([s.run.root for s in sims]),

@@ -113,6 +113,18 @@ def test_preprocessing_is_prepares_and_geometry_is_undone(tmp_path):
   np.testing.assert_allclose(back.sum(-1), 1.0, atol=1e-5)
   agreement = np.mean(back.argmax(-1) == label)
   assert agreement > 0.97, agreement
+  # The last plane of an axis resampled back gets its probabilities too
+  # (no zeros read from past the edge).
+  edge = nib.Nifti1Image(np.ones((26, 26, 26), np.float32),
+                         np.diag([0.75, 0.75, 0.75, 1.0]))
+  spacing = dataclasses.replace(PREP, target_spacing=(1.3, 1.3, 1.3),
+                                image_size=(16, 16))
+  slices, geometry = predict.preprocess(edge, np.ones((26, 26, 26, 1)),
+                                        spacing, "CT")
+  back = predict.restore_geometry(
+      np.eye(3, dtype=np.float32)[np.ones(slices.shape[:3], int)], geometry,
+      spacing)
+  np.testing.assert_allclose(back.sum(-1), 1.0, atol=1e-5)
   # Crop and pad undone: a smaller image size crops rows, a larger pads.
   cropped = dataclasses.replace(PREP, image_size=(20, 40), target_spacing=None)
   slices, geometry = predict.preprocess(img, data, cropped, "CT")
@@ -215,7 +227,8 @@ def test_bad_inputs_name_the_file_and_leave_nothing(trained_run, tmp_path):
   cases = [predict.Case("good", str(good)), predict.Case("bad", str(broken))]
   with pytest.raises(predict.PredictError, match="broken.nii.gz"):
     predict.predict_cases(trained, cases, out, progress=False)
-  assert list(out.iterdir()) == []
+  assert not out.exists()
+  assert not [p for p in tmp_path.iterdir() if "incomplete" in p.name]
   # Inputs: a folder, a duplicate id, an empty folder, a CSV without image.
   folder = tmp_path / "folder"
   folder.mkdir()
@@ -225,8 +238,10 @@ def test_bad_inputs_name_the_file_and_leave_nothing(trained_run, tmp_path):
   (folder / "a.nii").write_bytes(b"")
   with pytest.raises(predict.PredictError, match="two scans would be"):
     predict.find_cases(folder)
+  empty = tmp_path / "empty"
+  empty.mkdir()
   with pytest.raises(predict.PredictError, match="no NIfTI scan"):
-    predict.find_cases(out)
+    predict.find_cases(empty)
   bad_csv = tmp_path / "bad.csv"
   bad_csv.write_text("path\nx.nii.gz\n")
   with pytest.raises(predict.PredictError, match="needs an image column"):

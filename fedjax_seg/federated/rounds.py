@@ -11,7 +11,13 @@ round (up to float summation order):
 * "loop": a Python loop over one jitted single-site update (the reference;
   measured fastest on CPU, where batched per-site weights become slow grouped
   convolutions). Sites that do not take part are skipped.
-* "auto": "loop" on CPU, "shard" on several accelerators, else "vmap".
+* "auto": "loop" on CPU, "shard" on several accelerators, else "vmap";
+  "shard" whenever the run spans several processes (hosts).
+
+Over several processes (`jax.distributed`), "shard" splits the sites over
+the global mesh of all hosts' devices; every process passes the same host
+inputs and gets every site's results back (`host_values`), so each holds
+the same state after a round.
 
 Non-participating sites never change the result: their deltas get weight 0
 and their state is kept as it was.
@@ -41,11 +47,40 @@ def resolve_backend(backend: str) -> str:
   """The concrete backend for "auto" on this platform."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+  if jax.process_count() > 1:
+    if backend not in ("auto", "shard"):
+      raise ValueError(
+          f"backend {backend!r}: a run over {jax.process_count()} processes "
+          "splits its sites over all hosts' devices; use shard (or auto).")
+    return "shard"
   if backend != "auto":
     return backend
   if jax.default_backend() == "cpu":
     return "loop"
   return "shard" if jax.device_count() > 1 else "vmap"
+
+
+def host_values(tree):
+  """Every array leaf as a host value that every process holds in full:
+  arrays split over several hosts are gathered, replicated ones read from a
+  local copy; PRNG keys and non-array leaves are left as they are.
+
+  Collective when a leaf is split over hosts: every process must call it
+  with the same tree.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def leaf(x):
+    if not isinstance(x, jax.Array) or jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key):
+      return x
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(leaf, tree)
 
 
 def _select(mask, new, old):
@@ -183,6 +218,10 @@ class FederatedTrainer:
       return self._loop_round(server_state, site_states, data, site_config,
                               participating, r, root_key,
                               server_learning_rate, site_ids)
+    multi = jax.process_count() > 1
+    if multi:  # Host values in: jit treats them as the same on every host.
+      server_state, site_states, data, site_config = host_values(
+          (server_state, site_states, data, site_config))
     pad = 0
     if self.backend == "shard":
       pad = (-num_sites) % jax.device_count()
@@ -199,6 +238,9 @@ class FederatedTrainer:
     server_state, site_states, output = self._jit_round(
         server_state, site_states, data, site_config, participating, r,
         root_key, server_learning_rate, site_ids=jnp.asarray(site_ids))
+    if multi:  # Every site's results on every host.
+      server_state, site_states, output = host_values(
+          (server_state, site_states, output))
     if pad:
       site_states, client_metrics = jax.tree.map(
           lambda x: x[:num_sites], (site_states, output.client))
