@@ -36,6 +36,9 @@ def main(argv):
   report = runner.run_from_flags(_WORKDIR.value)
   if report is None:
     return
+  from fedjax_seg import distributed  # pylint: disable=g-import-not-at-top
+  if not distributed.is_writer():
+    return  # Host 0 reports for all hosts.
   p = report["privacy"]
   eps = (f"{p['epsilon_label']} max {p['epsilon_max']:.3f} (delta "
          f"{p['delta']:g}; verified: {p['verified']['ok']})" if p["enabled"]

@@ -60,8 +60,9 @@ class DataConfig:
       (`fedjax_seg.scenarios`): entries SITE:ROUND:PROFILE, site SITE's
       scanner replaced from round ROUND on by the built-in profile PROFILE
       of the same modality (built-in data only).
-    intensity_drift: entries SITE:RATE, the site's image intensities times
-      1 + RATE * r in round r (0-based): a slow gain drift.
+    intensity_drift: entries SITE:GAIN_RATE[:OFFSET_RATE], the site's
+      image intensities x become x (1 + GAIN_RATE r) + OFFSET_RATE r in
+      round r (0-based): a slow gain or calibration drift.
     site_joins: entries SITE:ROUND, the site trains from round ROUND on (its
       privacy budget starts then; its noise is calibrated for its rounds).
     site_leaves: entries SITE:ROUND, the site trains up to round ROUND - 1.

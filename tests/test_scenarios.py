@@ -13,7 +13,7 @@ from fedjax_seg import scenarios
 SCENARIO = C.DataConfig(
     image_size=16, num_slices=2, patients_scale=0.0625,
     scanner_changes=("ct_scanner_a:2:ct_low_dose",),
-    intensity_drift=("ct_scanner_b:0.1",),
+    intensity_drift=("ct_scanner_b:0.1:0.05",),
     site_joins=("mri_t1_1p5t:3",), site_leaves=("xray_film:3",))
 RUN = C.ExperimentConfig(
     data=SCENARIO, model=C.ModelConfig(widths=(4,)),
@@ -81,11 +81,14 @@ def test_membership_and_data_change_as_configured(tmp_path):
   replaced = run.scenario_data["train"].replaced
   np.testing.assert_array_equal(images[1][a], replaced.image[a])
   np.testing.assert_array_equal(labels[1][a], replaced.label[a])
-  # ct_scanner_b: gain 1 + 0.1 r.
+  # ct_scanner_b: x (1 + 0.1 r) + 0.05 r on its real slices; padding 0.
   base = run.scenario_data["train"].base.image[b]
+  real = run.scenario_data["train"].base.mask[b]
   for r in range(4):
-    np.testing.assert_allclose(images[r][b], base * np.float32(1 + 0.1 * r),
-                               rtol=1e-6)
+    want = base * np.float32(1 + 0.1 * r)
+    want[real] += np.float32(0.05 * r)
+    np.testing.assert_allclose(images[r][b], want, rtol=1e-6, atol=1e-7)
+    assert not images[r][b][~real].any()
   # Every other site sees the same data in every round.
   for s in set(range(len(NAMES))) - {a, b}:
     for r in range(1, 4):
