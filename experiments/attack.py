@@ -125,7 +125,10 @@ def main(argv):
     if runner.run_from_flags(str(workdir)) is None:
       return
     config = config_flags.config_from_flags()
+  else:
+    runner.start_distributed()  # (run_from_flags started it above.)
   # Imported here so that --help and flag errors are fast.
+  from fedjax_seg import distributed  # pylint: disable=g-import-not-at-top
   from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
   from fedjax_seg.attacks import study  # pylint: disable=g-import-not-at-top
   from fedjax_seg.data import sites as sites_lib  # pylint: disable=g-import-not-at-top
@@ -136,6 +139,8 @@ def main(argv):
         sim, study_config, sites_lib.stack_sites(splits["train"]))
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from e
+  if not distributed.is_writer():
+    return  # Host 0 writes for all hosts.
   grids = study.write_grids(workdir, results, images)
   results["grids"] = [p.name for p in grids]
   path = workdir / ATTACK_JSON

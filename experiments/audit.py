@@ -39,7 +39,10 @@ def main(argv):
   report = runner.run_from_flags(_WORKDIR.value, audit=True)
   if report is None:
     return
+  from fedjax_seg import distributed  # pylint: disable=g-import-not-at-top
   from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
+  if not distributed.is_writer():
+    return  # Host 0 writes for all hosts.
   audit = dict(report["privacy"]["audit"],
                rounds_completed=report["rounds_completed"],
                stopped_reason=report["stopped_reason"])

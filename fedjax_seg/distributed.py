@@ -34,7 +34,9 @@ def cluster_environment() -> str | None:
   """"SLURM" or "Cloud TPU" when this process is one of several that a
   cluster started (so `jax.distributed.initialize()` can read its
   settings), else None."""
-  if ("SLURM_PROCID" in os.environ
+  # SLURM_STEP_ID: inside an `srun` step, not a batch script's own shell
+  # (which also sees SLURM_NTASKS but is one process).
+  if ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
       and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1):
     return "SLURM"
   if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
@@ -84,6 +86,23 @@ def initialize(coordinator_address: str | None = None,
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return jax.process_count() > 1
+
+
+def check_hosts_agree(what: str, digest: str) -> None:
+  """Raises on every host unless all hosts hold the same `digest` (e.g. of
+  the configuration and the restored ledger): hosts launched with other
+  flags would train their sites with other keys, unnoticed."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  value = np.frombuffer(bytes.fromhex(digest), np.uint8)
+  try:
+    multihost_utils.assert_equal(value, f"hosts disagree on {what}")
+  except AssertionError as e:
+    raise config_lib.ConfigError(
+        f"process {jax.process_index()}: the hosts disagree on {what}; "
+        "start every process with the same flags and --workdir.") from e
 
 
 def is_writer() -> bool:

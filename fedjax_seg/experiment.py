@@ -286,8 +286,13 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays,
     raise config_lib.ConfigError(
         f"--augment_by_modality: no site has modality {sorted(unknown)} "
         f"(modalities: {sorted(set(train.site_modalities))}).")
-  active = (np.ones((rounds, len(units)), bool) if scenario is None
-            else scenario.active)
+  active = None if scenario is None else scenario.active
+  if active is not None:
+    idle = np.flatnonzero(~(active & training[None, :]).any(axis=1))
+    if idle.size:
+      raise config_lib.ConfigError(
+          f"--site_joins/--site_leaves/--held_out_sites: no training site is "
+          f"in the federation in round {int(idle[0]) + 1}.")
   return _Plan(unit, train.site_names, units, rates, max_batch, base,
                accounted, applied, recorded.astype(np.float64), adaptive,
                site_adaptive, site_applied, site_recorded, training,
@@ -408,7 +413,7 @@ def _participants(config, plan, root, round_index):
                                    dropout_rate=f.dropout_rate)
   else:
     part = np.ones(num_sites, bool)
-  if plan.active is not None and not plan.active[round_index].all():
+  if plan.active is not None:  # A scenario: its membership this round.
     active = plan.active[round_index] & plan.training_sites
     if f.sites_per_round and not p.use_site_level:
       # The cohort is drawn among the sites in the federation this round
@@ -1156,6 +1161,14 @@ class Simulation:
     # The model before round 1 (from the MODEL_INIT key; public).
     self.initial_params = params
     self.state = _restore_or_init(self.run, params)
+    # Several hosts: the same settings, the same restored round and ledgers
+    # everywhere (every host derives the same keys from them).
+    distributed.check_hosts_agree(
+        "the run's settings, restored round and ledgers",
+        hashlib.sha256(json.dumps([
+            config.to_dict(), self.state.rounds_completed,
+            self.state.ledger.to_dict(), self.state.site_ledger.to_dict()],
+            sort_keys=True, default=str).encode()).hexdigest())
     self.first_round = self.state.rounds_completed
     self.stopped_reason = "completed"
     self.round_times: list[float] = []
@@ -1559,8 +1572,8 @@ def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
         if len(tested) < len(names) else f"all {len(names)} sites")
     report["metrics"]["validation_sites"] = list(run.val.site_names)
   if run.scenario is not None:
-    report["scenario"] = scenarios_lib.report_section(run.scenario,
-                                                      state.evals)
+    report["scenario"] = scenarios_lib.report_section(
+        run.scenario, state.evals, plan.training_sites)
     if run.scenario_data is not None:
       report["metrics"]["split"] += (
           f" as the sites' scanners acquire them in the last round run "

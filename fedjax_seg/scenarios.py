@@ -88,6 +88,10 @@ def _drift(entry: str) -> tuple[str, float, float]:
       raise config_lib.ConfigError(
           f"--intensity_drift: entry {entry!r}: rate {text!r} is not a "
           "number.") from e
+    if not np.isfinite(rates[-1]):
+      raise config_lib.ConfigError(
+          f"--intensity_drift: entry {entry!r}: rate {text!r} is not "
+          "finite.")
   return parts[0], rates[0], rates[1]
 
 
@@ -181,6 +185,10 @@ class Scenario:
     for entry in data.intensity_drift:
       name, rate, shift = _drift(entry)
       k = site("intensity_drift", entry, name)
+      if 1.0 + rate * (rounds - 1) <= 0:
+        raise config_lib.ConfigError(
+            f"--intensity_drift: entry {entry!r}: the gain 1 + {rate:g} r "
+            f"reaches {1.0 + rate * (rounds - 1):g} by round {rounds}.")
       drift[k], offset[k] = rate, shift
       events.append((1, name, f"intensity x (1 + {rate:g} r) + {shift:g} r "
                               "in round r"))
@@ -293,7 +301,8 @@ class ScenarioData:
     return self._cache
 
 
-def report_section(scenario: Scenario, evals: list) -> dict:
+def report_section(scenario: Scenario, evals: list,
+                   training_sites: np.ndarray | None = None) -> dict:
   """The scenario's events and, for each, the changed site's validation
   Dice at the last evaluation before and the first after it."""
   out = []
@@ -309,10 +318,14 @@ def report_section(scenario: Scenario, evals: list) -> dict:
         "evaluated_rounds": [before[-1]["round"] if before else None,
                              after[0]["round"] if after else None]})
   windows = scenario.active_windows()
+  training = (np.ones(len(scenario.site_names), bool)
+              if training_sites is None else training_sites)
   return {
       "events": out,
+      # Held-out sites (--held_out_sites) never train: no membership.
       "membership": {name: {"first_round": int(a) + 1, "last_round": int(b)}
-                     for name, (a, b) in zip(scenario.site_names, windows)},
+                     for name, (a, b), t in zip(scenario.site_names, windows,
+                                                training) if t},
       "note": ("public: fixed by the configuration before the run; "
                "validation Dice is on held-out patients of each site's data "
                "as of that round"),

@@ -71,7 +71,9 @@ MEMBER_BACKENDS = ("auto", "loop", "vmap", "shard")
 SHAPE_FLAGS = frozenset({
     "dataset", "data_dir", "image_size", "num_slices", "patients_scale",
     "split_fractions", "held_out_sites", "volumes", "data_seed", "model",
-    "widths", "norm", "residual", "batch_size", "unit"})
+    "widths", "norm", "residual", "batch_size", "unit",
+    # Scenarios change the data round by round, which members share.
+    "scanner_changes", "intensity_drift", "site_joins", "site_leaves"})
 # Settings every member shares by construction.
 SHARED_FLAGS = frozenset({
     "rounds", "backend", "microbatch_size", "local_loop", "chunk_size",

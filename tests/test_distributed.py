@@ -78,10 +78,15 @@ def test_flags_go_together_and_clusters_are_recognised(monkeypatch):
   with pytest.raises(C.ConfigError, match="--process_id: must be in"):
     distributed.initialize("localhost:1234", 2, 2)
   assert distributed.initialize("localhost:1234", 1, 0) is False
-  for name in ("SLURM_PROCID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+  for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID",
+               "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(name, raising=False)
   assert distributed.cluster_environment() is None
   monkeypatch.setenv("SLURM_PROCID", "0")
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  # The batch script's own shell (no srun step) is one process.
+  assert distributed.cluster_environment() is None
+  monkeypatch.setenv("SLURM_STEP_ID", "0")
   monkeypatch.setenv("SLURM_NTASKS", "1")
   assert distributed.cluster_environment() is None  # One task: one process.
   monkeypatch.setenv("SLURM_NTASKS", "4")

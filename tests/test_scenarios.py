@@ -93,6 +93,15 @@ def test_membership_and_data_change_as_configured(tmp_path):
   for s in set(range(len(NAMES))) - {a, b}:
     for r in range(1, 4):
       np.testing.assert_array_equal(images[r][s], images[0][s])
+  # A round whose only member is a held-out site is refused.
+  idle = dataclasses.replace(
+      RUN, data=C.DataConfig(
+          image_size=16, num_slices=2, patients_scale=0.0625,
+          held_out_sites=("xray_film",),
+          site_joins=tuple(f"{n}:2" for n in NAMES if n != "xray_film")))
+  with pytest.raises(C.ConfigError, match="no training site is in the "
+                     "federation in round 1"):
+    experiment.Simulation(idle, tmp_path / "idle")
   # Validation follows the sites' data too.
   val = run.scenario_data["val"]
   assert not np.allclose(val.at(0).image[a], val.at(1).image[a])

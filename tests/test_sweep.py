@@ -153,8 +153,10 @@ def test_vmap_members_equal_loop_members(loop_sweep, tmp_path):
       assert got["dice_per_site"][site] == pytest.approx(dice, abs=1e-5)
     a = experiment.Simulation(m.config, tmp_path / "members" / m.name)
     b = experiment.Simulation(m.config, workdir / "members" / m.name)
+    # Float32 sums in another order (vmap over members vs a loop): up to
+    # 2.3e-5 apart after the rounds on some CPUs.
     jax.tree.map(lambda x, y: np.testing.assert_allclose(
-        x, y, rtol=1e-5, atol=1e-5), a.state.server_state.params,
+        x, y, rtol=1e-4, atol=1e-4), a.state.server_state.params,
                  b.state.server_state.params)
 
 

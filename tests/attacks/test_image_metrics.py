@@ -41,7 +41,8 @@ def test_constant_shift_matches_the_closed_form():
                                                              rel=1e-4)
   assert float(image_metrics.psnr(a, b)[0]) == pytest.approx(
       10 * np.log10(1 / c ** 2), rel=1e-4)
-  assert float(image_metrics.mse(a, b)[0]) == pytest.approx(c ** 2, rel=1e-5)
+  # Float32 means over 1024 pixels: 1.4e-5 off on some CPUs.
+  assert float(image_metrics.mse(a, b)[0]) == pytest.approx(c ** 2, rel=1e-4)
 
 
 def test_reconstructions_are_matched_to_their_images():
