@@ -52,6 +52,11 @@ class DataConfig:
       cohort's data are on the device; use with --sites_per_round (or
       site-level DP's Poisson sampling; one of them is required above 64
       sites). None: the 8 default sites.
+    stream_sites: for a prepared dataset with many sites: read each
+      round's cohort (and the evaluation samples) from its array_record
+      files instead of loading every site, as --num_sites does for the
+      built-in data; use with --sites_per_round (or site-level DP's Poisson
+      sampling).
     eval_sites: with --num_sites, validation during training covers this
       fixed, seeded sample of sites (all if fewer).
     test_sites: with --num_sites, the final test evaluation covers this
@@ -78,12 +83,19 @@ class DataConfig:
   volumes: bool = False
   data_seed: int | None = None
   num_sites: int | None = None
+  stream_sites: bool = False
   eval_sites: int = 32
   test_sites: int = 1000
   scanner_changes: tuple[str, ...] = ()
   intensity_drift: tuple[str, ...] = ()
   site_joins: tuple[str, ...] = ()
   site_leaves: tuple[str, ...] = ()
+
+  @property
+  def cohorts(self) -> bool:
+    """Each round's cohort is made or read on demand (--num_sites or
+    --stream_sites) instead of holding every site."""
+    return self.num_sites is not None or self.stream_sites
 
   def __post_init__(self):
     _check(bool(self.dataset), "dataset", "must not be empty.")
@@ -103,11 +115,16 @@ class DataConfig:
              "--dataset=synthetic and without --volumes.")
     from fedjax_seg import scenarios  # pylint: disable=g-import-not-at-top
     scenarios.check_entries(self)
-    _check(self.num_sites is None or not scenarios.any_set(self),
-           "num_sites", "scenarios that change over rounds "
+    _check(not self.stream_sites or (self.dataset != "synthetic"
+                                     and self.num_sites is None),
+           "stream_sites", "reads a prepared dataset's sites on demand; "
+           "for the built-in data use --num_sites.")
+    _check(not self.cohorts or not scenarios.any_set(self),
+           "num_sites" if self.num_sites is not None else "stream_sites",
+           "scenarios that change over rounds "
            "(--scanner_changes, --intensity_drift, --site_joins, "
-           "--site_leaves) are for the default sites or a prepared dataset, "
-           "not with --num_sites.")
+           "--site_leaves) are for sites held in memory, not with "
+           "--num_sites or --stream_sites.")
     _check(self.eval_sites >= 1, "eval_sites", "must be >= 1.")
     _check(self.test_sites >= 1, "test_sites", "must be >= 1.")
     _check(self.image_size >= 16, "image_size", "must be >= 16.")
@@ -455,10 +472,10 @@ class ExperimentConfig:
           "the site, outside the site-level DP mechanism, and evaluating "
           "with them would reveal which sites were sampled; use another "
           "algorithm with site-level DP.")
-    if self.data.num_sites is not None and self.privacy.audit:
-      raise ConfigError("--audit: not with --num_sites (every site would "
-                        "carry the audit's state); audit a run of the 8 "
-                        "default sites.")
+    if self.data.cohorts and self.privacy.audit:
+      raise ConfigError("--audit: not with --num_sites or --stream_sites "
+                        "(every site would carry the audit's state); audit a "
+                        "run whose sites are all in memory.")
     if self.model.trainable and self.privacy.use_site_level:
       raise ConfigError("--trainable: not with site-level DP (its server "
                         "noise would move the frozen parameters); use "

@@ -114,13 +114,17 @@ def load_data(config: config_lib.DataConfig, seed: int,
     make = synthetic.generate_volumes if config.volumes else synthetic.generate
     data = make(synthetic_override or synthetic_config(config, seed))
     return sites_lib.split_by_patient(data, config.split_fractions, seed)
+  _check_prepared(config)
+  return sites_lib.load_splits(config.dataset, config.data_dir,
+                               config.split_fractions, seed)
+
+
+def _check_prepared(config: config_lib.DataConfig) -> None:
   path = pathlib.Path(config.data_dir) / config.dataset
   if not path.is_dir():
     raise config_lib.ConfigError(
         f"--dataset: {config.dataset!r} not found in --data_dir="
         f"{config.data_dir} (prepare it with python -m data_prep.prepare).")
-  return sites_lib.load_splits(config.dataset, config.data_dir,
-                               config.split_fractions, seed)
 
 
 def noise_shape(config: config_lib.PrivacyConfig, rounds: int):
@@ -597,20 +601,26 @@ def _setup(config, workdir: pathlib.Path, splits=None,
   settings are checked. Returns (run, initial params)."""
   p = config.privacy
   cohorts = val_ids = test_ids = scenario = scenario_data = None
-  if config.data.num_sites is not None:
+  if config.data.cohorts:
     d = config.data
     seed = config.data_seed
-    consortium = consortium_lib.Consortium(
-        num_sites=d.num_sites, image_size=d.image_size,
-        num_slices=d.num_slices, patients_scale=d.patients_scale, seed=seed,
-        split_fractions=d.split_fractions)
+    if d.num_sites is not None:
+      consortium = consortium_lib.Consortium(
+          num_sites=d.num_sites, image_size=d.image_size,
+          num_slices=d.num_slices, patients_scale=d.patients_scale,
+          seed=seed, split_fractions=d.split_fractions)
+    else:  # --stream_sites: a prepared dataset's sites, read on demand.
+      _check_prepared(d)
+      consortium = consortium_lib.PreparedConsortium(
+          d.dataset, d.data_dir, d.split_fractions, seed)
+    n = consortium.num_sites
     counts = many_sites.site_counts(consortium)
     plan = _plan(config, counts)
     cohorts = many_sites.CohortSource(consortium, many_sites.cohort_slots(
-        d.num_sites, config.federated.sites_per_round,
+        n, config.federated.sites_per_round,
         p.site_sampling_rate if p.use_site_level else None))
-    val_ids = many_sites.eval_sample(d.num_sites, d.eval_sites, seed)
-    test_ids = many_sites.test_sample(d.num_sites, d.test_sites, seed)
+    val_ids = many_sites.eval_sample(n, d.eval_sites, seed)
+    test_ids = many_sites.test_sample(n, d.test_sites, seed)
     val = consortium.site_arrays(val_ids, "val")
     train, test = consortium.site_arrays([0], "train"), None
   else:

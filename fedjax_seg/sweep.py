@@ -227,7 +227,7 @@ def run_sweep(members: Sequence[Member], workdir: str | os.PathLike, *,
   experiment.enable_compilation_cache()
   start = time.time()
   base = members[0].config
-  if base.data.num_sites is not None:
+  if base.data.cohorts:
     # Each member renders its own cohorts; members cannot share one batched
     # program over different cohorts.
     if member_backend == "auto":

@@ -193,3 +193,71 @@ def test_consortium_settings_are_checked():
     C.DataConfig(num_sites=10, volumes=True)
   with pytest.raises(C.ConfigError, match="--eval_sites"):
     C.DataConfig(num_sites=10, eval_sites=0)
+
+
+@pytest.fixture(scope="module")
+def prepared_sites(tmp_path_factory):
+  """A prepared dataset of 10 hospitals with 5 patients each."""
+  from fedjax_seg.data import nifti  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.data import prepare  # pylint: disable=g-import-not-at-top
+  from tests.data import fixtures  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("prepared_sites")
+  cases = fixtures.write_csv(root / "cases",
+                             sites=[f"hospital_{k}" for k in range(10)],
+                             patients_per_site=5)
+  prepare.prepare_dataset(cases, root / "data", "ten_hospitals",
+                          nifti.PreprocessConfig(image_size=(16, 16)),
+                          class_names=["background", "organ", "lesion"])
+  return root / "data"
+
+
+def test_streamed_sites_are_the_in_memory_sites(prepared_sites):
+  from fedjax_seg.data import sites as sites_lib  # pylint: disable=g-import-not-at-top
+  streamed = consortium_lib.PreparedConsortium("ten_hospitals",
+                                               prepared_sites, seed=3)
+  splits = sites_lib.load_splits("ten_hospitals", prepared_sites, seed=3)
+  for split in ("train", "val", "test"):
+    whole = sites_lib.stack_sites(splits[split])
+    counts = streamed.counts(split)
+    np.testing.assert_array_equal(counts["num_examples"], whole.num_examples)
+    np.testing.assert_array_equal(counts["num_patients"], whole.num_patients)
+    ids = [7, 2, 5]
+    part = streamed.site_arrays(ids, split)
+    assert part.site_names == tuple(whole.site_names[k] for k in ids)
+    for j, k in enumerate(ids):
+      n = int(whole.num_examples[k])
+      np.testing.assert_array_equal(part.image[j, :n], whole.image[k, :n])
+      np.testing.assert_array_equal(part.label[j, :n], whole.label[k, :n])
+      np.testing.assert_array_equal(part.slice_index[j, :n],
+                                    whole.slice_index[k, :n])
+  m, p, l = streamed.capacity()
+  train = sites_lib.stack_sites(splits["train"])
+  assert (m, p) == (train.image.shape[1], int(train.num_patients.max()))
+  assert streamed.site_arrays([1], "train", fixed_capacity=True).image.shape[
+      1] == m
+
+
+def test_a_streamed_run_is_the_in_memory_run(prepared_sites, tmp_path):
+  base = C.ExperimentConfig(
+      data=C.DataConfig(dataset="ten_hospitals", data_dir=str(prepared_sites),
+                        eval_sites=32, test_sites=32),
+      model=C.ModelConfig(widths=(4,)),
+      federated=C.FederatedConfig(rounds=2, local_steps=1, batch_size=2,
+                                  learning_rate=0.5, ema_decay=0.0,
+                                  sites_per_round=3),
+      eval_every=2, checkpoint_every=2)
+  memory = experiment.train_and_evaluate(base, tmp_path / "memory")
+  streamed = experiment.train_and_evaluate(
+      dataclasses.replace(base, data=dataclasses.replace(
+          base.data, stream_sites=True)), tmp_path / "streamed")
+  assert [r["participants"] for r in streamed["history"]] == [
+      r["participants"] for r in memory["history"]]
+  assert streamed["privacy"]["ledger"] == memory["privacy"]["ledger"]
+  for site, dice in memory["metrics"]["dice_per_site"].items():
+    if dice is None:
+      assert streamed["metrics"]["dice_per_site"][site] is None
+    else:
+      assert streamed["metrics"]["dice_per_site"][site] == pytest.approx(
+          dice, abs=1e-4), site
+  with pytest.raises(C.ConfigError, match="--stream_sites"):
+    C.DataConfig(stream_sites=True)  # The built-in data: --num_sites.

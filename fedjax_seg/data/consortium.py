@@ -40,6 +40,7 @@ import numpy as np
 from fedjax_seg.data import dataset as dataset_lib
 from fedjax_seg.data import sites as sites_lib
 from fedjax_seg.data import synthetic
+from fedjax_seg.data import tfds_io
 
 PROFILES = synthetic.DEFAULT_SITES
 X_MIN, ALPHA, P_MAX = 8, 1.3, 500
@@ -185,6 +186,161 @@ class Consortium:
     return synthetic.slice_dataset([self.specs[k] for k in site_ids],
                                    patients,
                                    (self.image_size, self.image_size))
+
+  def site_arrays(self, site_ids, split: str,
+                  fixed_capacity: bool = False) -> sites_lib.SiteArrays:
+    """`site_ids`' split stacked as `SiteArrays` (site axis in that order);
+    with `fixed_capacity`, padded to `capacity()` (training cohorts)."""
+    data = self.dataset(site_ids, split)
+    if not fixed_capacity:
+      return sites_lib.stack_sites(data)
+    m, p, l = self.capacity()
+    return sites_lib.stack_sites(data, pad_examples_to=m, pad_slices_to=l,
+                                 pad_patients_to=p)
+
+
+class PreparedConsortium:
+  """The sites of a prepared dataset (`data_prep.prepare`), read from its
+  array_record files a few sites at a time (`--stream_sites`).
+
+  The `Consortium` interface for real data with many sites: counts come
+  from one pass over the records' metadata at start-up (records are read
+  in chunks and dropped, so host memory does not grow with the dataset),
+  and `site_arrays` reads just the asked sites' records of one split. The
+  split is the in-memory reader's (`sites.load_splits`): the dataset's own
+  split column if it has one, else the patients of each site split with
+  `split_fractions` and `seed`; within a site, slices are in the same
+  (patient, slice) order, so a cohort's arrays are exactly those sites'
+  rows of the all-sites arrays.
+
+  Args:
+    name, data_dir: the prepared dataset.
+    split_fractions, seed: the patient split (as `sites.load_splits`).
+    cache_sites: sites' records kept in memory (least recently used out).
+    chunk: records read per call in the metadata pass.
+  """
+
+  def __init__(self, name: str, data_dir, split_fractions=(0.7, 0.15, 0.15),
+               seed: int = 0, cache_sites: int = 64, chunk: int = 256):
+    stats = tfds_io.read_stats(name, data_dir)
+    self._sources = tfds_io.data_source(name, data_dir)
+    self.site_names = tuple(stats["site_names"])
+    self.site_modalities = tuple(stats["site_modalities"])
+    self.modality_names = tuple(sorted(set(self.site_modalities)))
+    self.class_names = tuple(stats["class_names"])
+    self.num_sites = len(self.site_names)
+    self.cache_sites = cache_sites
+    self._cache = collections.OrderedDict()
+    own_split = bool(set(self._sources) - {"train"})
+    # (source split, record id, site, patient name, slice index) of every
+    # record, from one streamed pass.
+    meta = []
+    for source_split in sorted(self._sources):
+      source = self._sources[source_split]
+      for start in range(0, len(source), chunk):
+        ids = list(range(start, min(start + chunk, len(source))))
+        for i, record in zip(ids, source.__getitems__(ids)):
+          meta.append((source_split, i,
+                       self.site_names.index(tfds_io.text(record["site"])),
+                       tfds_io.text(record["patient"]),
+                       int(record["slice_index"])))
+    # Patient ids are ranks of the sorted names, as `tfds_io.load` numbers
+    # them, so the patient split and the slice order are the same.
+    self.patient_names = tuple(sorted({m[3] for m in meta}))
+    rank = {p: i for i, p in enumerate(self.patient_names)}
+    site = np.array([m[2] for m in meta], np.int32)
+    patient = np.array([rank[m[3]] for m in meta], np.int32)
+    if own_split:
+      split = np.array([sites_lib.SPLITS.index(m[0]) if m[0] in
+                        sites_lib.SPLITS else -1 for m in meta])
+    else:
+      split = sites_lib.assign_patient_splits(site, patient, split_fractions,
+                                              seed)
+    self._meta = meta
+    self._site, self._patient, self._split = site, patient, split
+    self._slices = np.array([m[4] for m in meta], np.int32)
+    self._capacity = None
+
+  def counts(self, split: str) -> dict[str, np.ndarray]:
+    """{"num_patients": [N], "num_examples": [N]} of one split, int64."""
+    want = self._split == sites_lib.SPLITS.index(split)
+    examples = np.bincount(self._site[want], minlength=self.num_sites)
+    # Each patient is at one site (prepare refuses otherwise).
+    pairs = np.unique(np.stack([self._site[want], self._patient[want]]),
+                      axis=1)
+    patients = np.bincount(pairs[0], minlength=self.num_sites)
+    return {"num_patients": patients.astype(np.int64),
+            "num_examples": examples.astype(np.int64)}
+
+  def capacity(self) -> tuple[int, int, int]:
+    """(M slices, P patients, L slices per patient) that hold any site's
+    training split."""
+    if self._capacity is None:
+      counts = self.counts("train")
+      train = self._split == 0
+      per_patient = (np.bincount(self._patient[train]) if train.any()
+                     else np.ones(1))
+      self._capacity = (max(1, int(counts["num_examples"].max())),
+                        max(1, int(counts["num_patients"].max())),
+                        max(1, int(np.max(per_patient))))
+    return self._capacity
+
+  def _records(self, k: int, split: str) -> list[int]:
+    """Positions in the metadata of site k's records of `split`."""
+    return np.flatnonzero((self._site == k) & (
+        self._split == sites_lib.SPLITS.index(split))).tolist()
+
+  def _read(self, k: int, split: str):
+    """(image, label) arrays of site k's records of `split` (cached)."""
+    key = (k, split)
+    if key in self._cache:
+      self._cache.move_to_end(key)
+      return self._cache[key]
+    positions = self._records(k, split)
+    by_source = collections.defaultdict(list)
+    for pos in positions:
+      by_source[self._meta[pos][0]].append(pos)
+    images, labels = {}, {}
+    for source_split, wanted in by_source.items():
+      records = self._sources[source_split].__getitems__(
+          [self._meta[pos][1] for pos in wanted])
+      for pos, record in zip(wanted, records):
+        images[pos], labels[pos] = record["image"], record["label"]
+    out = (positions, [images[p] for p in positions],
+           [labels[p] for p in positions])
+    self._cache[key] = out
+    while len(self._cache) > self.cache_sites:
+      self._cache.popitem(last=False)
+    return out
+
+  def dataset(self, site_ids, split: str) -> dataset_lib.SliceDataset:
+    """The `split` slices of `site_ids` (site axis in that order)."""
+    site_ids = [int(k) for k in site_ids]
+    parts = [self._read(k, split) for k in site_ids]
+    positions = np.array([p for part in parts for p in part[0]], np.int64)
+    sites = np.concatenate([np.full(len(part[0]), j, np.int32)
+                            for j, part in enumerate(parts)] or [
+                                np.zeros(0, np.int32)])
+    images = [x for part in parts for x in part[1]]
+    labels = [x for part in parts for x in part[2]]
+    names = tuple(self.site_names[k] for k in site_ids)
+    modalities = tuple(self.site_modalities[k] for k in site_ids)
+    if images:
+      image = np.stack(images).astype(np.float32)
+      label = np.stack(labels).astype(np.uint8)
+    else:  # No slice of this split at these sites: shapes from any record.
+      first = self._sources[self._meta[0][0]][self._meta[0][1]]
+      image = np.zeros((0,) + first["image"].shape, np.float32)
+      label = np.zeros((0,) + first["label"].shape, np.uint8)
+    return dataset_lib.SliceDataset(
+        image=image, label=label, site=sites,
+        patient=self._patient[positions].astype(np.int32),
+        modality=np.array([self.modality_names.index(modalities[s])
+                           for s in sites], np.int32),
+        slice_index=self._slices[positions].astype(np.int32),
+        site_names=names, site_modalities=modalities,
+        modality_names=self.modality_names, class_names=self.class_names,
+        patient_names=self.patient_names)
 
   def site_arrays(self, site_ids, split: str,
                   fixed_capacity: bool = False) -> sites_lib.SiteArrays:
