@@ -7,8 +7,10 @@ per-example gradients from each layer's input and output gradient
 (`privacy.layer_gradients`, `--per_example_grads=layers`), kernels by their
 per-example VJP or by one contraction per tap, (c) our
 `privacy.clipped_grad` (jax_privacy underneath) with clipping, (d) (c) plus
-the Gaussian noise transform. Ratios are against (a), measured in the same
-run.
+the Gaussian noise transform, (c') the same clipped sum from one batched
+pass (`layer_gradients.ghost_clipped_grad`: ghost norms where
+`ghost_is_cheaper`, or none, and the sum by book-keeping). Ratios are
+against (a), measured in the same run.
 
   python benchmarks/bench_dp_step.py --batch=16 --size=32
 """
@@ -59,6 +61,10 @@ def main(argv):
              for how in ("vjp", "taps", "auto")}
   mean_loss = lambda p, b: jnp.mean(jax.vmap(loss, (None, 0))(p, b))
   clipped = privacy.clipped_grad(loss, l2_clip_norm=1.0)
+  ghost = {how: privacy.layer_gradients.ghost_clipped_grad(
+      lambda p, x, tape: model.apply(p, x, tape=tape),
+      segmentation_task.logits_loss(), norm_method=how)
+           for how in ("auto", "materialize")}
   noise = privacy.gaussian_noise(1.0, l2_clip_norm=1.0,
                                  expected_batch_size=_BATCH.value)
 
@@ -78,6 +84,11 @@ def main(argv):
           lambda p, b: layered["auto"](p, b)[1]), params, batch),
       "clipped_grad": _time(jax.jit(lambda p, b: clipped(p, b)[0]), params,
                             batch),
+      "clipped_sum_ghost_auto": _time(jax.jit(lambda p, b: ghost["auto"](
+          p, b, l2_clip_norm=1.0)[0]), params, batch),
+      "clipped_sum_bookkeeping_no_ghost": _time(jax.jit(
+          lambda p, b: ghost["materialize"](p, b, l2_clip_norm=1.0)[0]),
+                                                params, batch),
       "dp_step_clip_and_noise": _time(jax.jit(dp_step), params, batch,
                                       jax.random.key(3)),
   }

@@ -398,8 +398,10 @@ class PerformanceConfig:
     per_example_grads: how a DP step forms per-unit gradients, the same
       values either way: vmap (jax.vmap of jax.grad) or layers (one batched
       backward pass, each layer's per-example gradient from its input and
-      output gradient; needs chunk_size, no augmult). vmap measured as fast
-      or faster on CPU (BENCHMARKS.md).
+      output gradient; needs chunk_size, no augmult) or ghost (the same
+      pass, per-slice norms by ghost norms where cheaper and the clipped
+      sum by book-keeping; --unit=example only). vmap measured as fast or
+      faster on CPU (BENCHMARKS.md).
   """
 
   backend: str = "auto"
@@ -422,7 +424,8 @@ class PerformanceConfig:
            "per_example_grads",
            f"must be one of {client_lib.PER_EXAMPLE_GRADS}.")
     _check(self.per_example_grads == "vmap" or self.chunk_size is not None,
-           "per_example_grads", "layers needs --chunk_size (not none).")
+           "per_example_grads", "layers and ghost need --chunk_size (not "
+           "none).")
     _check(self.chunk_size is None or self.microbatch_size is None,
            "microbatch_size", "applies to the full-capacity path only; set "
            "--chunk_size=none with it (chunks already bound the memory).")
@@ -480,11 +483,17 @@ class ExperimentConfig:
       raise ConfigError("--trainable: not with site-level DP (its server "
                         "noise would move the frozen parameters); use "
                         "record-level DP.")
-    if (self.performance.per_example_grads == "layers"
+    if (self.performance.per_example_grads != "vmap"
         and self.federated.augmult):
-      raise ConfigError("--per_example_grads=layers: not with --augmult "
-                        "(a unit's copies are averaged inside its loss); use "
-                        "--per_example_grads=vmap.")
+      raise ConfigError(
+          f"--per_example_grads={self.performance.per_example_grads}: not "
+          "with --augmult (a unit's copies are averaged inside its loss); "
+          "use --per_example_grads=vmap.")
+    if (self.performance.per_example_grads == "ghost"
+        and self.privacy.record_level and self.privacy.unit != "example"):
+      raise ConfigError("--per_example_grads=ghost: ghost norms clip single "
+                        "slices (--unit=example); a patient's norm needs "
+                        "cross-slice terms. Use vmap or layers.")
     if self.federated.augmult and self.data.volumes:
       raise ConfigError("--augmult: augmentation is for 2D slices; this run "
                         "trains 3D volumes (--volumes).")

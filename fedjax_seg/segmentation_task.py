@@ -30,7 +30,8 @@ def example_loss(model: unet.SegmentationModel, class_weights=None):
   applied to a batch of one, which is exact for our per-example U-Nets.
   The returned function carries `per_example_value_and_grad`: the same
   per-example losses and gradients from the layers' inputs and output
-  gradients (`privacy.layer_gradients`), for `--per_example_grads=layers`.
+  gradients (`privacy.layer_gradients`), for `--per_example_grads=layers`,
+  and `ghost_clipped_grad`, for `--per_example_grads=ghost`.
   """
   from_logits = logits_loss(class_weights)
 
@@ -38,10 +39,15 @@ def example_loss(model: unet.SegmentationModel, class_weights=None):
     return from_logits(model.apply(params, example["image"][None])[0],
                        example)
 
+  apply_with_tape = lambda params, x, tape: model.apply(params, x, tape=tape)
   loss_fn.per_example_value_and_grad = (
-      layer_gradients.per_example_value_and_grad(
-          lambda params, x, tape: model.apply(params, x, tape=tape),
-          from_logits))
+      layer_gradients.per_example_value_and_grad(apply_with_tape,
+                                                 from_logits))
+  # `(trainable_mask) -> clipped sum of a batch` by ghost norms where
+  # cheaper, for --per_example_grads=ghost.
+  loss_fn.ghost_clipped_grad = lambda trainable_mask=None: (
+      layer_gradients.ghost_clipped_grad(apply_with_tape, from_logits,
+                                         trainable_mask=trainable_mask))
   return loss_fn
 
 

@@ -399,20 +399,49 @@ def test_layer_per_example_gradients_give_the_vmap_run(tmp_path, unit,
       federated=dataclasses.replace(TINY.federated, rounds=1),
       eval_every=1, checkpoint_every=1)
   runs = {}
-  for how in ("vmap", "layers"):
+  # Ghost norms clip single slices: the example unit only.
+  hows = ("vmap", "layers") + (("ghost",) if unit == "example" else ())
+  for how in hows:
     config = dataclasses.replace(base, performance=C.PerformanceConfig(
         per_example_grads=how))
     runs[how] = experiment.train_and_evaluate(config, tmp_path / how)
-  vmap, layers = runs["vmap"], runs["layers"]
-  # A performance flag: the ledger and every epsilon are the same ...
-  assert layers["privacy"]["ledger"] == vmap["privacy"]["ledger"]
-  assert layers["privacy"]["epsilon_per_site"] == \
-      vmap["privacy"]["epsilon_per_site"]
-  # ... and the model the same up to float rounding of the gradients.
-  got = layers["metrics"]["dice_per_site"]
-  for site, dice in vmap["metrics"]["dice_per_site"].items():
-    np.testing.assert_allclose(np.array(got[site], float),
-                               np.array(dice, float), atol=1e-3)
+  _same_run(runs)
+
+
+def _same_run(runs: dict) -> None:
+  vmap = runs["vmap"]
+  for how, other in runs.items():
+    # A performance flag: the ledger and every epsilon are the same ...
+    assert other["privacy"]["ledger"] == vmap["privacy"]["ledger"], how
+    assert other["privacy"]["epsilon_per_site"] == \
+        vmap["privacy"]["epsilon_per_site"], how
+    # ... and the model the same up to float rounding of the gradients.
+    got = other["metrics"]["dice_per_site"]
+    for site, dice in vmap["metrics"]["dice_per_site"].items():
+      np.testing.assert_allclose(np.array(got[site], float),
+                                 np.array(dice, float), atol=1e-3,
+                                 err_msg=f"{how} {site}")
+
+
+def test_ghost_norms_give_the_vmap_run(tmp_path):
+  # Widths 4, 8, 64 at 16x16: the 4x4 level's 8->64 and 64->64
+  # convolutions take ghost norms (layer_gradients.ghost_is_cheaper).
+  from fedjax_seg.privacy import layer_gradients  # pylint: disable=g-import-not-at-top
+  assert layer_gradients.ghost_is_cheaper(16, 8 * 9, 64)
+  assert not layer_gradients.ghost_is_cheaper(16 * 16, 9, 4)
+  base = dataclasses.replace(
+      TINY, model=C.ModelConfig(widths=(4, 8, 64)),
+      privacy=C.PrivacyConfig(unit="example"),
+      federated=dataclasses.replace(TINY.federated, rounds=1),
+      eval_every=1, checkpoint_every=1)
+  _same_run({how: experiment.train_and_evaluate(
+      dataclasses.replace(base, performance=C.PerformanceConfig(
+          per_example_grads=how)), tmp_path / how)
+             for how in ("vmap", "ghost")})
+  with pytest.raises(C.ConfigError, match="ghost norms clip single slices"):
+    dataclasses.replace(base, privacy=C.PrivacyConfig(unit="patient"),
+                        performance=C.PerformanceConfig(
+                            per_example_grads="ghost"))
 
 
 def test_layer_per_example_gradients_are_refused_with_augmult():

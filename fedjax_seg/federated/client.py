@@ -57,7 +57,7 @@ UNITS = units_lib.RECORD_UNITS
 LOCAL_OPTIMIZERS = ("sgd", "momentum", "adam")
 LOCAL_LOOPS = ("auto", "scan", "unroll")
 BATCH_SAMPLINGS = ("auto", "poisson", "shuffle")
-PER_EXAMPLE_GRADS = ("vmap", "layers")
+PER_EXAMPLE_GRADS = ("vmap", "layers", "ghost")
 
 
 def resolve_local_loop(local_loop: str, canonical_convs: bool = False) -> str:
@@ -173,7 +173,12 @@ class ClientConfig:
       only, the same values): "vmap" (`jax.vmap(jax.grad)`) or "layers"
       (one batched backward pass and each layer's per-example gradient from
       its input and output gradient, `privacy.layer_gradients`; needs a
-      loss with `per_example_value_and_grad`, chunk_size set, no augmult).
+      loss with `per_example_value_and_grad`, chunk_size set, no augmult)
+      or "ghost" (the same pass, each example's norm from ghost norms where
+      cheaper and the clipped sum by book-keeping, no per-example kernel
+      gradient of those layers; `privacy.layer_gradients.
+      ghost_clipped_grad`; example unit only, needs a loss with
+      `ghost_clipped_grad`, chunk_size set, no augmult).
   """
 
   local_steps: int = 1
@@ -196,10 +201,10 @@ class ClientConfig:
     if self.per_example_grads not in PER_EXAMPLE_GRADS:
       raise ValueError(f"per_example_grads must be one of "
                        f"{PER_EXAMPLE_GRADS}, got {self.per_example_grads!r}.")
-    if self.per_example_grads == "layers" and (self.chunk_size is None
-                                               or self.augmult):
-      raise ValueError("per_example_grads='layers' needs chunk_size set and "
-                       "no augmult.")
+    if self.per_example_grads != "vmap" and (self.chunk_size is None
+                                             or self.augmult):
+      raise ValueError(f"per_example_grads={self.per_example_grads!r} "
+                       "needs chunk_size set and no augmult.")
     if self.augmult < 0:
       raise ValueError(f"augmult must be >= 0, got {self.augmult}.")
     if self.batch_sampling not in BATCH_SAMPLINGS:
@@ -399,6 +404,7 @@ def sample_batch(data: SiteData, sampling_rate: jax.Array, key: jax.Array,
 def make_private_gradient(
     loss_fn: Callable[[PyTree, PyTree], jax.Array], client: ClientConfig,
     dp: LocalDPConfig, per_example_value_and_grad=None,
+    ghost_clipped_grad=None,
 ) -> Callable[[PyTree, Batch, jax.Array],
               tuple[PyTree, privacy.ClipStats]]:
   """`(params, batch, l2_clip_norm) -> (clipped_grad_sum, ClipStats)`.
@@ -410,9 +416,23 @@ def make_private_gradient(
   same sum and ClipStats (per unit, [B_max]) computing only the chunks that
   hold sampled units. With `per_example_value_and_grad` (the layers path,
   `client.per_example_grads="layers"`) the per-slice gradients come from it,
-  and an example is a group of one slice: the same sum and ClipStats.
+  and an example is a group of one slice: the same sum and ClipStats. With
+  `ghost_clipped_grad` (`client.per_example_grads="ghost"`, example unit
+  only) each chunk's clipped sum comes from it.
   """
   unit = "group" if dp.unit == "patient" else "example"
+  if ghost_clipped_grad is not None:
+    if unit == "group" or client.chunk_size is None:
+      raise ValueError("per_example_grads='ghost' clips single slices "
+                       "(unit 'example') in chunks (chunk_size set); a "
+                       "patient's norm needs cross-slice terms: use 'vmap' "
+                       "or 'layers'.")
+    ghost = privacy.chunked_clipped_grad(
+        loss_fn, l2_clip_norm=dp.l2_clip_norm, chunk_size=client.chunk_size,
+        canonicalize=client.canonicalize_convs,
+        chunk_clipped_grad=ghost_clipped_grad)
+    return lambda params, batch, clip: ghost(params, batch.examples,
+                                             ~batch.mask, l2_clip_norm=clip)
   if client.chunk_size is None:
     full = privacy.clipped_grad(loss_fn, l2_clip_norm=dp.l2_clip_norm,
                                 unit=unit,
@@ -701,12 +721,21 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
   shuffle = resolve_batch_sampling(client, dp) == "shuffle"
   layered = (_layer_value_and_grad(loss_fn, trainable_mask)
              if dp.enabled and client.per_example_grads == "layers" else None)
+  ghost = None
+  if dp.enabled and client.per_example_grads == "ghost":
+    make_ghost = getattr(loss_fn, "ghost_clipped_grad", None)
+    if make_ghost is None:
+      raise ValueError("per_example_grads='ghost' needs a loss with a "
+                       "`ghost_clipped_grad` (segmentation_task.example_loss "
+                       "has one).")
+    ghost = make_ghost(trainable_mask)
   if trainable_mask is not None:
     loss_fn = _frozen_outside(loss_fn, trainable_mask)
   if client.augmult:
     loss_fn = augment_lib.multiplicity_loss(loss_fn, client.augmult,
                                             client.augment)
-  private_gradient = (make_private_gradient(loss_fn, client, dp, layered)
+  private_gradient = (make_private_gradient(loss_fn, client, dp, layered,
+                                            ghost)
                       if dp.enabled else None)
 
   def client_update(global_params, site_state: SiteState, data: SiteData,

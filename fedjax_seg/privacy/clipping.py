@@ -518,6 +518,7 @@ class ChunkedClippedGrad(_ClipNormSensitivity):
   chunk_size: int
   canonicalize: bool | None
   accumulation_dtype: Any
+  chunk_clipped_grad: Callable[..., Any] | None = None
 
   def __call__(
       self,
@@ -546,8 +547,9 @@ class ChunkedClippedGrad(_ClipNormSensitivity):
     batch = pad_leading(batch, capacity)
     real_padded = jnp.concatenate(
         [real, jnp.zeros((capacity - batch_size,), jnp.bool_)])
-    per_chunk = ClippedGrad(self.loss_fn, self.l2_clip_norm, "example", None,
-                            self.accumulation_dtype)
+    per_chunk = self.chunk_clipped_grad or ClippedGrad(
+        self.loss_fn, self.l2_clip_norm, "example", None,
+        self.accumulation_dtype)
 
     def chunk_grad(params, chunk, chunk_real, clip):
       return per_chunk(params, chunk, ~chunk_real, l2_clip_norm=clip)
@@ -596,6 +598,7 @@ def chunked_clipped_grad(
     chunk_size: int,
     canonicalize: bool | None = None,
     accumulation_dtype: Any = jnp.float32,
+    chunk_clipped_grad: Callable[..., Any] | None = None,
 ) -> ChunkedClippedGrad:
   """`clipped_grad(unit="example")` whose work follows the real units.
 
@@ -636,6 +639,10 @@ def chunked_clipped_grad(
       (`canonicalize_convs`); None: only when the default backend is CPU.
       Performance only.
     accumulation_dtype: dtype of the returned sum.
+    chunk_clipped_grad: optional `(params, chunk, is_padding_example, *,
+      l2_clip_norm) -> (clipped_sum, ClipStats)` computing each chunk with
+      `clipped_grad`'s contract (e.g. `layer_gradients.ghost_clipped_grad`;
+      performance only); default `clipped_grad(loss_fn)`.
 
   Returns:
     A `ChunkedClippedGrad` callable with a `.sensitivity()` method.
@@ -644,7 +651,7 @@ def chunked_clipped_grad(
     raise ValueError(f"l2_clip_norm must be > 0, got {l2_clip_norm}.")
   _check_chunk_size(chunk_size)
   return ChunkedClippedGrad(loss_fn, l2_clip_norm, chunk_size, canonicalize,
-                            accumulation_dtype)
+                            accumulation_dtype, chunk_clipped_grad)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = chex.ArrayTree
 KINDS = ("conv", "norm", "upsample2")
@@ -276,3 +277,214 @@ def per_example_value_and_grad(
 
   return value_and_grads
 
+
+
+# -- Clipped sums without per-example gradients (ghost norms, book-keeping) --
+
+NORM_METHODS = ("auto", "ghost", "materialize")
+
+
+def ghost_is_cheaper(positions: int, patch_features: int,
+                     out_channels: int) -> bool:
+  """Whether a convolution's per-example gradient norm is cheaper from Gram
+  matrices than from the materialised gradient.
+
+  Per example, with T output positions, F = C_in * prod(k) patch features
+  and C_out output channels: the ghost norm <A A^T, B B^T> costs
+  T^2 (F + C_out + 1) multiply-adds, the materialised gradient B^T A then
+  its norm T F C_out + F C_out. So the ghost norm pays on deep, wide layers
+  of small images (e.g. 4x4 positions and 192 channels: 16 x 16 x 1921
+  against 16 x 1728 x 192, 6.7x fewer) and never on full-resolution ones.
+  """
+  t = positions
+  return t * t * (patch_features + out_channels + 1) < (
+      t * patch_features * out_channels + patch_features * out_channels)
+
+
+def _patches(a: jax.Array, kernel_size: tuple[int, ...]) -> jax.Array:
+  """[N, T, C_in * prod(k)]: each output position's receptive field of a
+  stride-1 "SAME" convolution's input a [N, *S, C_in]."""
+  d = len(kernel_size)
+  spec = "N" + "DHW"[-d:] + "C"
+  p = jax.lax.conv_general_dilated_patches(
+      a, kernel_size, (1,) * d, "SAME",
+      dimension_numbers=(spec, "DHW"[-d:] + "IO", spec))
+  return p.reshape(a.shape[0], -1, p.shape[-1])
+
+
+def conv_ghost_sq_norms(a: jax.Array, b: jax.Array,
+                        kernel_size: tuple[int, ...]) -> jax.Array:
+  """[N] squared Frobenius norms of the per-example kernel gradients of a
+  stride-1 "SAME" convolution, ||B_i^T A_i||^2 = <A_i A_i^T, B_i B_i^T>,
+  with A_i the unfolded input [T, C_in k] and B_i the output gradient
+  [T, C_out] (Goodfellow 2015; Li et al. 2022), without forming B_i^T A_i."""
+  patches = _patches(a, kernel_size)
+  out = b.reshape(b.shape[0], -1, b.shape[-1])
+  gram_a = jnp.einsum("nti,nsi->nts", patches, patches)
+  gram_b = jnp.einsum("nto,nso->nts", out, out)
+  return jnp.sum(gram_a * gram_b, axis=(1, 2))
+
+
+def conv_kernel_grad_sum(a: jax.Array, b: jax.Array,
+                         kernel_size: tuple[int, ...]) -> jax.Array:
+  """sum_i B_i^T A_i as a kernel [*k, C_in, C_out]: the convolution's own
+  batched kernel gradient (one contraction over examples and positions;
+  "book-keeping": per-example weights go into b)."""
+  d = len(kernel_size)
+  dn = jax.lax.conv_dimension_numbers(
+      a.shape, kernel_size + (a.shape[-1], b.shape[-1]),
+      ("N" + "DHW"[-d:] + "C", "DHW"[-d:] + "IO", "N" + "DHW"[-d:] + "C"))
+  conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
+      a, w, (1,) * d, "SAME", dimension_numbers=dn)
+  w0 = jnp.zeros(kernel_size + (a.shape[-1], b.shape[-1]), a.dtype)
+  return jax.vjp(conv, w0)[1](b.astype(a.dtype))[0]
+
+
+def _ghost_layer(kind: str, shapes: dict[str, tuple], a: jax.Array,
+                 norm_method: str) -> bool:
+  if kind != "conv" or norm_method == "materialize":
+    return False
+  kernel = tuple(shapes["kernel"])
+  if norm_method == "ghost":
+    return True
+  positions = int(np.prod(a.shape[1:-1]))
+  return ghost_is_cheaper(positions, int(np.prod(kernel[:-1])), kernel[-1])
+
+
+def ghost_clipped_grad(
+    apply_with_tape: Callable[[PyTree, jax.Array, Tape], jax.Array],
+    loss_from_logits: Callable[[jax.Array, PyTree], jax.Array],
+    input_key: str = "image",
+    norm_method: str = "auto",
+    kernel_method: str = "auto",
+    trainable_mask: PyTree | None = None,
+):
+  """`(params, batch, is_padding_example, *, l2_clip_norm) ->
+  (clipped_grad_sum, ClipStats)`: `privacy.clipped_grad(loss,
+  l2_clip_norm=C)` (unit "example") for the loss of
+  `per_example_value_and_grad`, from ONE batched forward and backward pass.
+
+  Each example's gradient norm is summed over layers: a convolution's from
+  Gram matrices of its unfolded input and output gradient (ghost norm)
+  where `ghost_is_cheaper` says so (`norm_method="auto"`; "ghost" for every
+  convolution, "materialize" for none), every other layer's from its
+  per-example gradient (`layer_grads`). The clipped sum is then formed
+  without a second backward pass: each layer's gradient sum with every
+  example's output gradient scaled by its clip factor c_i = min(1, C /
+  ||g_i||) (a convolution's own batched kernel gradient where the norm was
+  ghost, sum_i c_i g_i elsewhere).
+
+  Formal guarantees (those of `clipped_grad`):
+    * Unit of privacy: one example; every example's contribution has L2
+      norm at most C (up to float rounding of the norm).
+    * Padding examples contribute exactly 0 (their inputs and output
+      gradients are selected away before any sum), and so does an example
+      whose loss, layer inputs, output gradients or norm are not finite.
+    * `ClipStats` as `clipped_grad`'s.
+  With `trainable_mask`, leaves outside it count in no norm and get a zero
+  sum (as the vmap path's frozen leaves).
+  """
+  from fedjax_seg.privacy import clipping  # pylint: disable=g-import-not-at-top
+  if norm_method not in NORM_METHODS:
+    raise ValueError(f"norm_method must be one of {NORM_METHODS}, got "
+                     f"{norm_method!r}.")
+  _check_kernel_method(kernel_method)
+
+  def fn(params, batch, is_padding_example=None, *, l2_clip_norm):
+    x = batch[input_key]
+    n = x.shape[0]
+    real = (jnp.ones((n,), jnp.bool_) if is_padding_example is None
+            else ~is_padding_example.astype(jnp.bool_))
+    shape_tape = Tape()
+    jax.eval_shape(lambda p, v: apply_with_tape(p, v, shape_tape), params, x)
+    layers = _layer_params(params)
+    missing = sorted(str(p) for p in layers if p not in shape_tape.kinds)
+    if missing:
+      raise ValueError(f"parameters of layers {missing} are not recorded on "
+                       "the tape; use vmap per-example gradients.")
+    trained = {}
+    if trainable_mask is not None:
+      for keypath, m in jax.tree_util.tree_flatten_with_path(
+          trainable_mask)[0]:
+        trained[_keys(keypath)] = bool(m)
+
+    def total_loss(perturbations):
+      tape = Tape(perturbations)
+      logits = apply_with_tape(params, x, tape)
+      losses = jax.vmap(loss_from_logits)(logits, batch)
+      return jnp.sum(jnp.where(real, losses, 0.0)), (losses, tape.inputs)
+
+    zeros = {path: jnp.zeros(s.shape, s.dtype)
+             for path, s in shape_tape.outputs.items()}
+    (_, (losses, inputs)), out_grads = jax.value_and_grad(
+        total_loss, has_aux=True)(zeros)
+
+    def per_example_all_finite(t):
+      return jnp.all(jnp.isfinite(t.reshape(n, -1)), axis=1)
+
+    finite = real & jnp.isfinite(losses)
+    sq_norms = jnp.zeros((n,), jnp.float32)
+    plans = {}
+    for path, shapes in layers.items():
+      kind = shape_tape.kinds[path]
+      a, b = inputs[path], out_grads[path]
+      kept = {name: s for name, s in shapes.items()
+              if trained.get(path + (name,), True)}
+      finite &= per_example_all_finite(a) & per_example_all_finite(b)
+      ghost = _ghost_layer(kind, shapes, a, norm_method) and "kernel" in kept
+      per_example = {}
+      if ghost:
+        kernel = tuple(shapes["kernel"][:-2])
+        sq_norms += conv_ghost_sq_norms(a, b, kernel).astype(jnp.float32)
+        if "bias" in kept:
+          per_example["bias"] = _spatial_sum(b)
+      else:
+        per_example = {k: v for k, v in layer_grads(
+            kind, a, b, shapes, kernel_method).items() if k in kept}
+      for g in per_example.values():
+        sq_norms += jnp.sum(jnp.square(g.reshape(n, -1).astype(jnp.float32)),
+                            axis=1)
+        finite &= per_example_all_finite(g)
+      plans[path] = (ghost, per_example)
+    finite &= jnp.isfinite(sq_norms)
+    norms = jnp.sqrt(jnp.where(finite, sq_norms, 0.0))
+    clip = jnp.asarray(l2_clip_norm, jnp.float32)
+    factor = jnp.where(finite, jnp.minimum(1.0, clip / jnp.maximum(
+        norms, jnp.finfo(jnp.float32).tiny)), 0.0)
+
+    def weighted(t, w):
+      shape = (n,) + (1,) * (t.ndim - 1)
+      return jnp.where(finite.reshape(shape), t * w.reshape(shape).astype(
+          t.dtype), jnp.zeros_like(t))
+
+    sums = {}
+    for path, shapes in layers.items():
+      ghost, per_example = plans[path]
+      out = {name: jnp.sum(weighted(g, factor), axis=0)
+             for name, g in per_example.items()}
+      if ghost:
+        kernel = tuple(shapes["kernel"][:-2])
+        out["kernel"] = conv_kernel_grad_sum(
+            weighted(inputs[path], jnp.ones((n,))),
+            weighted(out_grads[path], factor), kernel)
+      sums[path] = out
+
+    def leaf(keypath, p):
+      keys = _keys(keypath)
+      got = sums[keys[:-1]].get(keys[-1])
+      return (jnp.zeros(p.shape, jnp.float32) if got is None
+              else got.astype(jnp.float32).reshape(p.shape))
+
+    grad_sum = jax.tree_util.tree_map_with_path(leaf, params)
+    stats = clipping.ClipStats(
+        per_example_norms=jnp.where(real, jnp.where(finite, norms, jnp.inf),
+                                    0.0),
+        per_example_loss=jnp.where(real & jnp.isfinite(losses),
+                                   losses.astype(jnp.float32), 0.0),
+        num_clipped=jnp.sum(finite & (norms > clip)).astype(jnp.int32),
+        num_real=jnp.sum(real).astype(jnp.int32),
+        num_nonfinite=jnp.sum(real & ~finite).astype(jnp.int32),
+        is_real=real)
+    return grad_sum, stats
+
+  return fn

@@ -103,3 +103,49 @@ def test_unrecorded_parameters_are_refused():
       segmentation_task.logits_loss())
   with pytest.raises(ValueError, match="extra"):
     fn(params, batch)
+
+
+def test_ghost_norm_is_the_materialised_norm():
+  a = jax.random.normal(jax.random.key(3), (3, 5, 6, 4))
+  b = jax.random.normal(jax.random.key(4), (3, 5, 6, 7))
+  want = jnp.sum(jnp.square(layer_gradients.conv_kernel_grad(a, b, (3, 3))),
+                 axis=(1, 2, 3, 4))
+  chex.assert_trees_all_close(
+      layer_gradients.conv_ghost_sq_norms(a, b, (3, 3)), want, rtol=1e-4)
+  summed = jnp.sum(layer_gradients.conv_kernel_grad(a, b, (3, 3)), axis=0)
+  chex.assert_trees_all_close(
+      layer_gradients.conv_kernel_grad_sum(a, b, (3, 3)), summed, rtol=1e-4,
+      atol=1e-4)
+  # The cost model: ghost on small, wide layers, never at full resolution.
+  assert layer_gradients.ghost_is_cheaper(16, 96 * 9, 192)
+  assert not layer_gradients.ghost_is_cheaper(32 * 32, 16 * 9, 16)
+
+
+@pytest.mark.parametrize("case,norm_method", [
+    ("2d_instance_residual", "ghost"), ("3d_group", "auto"),
+    ("2d_group_two_channels", "materialize")])
+def test_ghost_clipped_sum_is_clipped_grad(case, norm_method):
+  from fedjax_seg import privacy  # pylint: disable=g-import-not-at-top
+  model, params, batch = _setup(case, n=4)
+  # Example 2 is padding (garbage content), example 3 has a NaN pixel.
+  image = batch["image"].at[2].set(1e6).at[3, 0].set(jnp.nan)
+  batch = dict(batch, image=image)
+  padding = jnp.array([False, False, True, False])
+  loss_fn = segmentation_task.example_loss(model)
+  want, want_stats = jax.jit(lambda p, b: privacy.clipped_grad(
+      loss_fn, l2_clip_norm=0.05)(p, b, padding))(params, batch)
+  ghost = layer_gradients.ghost_clipped_grad(
+      lambda p, x, tape: model.apply(p, x, tape=tape),
+      segmentation_task.logits_loss(), norm_method=norm_method)
+  got, stats = jax.jit(lambda p, b: ghost(p, b, padding, l2_clip_norm=0.05))(
+      params, batch)
+  chex.assert_trees_all_equal_shapes(got, want)
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                          jax.tree.leaves(want)):
+    scale = float(jnp.max(jnp.abs(w)))
+    assert float(jnp.max(jnp.abs(g - w))) <= 1e-4 * scale + 1e-7, path
+  chex.assert_trees_all_close(stats.per_example_norms,
+                              want_stats.per_example_norms, rtol=1e-4)
+  assert int(stats.num_nonfinite) == int(want_stats.num_nonfinite) == 1
+  assert int(stats.num_clipped) == int(want_stats.num_clipped) == 2
+  assert int(stats.num_real) == 3
