@@ -394,7 +394,9 @@ class PerformanceConfig:
     chunk_size: work follows the realised Poisson sample: the padded batch
       is computed in chunks of this many slices and the chunks after the
       last sampled unit are skipped (patients' slices are packed first);
-      none computes the whole padded capacity. 4 measured fastest on CPU.
+      none computes the whole padded capacity; 0 (default) picks it by
+      image size (`experiment.resolve_chunk_size`: 4, and 2 on CPU from
+      96x96 pixels per slice up, as measured fastest).
     per_example_grads: how a DP step forms per-unit gradients, the same
       values either way: vmap (jax.vmap of jax.grad) or layers (one batched
       backward pass, each layer's per-example gradient from its input and
@@ -407,7 +409,7 @@ class PerformanceConfig:
   backend: str = "auto"
   microbatch_size: int | None = None
   local_loop: str = "auto"
-  chunk_size: int | None = 4
+  chunk_size: int | None = 0
   per_example_grads: str = "vmap"
 
   def __post_init__(self):
@@ -418,8 +420,9 @@ class PerformanceConfig:
            "microbatch_size", "must be >= 1.")
     _check(self.local_loop in client_lib.LOCAL_LOOPS, "local_loop",
            f"must be one of {client_lib.LOCAL_LOOPS}.")
-    _check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size",
-           "must be >= 1 (or none for the whole padded capacity).")
+    _check(self.chunk_size is None or self.chunk_size >= 0, "chunk_size",
+           "must be >= 1, 0 (by image size) or none (the whole padded "
+           "capacity).")
     _check(self.per_example_grads in client_lib.PER_EXAMPLE_GRADS,
            "per_example_grads",
            f"must be one of {client_lib.PER_EXAMPLE_GRADS}.")

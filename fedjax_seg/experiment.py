@@ -171,8 +171,10 @@ class _Plan:
   training_sites: np.ndarray  # [S] bool (held-out sites excluded).
   site_modalities: tuple = ()  # [S] modality names (public).
   # [rounds, S] bool: the site is in the federation that round (scenarios
-  # with joins and leaves; else all True).
+  # with joins and leaves); None without a scenario.
   active: np.ndarray | None = None
+  # Slices per chunk of a DP step (--chunk_size resolved; performance only).
+  chunk_size: int | None = 4
 
   def to_meta(self) -> dict:
     """What a checkpoint keeps to refuse a resumption that changes it."""
@@ -183,6 +185,24 @@ class _Plan:
             "site_applied_sigma": self.site_applied_sigma,
             "count_noise_multiplier": count(self.adaptive),
             "site_count_noise_multiplier": count(self.site_adaptive)}
+
+
+# Pixels per slice from which a chunk of 2 slices beat 4 on CPU: whole
+# default rounds (BENCHMARKS.md, "Image size") took 3.00 s with 4 and 3.20 s
+# with 2 at 32x32, 9.12 s and 9.94 s at 64x64, 49.1 s and 36.1 s at 128x128.
+SMALL_CHUNK_PIXELS = 96 * 96
+
+
+def resolve_chunk_size(chunk_size: int | None, spatial_shape) -> int | None:
+  """--chunk_size, with 0 resolved by the slices' size and the platform:
+  4 slices per chunk, or 2 on CPU for slices of SMALL_CHUNK_PIXELS or more
+  (their per-example convolutions ran faster in pairs there)."""
+  if chunk_size != 0:
+    return chunk_size
+  if (jax.default_backend() == "cpu"
+      and int(np.prod(spatial_shape)) >= SMALL_CHUNK_PIXELS):
+    return 2
+  return 4
 
 
 def _record_level_adaptive(config, largest_sigma):
@@ -352,7 +372,7 @@ def _trainer_settings(config, plan, params) -> dict:
       optimizer=f.local_optimizer,
       prox_mu=f.prox_mu if f.algorithm == "fedprox" else 0.0,
       microbatch_size=perf.microbatch_size, local_loop=perf.local_loop,
-      chunk_size=perf.chunk_size, augmult=f.augmult,
+      chunk_size=plan.chunk_size, augmult=f.augmult,
       per_example_grads=perf.per_example_grads,
       **_augment_settings(f, plan))
   optimizer = {"fedavg": "fedavg", "fedprox": "fedavg", "fedbn": "fedavg",
@@ -647,6 +667,8 @@ def _setup(config, workdir: pathlib.Path, splits=None,
                                           replaced.get(split))
         for split, arrays in (("train", train), ("val", val),
                               ("test", test))}
+  plan.chunk_size = resolve_chunk_size(config.performance.chunk_size,
+                                       train.image.shape[2:-1])
   workdir.mkdir(parents=True, exist_ok=True)
   model = models.SegmentationModel(config.model.unet_config(
       in_channels=train.image.shape[-1], num_classes=len(train.class_names),

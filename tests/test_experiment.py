@@ -449,3 +449,16 @@ def test_layer_per_example_gradients_are_refused_with_augmult():
     dataclasses.replace(
         TINY, federated=dataclasses.replace(TINY.federated, augmult=2),
         performance=C.PerformanceConfig(per_example_grads="layers"))
+
+
+def test_chunk_size_zero_is_picked_by_image_size():
+  # On CPU (the tests' platform): 4 slices per chunk, 2 for large slices.
+  assert experiment.resolve_chunk_size(0, (32, 32)) == 4
+  assert experiment.resolve_chunk_size(0, (64, 64)) == 4
+  assert experiment.resolve_chunk_size(0, (128, 128)) == 2
+  assert experiment.resolve_chunk_size(0, (8, 32, 32)) == 4  # 3D volumes.
+  assert experiment.resolve_chunk_size(3, (128, 128)) == 3
+  assert experiment.resolve_chunk_size(None, (128, 128)) is None
+  assert C.PerformanceConfig().chunk_size == 0
+  with pytest.raises(C.ConfigError, match="--chunk_size"):
+    C.PerformanceConfig(chunk_size=-1)
