@@ -191,12 +191,19 @@ class Consortium:
                   fixed_capacity: bool = False) -> sites_lib.SiteArrays:
     """`site_ids`' split stacked as `SiteArrays` (site axis in that order);
     with `fixed_capacity`, padded to `capacity()` (training cohorts)."""
-    data = self.dataset(site_ids, split)
-    if not fixed_capacity:
-      return sites_lib.stack_sites(data)
-    m, p, l = self.capacity()
-    return sites_lib.stack_sites(data, pad_examples_to=m, pad_slices_to=l,
-                                 pad_patients_to=p)
+    return _stacked(self, site_ids, split, fixed_capacity)
+
+
+def _stacked(sites, site_ids, split: str,
+             fixed_capacity: bool) -> sites_lib.SiteArrays:
+  """`sites.dataset(site_ids, split)` stacked, padded to `sites.capacity()`
+  with `fixed_capacity` (a `Consortium` or a `PreparedConsortium`)."""
+  data = sites.dataset(site_ids, split)
+  if not fixed_capacity:
+    return sites_lib.stack_sites(data)
+  m, p, l = sites.capacity()
+  return sites_lib.stack_sites(data, pad_examples_to=m, pad_slices_to=l,
+                               pad_patients_to=p)
 
 
 class PreparedConsortium:
@@ -346,9 +353,4 @@ class PreparedConsortium:
                   fixed_capacity: bool = False) -> sites_lib.SiteArrays:
     """`site_ids`' split stacked as `SiteArrays` (site axis in that order);
     with `fixed_capacity`, padded to `capacity()` (training cohorts)."""
-    data = self.dataset(site_ids, split)
-    if not fixed_capacity:
-      return sites_lib.stack_sites(data)
-    m, p, l = self.capacity()
-    return sites_lib.stack_sites(data, pad_examples_to=m, pad_slices_to=l,
-                                 pad_patients_to=p)
+    return _stacked(self, site_ids, split, fixed_capacity)

@@ -217,6 +217,19 @@ def _layer_params(params: dict) -> dict[tuple, dict[str, tuple]]:
   return layers
 
 
+def _recorded_layers(apply_with_tape, params, x) -> tuple[Tape, dict]:
+  """(a tape of the layers' kinds and output shapes, {layer path: {leaf:
+  shape}}); ValueError naming parameters of layers the tape misses."""
+  shape_tape = Tape()
+  jax.eval_shape(lambda p, v: apply_with_tape(p, v, shape_tape), params, x)
+  layers = _layer_params(params)
+  missing = sorted(str(p) for p in layers if p not in shape_tape.kinds)
+  if missing:
+    raise ValueError(f"parameters of layers {missing} are not recorded on "
+                     "the tape; use vmap per-example gradients.")
+  return shape_tape, layers
+
+
 def per_example_value_and_grad(
     apply_with_tape: Callable[[PyTree, jax.Array, Tape], jax.Array],
     loss_from_logits: Callable[[jax.Array, PyTree], jax.Array],
@@ -247,13 +260,7 @@ def per_example_value_and_grad(
 
   def value_and_grads(params, batch):
     x = batch[input_key]
-    shape_tape = Tape()
-    jax.eval_shape(lambda p, v: apply_with_tape(p, v, shape_tape), params, x)
-    layers = _layer_params(params)
-    missing = sorted(str(p) for p in layers if p not in shape_tape.kinds)
-    if missing:
-      raise ValueError(f"parameters of layers {missing} are not recorded on "
-                       "the tape; use vmap per-example gradients.")
+    shape_tape, layers = _recorded_layers(apply_with_tape, params, x)
 
     def total_loss(perturbations):
       tape = Tape(perturbations)
@@ -444,13 +451,7 @@ def ghost_clipped_grad(
     n = x.shape[0]
     real = (jnp.ones((n,), jnp.bool_) if is_padding_example is None
             else ~is_padding_example.astype(jnp.bool_))
-    shape_tape = Tape()
-    jax.eval_shape(lambda p, v: apply_with_tape(p, v, shape_tape), params, x)
-    layers = _layer_params(params)
-    missing = sorted(str(p) for p in layers if p not in shape_tape.kinds)
-    if missing:
-      raise ValueError(f"parameters of layers {missing} are not recorded on "
-                       "the tape; use vmap per-example gradients.")
+    shape_tape, layers = _recorded_layers(apply_with_tape, params, x)
     trained = {}
     if trainable_mask is not None:
       for keypath, m in jax.tree_util.tree_flatten_with_path(
