@@ -5,7 +5,7 @@ Every host runs the same program on the same (deterministic) data and
 derives every key from the same root seed, with no communication: the
 sites are split over the global mesh (`FederatedTrainer` with the "shard"
 backend over all hosts' devices), each round's results are gathered to
-every host (`to_host`), and every host then keeps the same state, ledger
+every host (`federated.rounds.host_values`), and every host then keeps the same state, ledger
 and history. Host 0 alone writes the log, report, CSV and plots;
 checkpoints go through orbax, whose managers coordinate the hosts (the
 workdir must be on a file system all hosts share).
@@ -27,7 +27,6 @@ from absl import logging
 import jax
 
 from fedjax_seg import config as config_lib
-from fedjax_seg.federated import rounds as rounds_lib
 
 
 def cluster_environment() -> str | None:
@@ -109,6 +108,3 @@ def is_writer() -> bool:
   """True on the one process that writes outputs (host 0)."""
   return jax.process_index() == 0
 
-
-# Gathers a round's results (arrays split over hosts) to every host.
-to_host = rounds_lib.host_values

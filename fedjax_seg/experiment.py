@@ -422,10 +422,23 @@ def _trainer(config, model, plan, params):
 def _participants(config, plan, root, round_index):
   p, f = config.privacy, config.federated
   num_sites = len(plan.site_names)
+  # Training sites, and with a scenario those in the federation this round.
+  eligible = plan.training_sites if plan.active is None else (
+      plan.active[round_index] & plan.training_sites)
   if p.use_site_level:
     part = fed.sample_participants(root, round_index, num_sites,
                                    sampling_rate=p.site_sampling_rate,
                                    dropout_rate=f.dropout_rate)
+  elif f.sites_per_round and plan.active is not None:
+    # A scenario: the cohort is drawn among the sites in the federation
+    # this round (from the seed and round alone).
+    members = np.flatnonzero(eligible)
+    chosen = fed.sample_participants(
+        root, round_index, len(members),
+        num_per_round=min(f.sites_per_round, len(members)),
+        dropout_rate=f.dropout_rate)
+    part = np.zeros(num_sites, bool)
+    part[members[chosen]] = True
   elif f.sites_per_round:
     part = fed.sample_participants(
         root, round_index, num_sites,
@@ -437,20 +450,7 @@ def _participants(config, plan, root, round_index):
                                    dropout_rate=f.dropout_rate)
   else:
     part = np.ones(num_sites, bool)
-  if plan.active is not None:  # A scenario: its membership this round.
-    active = plan.active[round_index] & plan.training_sites
-    if f.sites_per_round and not p.use_site_level:
-      # The cohort is drawn among the sites in the federation this round
-      # (from the seed and round alone, as above).
-      members = np.flatnonzero(active)
-      chosen = fed.sample_participants(
-          root, round_index, len(members),
-          num_per_round=min(f.sites_per_round, len(members)),
-          dropout_rate=f.dropout_rate)
-      part = np.zeros(num_sites, bool)
-      part[members[chosen]] = True
-    return part & active
-  return part & plan.training_sites
+  return part & eligible
 
 
 def _versions() -> dict:
@@ -1144,9 +1144,15 @@ def evaluated_params(config, state: RunState):
   decay, t = config.federated.ema_decay, state.rounds_completed
   if not decay or t == 0:
     return state.server_state.params
-  correction = 1.0 - decay ** t
+  return debiased_average(state.averaged_params, decay, t)
+
+
+def debiased_average(averaged, decay: float, rounds: int):
+  """An EMA started from zeros, after `rounds` updates with `decay`,
+  divided by 1 - decay^rounds (the weight its models carry)."""
+  correction = 1.0 - decay ** rounds
   return jax.tree.map(lambda e: e / jnp.asarray(correction, e.dtype),
-                      state.averaged_params)
+                      averaged)
 
 
 def _warn_about_settings(config) -> None:

@@ -51,6 +51,7 @@ from fedjax_seg import models
 from fedjax_seg.data import nifti
 from fedjax_seg.data import synthetic
 from fedjax_seg.data import tfds_io
+from fedjax_seg.federated import client as client_lib
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CHECKPOINTS = "checkpoints"
@@ -323,9 +324,8 @@ def load_trained(workdir: str | os.PathLike, round_index: int | None = None,
     raise PredictError(f"{what}: the run averages its models (--ema_decay="
                        f"{decay}) but the checkpoint holds no average.")
   if decay and rounds:
-    params = _like(template, state["averaged"], what)
-    params = jax.tree.map(lambda e: e / np.asarray(1.0 - decay ** rounds,
-                                                   e.dtype), params)
+    params = experiment.debiased_average(
+        _like(template, state["averaged"], what), decay, rounds)
   else:
     params = _like(template, stored, what)
   if fedbn:
@@ -333,11 +333,11 @@ def load_trained(workdir: str | os.PathLike, round_index: int | None = None,
         "charged_rounds"][site]:
       logging.warning("--site=%s never trained in this run: its "
                       "normalisation parameters are the initial ones.", site)
-    local = _like(template, state["sites"]["local_params"], what)
     k = site_names.index(site)
-    mask = models.norm_param_mask(template)
-    params = jax.tree.map(lambda m, g, l: l[k] if m else g, mask, params,
-                          local)
+    local = jax.tree.map(lambda x: x[k], _like(
+        template, state["sites"]["local_params"], what))
+    params = client_lib.merge_local(params, local,
+                                    models.norm_param_mask(template))
   privacy_record = {"dp": config.privacy.enabled}
   report_path = workdir / experiment.REPORT
   if report_path.is_file():

@@ -319,15 +319,6 @@ def _patches(a: jax.Array, kernel_size: tuple[int, ...]) -> jax.Array:
   return p.reshape(a.shape[0], -1, p.shape[-1])
 
 
-def conv_ghost_sq_norms(a: jax.Array, b: jax.Array,
-                        kernel_size: tuple[int, ...]) -> jax.Array:
-  """[N] squared Frobenius norms of the per-example kernel gradients of a
-  stride-1 "SAME" convolution, ||B_i^T A_i||^2 = <A_i A_i^T, B_i B_i^T>,
-  with A_i the unfolded input [T, C_in k] and B_i the output gradient
-  [T, C_out] (Goodfellow 2015; Li et al. 2022), without forming B_i^T A_i."""
-  return conv_ghost_norm_bounds(a, b, kernel_size)[0]
-
-
 # float32 unit roundoff.
 _U = 2.0 ** -24
 
@@ -342,7 +333,10 @@ def conv_ghost_norm_bounds(a: jax.Array, b: jax.Array,
                            kernel_size: tuple[int, ...]
                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Ghost norms of a stride-1 "SAME" convolution's per-example kernel
-  gradients, with rigorous float32 error bounds.
+  gradients, ||B_i^T A_i||^2 = <A_i A_i^T, B_i B_i^T> with A_i the unfolded
+  input [T, C_in k] and B_i the output gradient [T, C_out] (Goodfellow 2015;
+  Li et al. 2022), without forming B_i^T A_i, and rigorous float32 error
+  bounds.
 
   Returns (sq [N], sq_upper [N], rounding [N]):
     sq: <A_i A_i^T, B_i B_i^T> as computed (it can be far off, even
