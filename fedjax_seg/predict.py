@@ -225,7 +225,9 @@ def _data_description(config: config_lib.ExperimentConfig,
   if d.dataset == "synthetic":
     if d.num_sites is not None:
       from fedjax_seg.data import consortium  # pylint: disable=g-import-not-at-top
-      specs = consortium.Consortium(num_sites=d.num_sites).specs
+      # Site k's profile is drawn from (data seed, k), as the run drew it.
+      specs = consortium.Consortium(num_sites=d.num_sites,
+                                    seed=config.data_seed).specs
     else:
       specs = synthetic.SyntheticConfig().sites
     prep = nifti.PreprocessConfig(image_size=(d.image_size, d.image_size),

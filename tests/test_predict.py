@@ -285,3 +285,13 @@ def test_fedbn_site_choice_and_synthetic_preprocessing(tmp_path):
   img = nib.Nifti1Image(stored.astype(np.float32), np.diag([1, 1, 2.5, 1]))
   slices, _ = predict.preprocess(img, stored[..., None], a.preprocess, "CT")
   np.testing.assert_allclose(slices[..., 0], image, atol=1e-5)
+
+
+def test_a_consortium_runs_sites_are_those_of_its_data_seed():
+  from fedjax_seg.data import consortium  # pylint: disable=g-import-not-at-top
+  config = C.ExperimentConfig(data=C.DataConfig(num_sites=50, data_seed=3),
+                              federated=C.FederatedConfig(sites_per_round=5))
+  _, _, names, modalities, _ = predict._data_description(config, None)
+  want = consortium.Consortium(num_sites=50, seed=3)
+  assert names == want.site_names and modalities == want.site_modalities
+  assert names != consortium.Consortium(num_sites=50, seed=0).site_names
