@@ -677,20 +677,12 @@ def _read_label(case: Case, img: nib.Nifti1Image,
   except Exception as e:  # nibabel raises many types for corrupt files.
     raise PredictError(f"{case.label}: not a readable NIfTI file "
                        f"({type(e).__name__}: {e}).") from e
-  if label.shape != img.shape[:3]:
-    raise PredictError(f"{case.label}: label shape {label.shape} does not "
-                       f"match image {case.image} shape {img.shape[:3]}.")
-  if not np.allclose(label_img.affine, img.affine, atol=1e-3, rtol=1e-4):
-    raise PredictError(f"{case.label}: affine differs from the image's "
-                       f"({case.image}); they are not on the same grid.")
-  if not np.isfinite(label).all() or np.any(label != np.round(label)):
-    raise PredictError(f"{case.label}: label values must be integers.")
-  label = label.astype(np.int64)
-  if prep.label_map:
-    mapped = label.copy()
-    for src, dst in prep.label_map.items():
-      mapped[label == src] = dst
-    label = mapped
+  try:
+    nifti.check_label(nifti.CaseRef(case.image, case.label, case.case_id),
+                      img.shape, img.affine, label, label_img.affine)
+  except nifti.DataError as e:
+    raise PredictError(str(e)) from e
+  label = nifti.remap_labels(label.astype(np.int64), prep.label_map)
   if label.min() < 0 or label.max() >= num_classes:
     raise PredictError(f"{case.label}: label values {sorted(np.unique(label))}"
                        f" outside the model's classes 0..{num_classes - 1}.")

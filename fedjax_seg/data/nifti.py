@@ -131,21 +131,41 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray,
   return data, img.affine, np.asarray(img.header.get_zooms()[:3], np.float64)
 
 
+def check_label(case: CaseRef, image_shape: Sequence[int],
+                image_affine: np.ndarray, label: np.ndarray,
+                label_affine: np.ndarray) -> None:
+  """Raises DataError (naming the file) unless the label volume is on the
+  image's grid (shape and affine) and holds integers."""
+  if tuple(image_shape[:3]) != label.shape[:3] or label.ndim != 3:
+    raise DataError(f"{case.label}: label shape {label.shape} does not match "
+                    f"image {case.image} shape {tuple(image_shape[:3])}.")
+  if not np.allclose(image_affine, label_affine, atol=1e-3, rtol=1e-4):
+    raise DataError(f"{case.label}: affine differs from the image's "
+                    f"({case.image}); they are not on the same grid.")
+  if not np.isfinite(label).all() or np.any(label != np.round(label)):
+    raise DataError(f"{case.label}: label values must be integers.")
+
+
+def remap_labels(label: np.ndarray,
+                 label_map: Mapping[int, int] | None) -> np.ndarray:
+  """`label` with `label_map`'s {source: target} values replaced (each from
+  the original values, so maps may swap labels)."""
+  if not label_map:
+    return label
+  mapped = label.copy()
+  for src, dst in label_map.items():
+    mapped[label == src] = dst
+  return mapped
+
+
 def check_case(case: CaseRef, image: np.ndarray, image_affine: np.ndarray,
                label: np.ndarray, label_affine: np.ndarray,
                allowed_labels: Sequence[int] | None) -> None:
   """Raises DataError (naming the file) if image and label do not fit."""
-  if image.shape[:3] != label.shape[:3] or label.ndim != 3:
-    raise DataError(f"{case.label}: label shape {label.shape} does not match "
-                    f"image {case.image} shape {image.shape[:3]}.")
-  if not np.allclose(image_affine, label_affine, atol=1e-3, rtol=1e-4):
-    raise DataError(f"{case.label}: affine differs from the image's "
-                    f"({case.image}); they are not on the same grid.")
+  check_label(case, image.shape, image_affine, label, label_affine)
   if not np.isfinite(image).all():
     bad = int((~np.isfinite(image)).sum())
     raise DataError(f"{case.image}: {bad} voxels are NaN or infinite.")
-  if not np.isfinite(label).all() or np.any(label != np.round(label)):
-    raise DataError(f"{case.label}: label values must be integers.")
   if not np.any(image):
     raise DataError(f"{case.image}: empty volume (all voxels are zero).")
   if allowed_labels is not None:
@@ -216,11 +236,7 @@ def load_case(case: CaseRef, config: PreprocessConfig,
   image, image_affine, zooms = read_nifti(case.image)
   label, label_affine, _ = read_nifti(case.label)
   check_case(case, image, image_affine, label, label_affine, allowed_labels)
-  if config.label_map:
-    mapped = label.copy()
-    for src, dst in config.label_map.items():
-      mapped[label == src] = dst
-    label = mapped
+  label = remap_labels(label, config.label_map)
   image = _resample(image, zooms, config.target_spacing, order=1)
   label = _resample(label, zooms, config.target_spacing, order=0)
   if image.ndim == 3:
