@@ -366,21 +366,15 @@ class Geometry:
 
   Attributes:
     shape: the file's spatial shape [3].
-    affine: the file's affine.
     orientation: the file's axis orientation (nibabel ornt) relative to RAS.
     canonical_shape: spatial shape after reorientation to RAS.
-    resampled_shape: after resampling to the target spacing.
     sliced_shape: [D, H, W] slices before crop/pad.
-    zooms: the file's voxel sizes in mm, in the file's axis order.
   """
 
   shape: tuple[int, ...]
-  affine: np.ndarray
   orientation: np.ndarray
   canonical_shape: tuple[int, ...]
-  resampled_shape: tuple[int, ...]
   sliced_shape: tuple[int, ...]
-  zooms: tuple[float, ...]
 
 
 def load_image(path: str | os.PathLike, in_channels: int
@@ -441,7 +435,6 @@ def preprocess(img: nib.Nifti1Image, data: np.ndarray,
   canonical = np.asarray(canonical_img.dataobj, np.float64)
   canonical_zooms = np.asarray(canonical_img.header.get_zooms()[:3],
                                np.float64)
-  zooms = np.asarray(img.header.get_zooms()[:3], np.float64)
   if prep.target_spacing is not None:
     factors = canonical_zooms / np.asarray(prep.target_spacing, np.float64)
     if np.any(np.round(np.asarray(canonical.shape[:3]) * factors) < 1):
@@ -449,20 +442,14 @@ def preprocess(img: nib.Nifti1Image, data: np.ndarray,
           f"voxels of {tuple(canonical_zooms)} mm over a grid of "
           f"{canonical.shape[:3]} leave an axis with no voxel at the run's "
           f"target spacing {prep.target_spacing} mm.")
-  resampled = nifti._resample(canonical, canonical_zooms,  # pylint: disable=protected-access
-                              prep.target_spacing, order=1)
-  scheme = prep.normalization or nifti.normalization_for(modality)
-  image = np.stack([nifti.normalize(resampled[..., c], scheme, prep)
-                    for c in range(resampled.shape[-1])], axis=-1)
-  image = np.moveaxis(image, prep.slice_axis, 0)
-  sliced_shape = image.shape[:3]
-  image = nifti._crop_or_pad(image, prep.image_size, 0.0)  # pylint: disable=protected-access
+  image, sliced_shape = nifti.preprocess_image(
+      canonical, canonical_zooms, prep,
+      prep.normalization or nifti.normalization_for(modality))
   geometry = Geometry(
-      shape=tuple(data.shape[:3]), affine=img.affine, orientation=orientation,
+      shape=tuple(data.shape[:3]), orientation=orientation,
       canonical_shape=tuple(canonical.shape[:3]),
-      resampled_shape=tuple(resampled.shape[:3]),
-      sliced_shape=tuple(sliced_shape), zooms=tuple(zooms))
-  return image.astype(np.float32), geometry
+      sliced_shape=sliced_shape)
+  return image, geometry
 
 
 def _uncrop_or_pad(probs: np.ndarray, sliced_shape: Sequence[int]

@@ -103,7 +103,8 @@ def test_preprocessing_is_prepares_and_geometry_is_undone(tmp_path):
       modality="CT")
   np.testing.assert_allclose(slices, want, atol=1e-6)
   assert geometry.shape == img.shape
-  assert geometry.resampled_shape != geometry.canonical_shape  # Resampled.
+  x, y, z = geometry.canonical_shape  # Resampled (slices along z):
+  assert geometry.sliced_shape != (z, x, y)
   # One-hot of the preprocessed labels, mapped back, is the file's label
   # (up to the nearest/linear resampling at boundaries).
   probs = np.eye(3, dtype=np.float32)[want_label]

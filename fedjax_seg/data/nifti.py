@@ -237,19 +237,30 @@ def load_case(case: CaseRef, config: PreprocessConfig,
   label, label_affine, _ = read_nifti(case.label)
   check_case(case, image, image_affine, label, label_affine, allowed_labels)
   label = remap_labels(label, config.label_map)
-  image = _resample(image, zooms, config.target_spacing, order=1)
+  scheme = config.normalization or normalization_for(case.modality or modality)
+  image, _ = preprocess_image(image, zooms, config, scheme)
   label = _resample(label, zooms, config.target_spacing, order=0)
+  label = np.moveaxis(label, config.slice_axis, 0)
+  label = _crop_or_pad(label, config.image_size, 0)
+  return image, np.rint(label).astype(np.uint8)
+
+
+def preprocess_image(image: np.ndarray, zooms: np.ndarray,
+                     config: PreprocessConfig, scheme: str
+                     ) -> tuple[np.ndarray, tuple[int, int, int]]:
+  """A RAS volume [X, Y, Z] or [X, Y, Z, C] with voxel sizes `zooms` (mm)
+  -> (slices float32 [D, H, W, C] along `config.slice_axis`: resampled,
+  normalised by `scheme`, cropped or padded to `config.image_size`; the
+  [D, H, W] shape before the crop/pad)."""
+  image = _resample(image, zooms, config.target_spacing, order=1)
   if image.ndim == 3:
     image = image[..., None]
-  scheme = config.normalization or normalization_for(case.modality or modality)
   image = np.stack([normalize(image[..., c], scheme, config)
                     for c in range(image.shape[-1])], axis=-1)
   image = np.moveaxis(image, config.slice_axis, 0)
-  label = np.moveaxis(label, config.slice_axis, 0)
-  fill = 0.0
-  image = _crop_or_pad(image, config.image_size, fill)
-  label = _crop_or_pad(label, config.image_size, 0)
-  return image.astype(np.float32), np.rint(label).astype(np.uint8)
+  sliced_shape = tuple(image.shape[:3])
+  image = _crop_or_pad(image, config.image_size, 0.0)
+  return image.astype(np.float32), sliced_shape
 
 
 def select_slices(label: np.ndarray, config: PreprocessConfig,
