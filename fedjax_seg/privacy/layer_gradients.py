@@ -230,6 +230,27 @@ def _recorded_layers(apply_with_tape, params, x) -> tuple[Tape, dict]:
   return shape_tape, layers
 
 
+def _tape_pass(apply_with_tape, loss_from_logits, params, batch, x,
+               shape_tape: Tape, real: jax.Array | None = None):
+  """ONE batched forward and backward pass: (per-example losses [N], each
+  recorded layer's input {path: [N, ...]}, each layer's output gradient
+  {path: [N, ...]}); with `real`, the other examples' losses are left out
+  of the backward pass (their output gradients are 0)."""
+
+  def total_loss(perturbations):
+    tape = Tape(perturbations)
+    logits = apply_with_tape(params, x, tape)
+    losses = jax.vmap(loss_from_logits)(logits, batch)
+    kept = losses if real is None else jnp.where(real, losses, 0.0)
+    return jnp.sum(kept), (losses, tape.inputs)
+
+  zeros = {path: jnp.zeros(s.shape, s.dtype)
+           for path, s in shape_tape.outputs.items()}
+  (_, (losses, inputs)), out_grads = jax.value_and_grad(
+      total_loss, has_aux=True)(zeros)
+  return losses, inputs, out_grads
+
+
 def per_example_value_and_grad(
     apply_with_tape: Callable[[PyTree, jax.Array, Tape], jax.Array],
     loss_from_logits: Callable[[jax.Array, PyTree], jax.Array],
@@ -261,17 +282,8 @@ def per_example_value_and_grad(
   def value_and_grads(params, batch):
     x = batch[input_key]
     shape_tape, layers = _recorded_layers(apply_with_tape, params, x)
-
-    def total_loss(perturbations):
-      tape = Tape(perturbations)
-      logits = apply_with_tape(params, x, tape)
-      losses = jax.vmap(loss_from_logits)(logits, batch)
-      return jnp.sum(losses), (losses, tape.inputs)
-
-    zeros = {path: jnp.zeros(s.shape, s.dtype)
-             for path, s in shape_tape.outputs.items()}
-    (_, (losses, inputs)), out_grads = jax.value_and_grad(
-        total_loss, has_aux=True)(zeros)
+    losses, inputs, out_grads = _tape_pass(apply_with_tape, loss_from_logits,
+                                           params, batch, x, shape_tape)
     per_layer = {path: layer_grads(shape_tape.kinds[path], inputs[path],
                                    out_grads[path], shapes, kernel_method)
                  for path, shapes in layers.items()}
@@ -452,16 +464,8 @@ def ghost_clipped_grad(
           trainable_mask)[0]:
         trained[_keys(keypath)] = bool(m)
 
-    def total_loss(perturbations):
-      tape = Tape(perturbations)
-      logits = apply_with_tape(params, x, tape)
-      losses = jax.vmap(loss_from_logits)(logits, batch)
-      return jnp.sum(jnp.where(real, losses, 0.0)), (losses, tape.inputs)
-
-    zeros = {path: jnp.zeros(s.shape, s.dtype)
-             for path, s in shape_tape.outputs.items()}
-    (_, (losses, inputs)), out_grads = jax.value_and_grad(
-        total_loss, has_aux=True)(zeros)
+    losses, inputs, out_grads = _tape_pass(apply_with_tape, loss_from_logits,
+                                           params, batch, x, shape_tape, real)
 
     def per_example_all_finite(t):
       return jnp.all(jnp.isfinite(t.reshape(n, -1)), axis=1)
