@@ -86,6 +86,14 @@ def normalized(module: Any, x: jax.Array) -> jax.Array:
       x.shape)
 
 
+# Every contraction whose result enters a norm bound or a clipped sum runs at
+# full float32 precision: JAX's default is TF32 on NVIDIA GPUs and bfloat16
+# passes on TPUs (operands rounded to a 10- or 8-bit mantissa), under which a
+# gradient summed with one rounding and bounded with another can exceed the
+# clip norm (and the ghost-norm bound assumes float32).
+_F32 = jax.lax.Precision.HIGHEST
+
+
 def _spatial_sum(b: jax.Array) -> jax.Array:
   return jnp.sum(b, axis=tuple(range(1, b.ndim - 1)))
 
@@ -97,7 +105,7 @@ def conv_kernel_grad(a: jax.Array, b: jax.Array,
   [N, *S, C_out]: one contraction per tap over the zero-padded input."""
   spatial = a.shape[1:-1]
   if all(k == 1 for k in kernel_size):
-    g = jnp.einsum("n...i,n...o->nio", a, b)
+    g = jnp.einsum("n...i,n...o->nio", a, b, precision=_F32)
     return g.reshape((a.shape[0],) + kernel_size + g.shape[1:])
   pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in kernel_size] + [(0, 0)]
   padded = jnp.pad(a, pads)
@@ -105,7 +113,7 @@ def conv_kernel_grad(a: jax.Array, b: jax.Array,
   for offset in itertools.product(*(range(k) for k in kernel_size)):
     window = padded[(slice(None),) + tuple(
         slice(o, o + n) for o, n in zip(offset, spatial))]
-    taps.append(jnp.einsum("n...i,n...o->nio", window, b))
+    taps.append(jnp.einsum("n...i,n...o->nio", window, b, precision=_F32))
   g = jnp.stack(taps, axis=1)
   return g.reshape((a.shape[0],) + kernel_size + g.shape[2:])
 
@@ -121,7 +129,7 @@ def conv_kernel_grad_vjp(a: jax.Array, b: jax.Array,
 
   def one(a1, b1):
     conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
-        a1[None], w, (1,) * d, "SAME", dimension_numbers=dn)
+        a1[None], w, (1,) * d, "SAME", dimension_numbers=dn, precision=_F32)
     w0 = jnp.zeros(kernel_size + (a.shape[-1], b.shape[-1]), a.dtype)
     return jax.vjp(conv, w0)[1](b1[None])[0]
 
@@ -138,7 +146,7 @@ def upsample2_kernel_grad(a: jax.Array, b: jax.Array) -> jax.Array:
   letters, taps = "dhw"[-d:], "ajk"[-d:]
   b_split = "n" + "".join(l + t for l, t in zip(letters, taps)) + "o"
   flipped = jnp.einsum(f"n{letters}i,{b_split}->n{taps}io", a,
-                       b.reshape(split))
+                       b.reshape(split), precision=_F32)
   return jnp.flip(flipped, axis=tuple(range(1, d + 1)))
 
 
@@ -327,7 +335,7 @@ def _patches(a: jax.Array, kernel_size: tuple[int, ...]) -> jax.Array:
   spec = "N" + "DHW"[-d:] + "C"
   p = jax.lax.conv_general_dilated_patches(
       a, kernel_size, (1,) * d, "SAME",
-      dimension_numbers=(spec, "DHW"[-d:] + "IO", spec))
+      dimension_numbers=(spec, "DHW"[-d:] + "IO", spec), precision=_F32)
   return p.reshape(a.shape[0], -1, p.shape[-1])
 
 
@@ -368,9 +376,8 @@ def conv_ghost_norm_bounds(a: jax.Array, b: jax.Array,
   """
   patches = _patches(a, kernel_size)
   out = b.reshape(b.shape[0], -1, b.shape[-1])
-  hi = jax.lax.Precision.HIGHEST
-  gram_a = jnp.einsum("nti,nsi->nts", patches, patches, precision=hi)
-  gram_b = jnp.einsum("nto,nso->nts", out, out, precision=hi)
+  gram_a = jnp.einsum("nti,nsi->nts", patches, patches, precision=_F32)
+  gram_b = jnp.einsum("nto,nso->nts", out, out, precision=_F32)
   sq = jnp.sum(gram_a * gram_b, axis=(1, 2))
   t, f, c = patches.shape[1], patches.shape[2], out.shape[2]
   m = jnp.sum(jnp.linalg.norm(patches, axis=-1) * jnp.linalg.norm(out, axis=-1),
@@ -390,7 +397,7 @@ def conv_kernel_grad_sum(a: jax.Array, b: jax.Array,
       a.shape, kernel_size + (a.shape[-1], b.shape[-1]),
       ("N" + "DHW"[-d:] + "C", "DHW"[-d:] + "IO", "N" + "DHW"[-d:] + "C"))
   conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
-      a, w, (1,) * d, "SAME", dimension_numbers=dn)
+      a, w, (1,) * d, "SAME", dimension_numbers=dn, precision=_F32)
   w0 = jnp.zeros(kernel_size + (a.shape[-1], b.shape[-1]), a.dtype)
   return jax.vjp(conv, w0)[1](b.astype(a.dtype))[0]
 

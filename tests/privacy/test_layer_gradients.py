@@ -11,6 +11,7 @@ import pytest
 from fedjax_seg import segmentation_task
 from fedjax_seg.models import unet
 from fedjax_seg.privacy import layer_gradients
+from tests import numerics
 
 CASES = {
     "2d_group_two_channels": dict(widths=(4, 8), in_channels=2),
@@ -61,12 +62,12 @@ def test_equals_vmap_of_value_and_grad(case, kernel_method):
   got_losses, got = jax.jit(layered)(params, batch)
   chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
   chex.assert_trees_all_close(got_losses, want_losses, rtol=1e-5, atol=1e-6)
-  # Leaf by leaf, relative to the leaf's scale (float32 sums in another
-  # order); a conv bias before a norm has a gradient of 0 up to rounding.
-  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0],
-                          jax.tree.leaves(want)):
-    scale = float(jnp.max(jnp.abs(w)))
-    assert float(jnp.max(jnp.abs(g - w))) <= 1e-4 * scale + 1e-7, path
+  # Per example, relative to that example's whole gradient (float32 sums in
+  # another order; a conv bias before a norm has a gradient of 0 up to the
+  # rounding of the others).
+  for i in range(2):
+    numerics.assert_trees_close(jax.tree.map(lambda x: x[i], got),
+                                jax.tree.map(lambda x: x[i], want), 1e-5)
 
 
 def test_each_example_gets_only_its_own_gradient():
@@ -172,6 +173,85 @@ def test_ghost_clipping_bounds_a_cancelling_example():
     assert int(stats.num_nonfinite) == 0
 
 
+def _round_to_tf32(x):
+  """x (float32) rounded to nearest with a 10-bit mantissa, as NVIDIA's TF32
+  (JAX's default matmul precision on those GPUs) rounds its operands."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  bits = (bits + jnp.uint32(1 << 12)) & jnp.uint32(0xFFFFE000)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _as_on_a_gpu(fn):
+  """`fn` evaluated with every DEFAULT-precision contraction's operands
+  rounded to TF32 (the jaxpr, interpreted; HIGHEST operands kept)."""
+  from jax.extend import core as jex_core  # pylint: disable=g-import-not-at-top
+  highest = jax.lax.Precision.HIGHEST
+
+  def run(jaxpr, consts, *args):
+    env = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
+    for eqn in jaxpr.eqns:
+      invals = [read(v) for v in eqn.invars]
+      if eqn.primitive.name in ("jit", "pjit"):
+        sub = eqn.params["jaxpr"]
+        outs = run(sub.jaxpr, sub.consts, *invals)
+      else:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+          precision = eqn.params.get("precision")
+          if not isinstance(precision, tuple):
+            precision = (precision, precision)
+          invals = [x if p == highest or x.dtype != jnp.float32
+                    else _round_to_tf32(x)
+                    for x, p in zip(invals[:2], precision)] + invals[2:]
+        outs = eqn.primitive.bind(*invals, **eqn.params)
+        if not eqn.primitive.multiple_results:
+          outs = [outs]
+      env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+  def wrapped(*args):
+    closed = jax.make_jaxpr(fn)(*args)
+    flat = run(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(jax.eval_shape(fn, *args)),
+                              flat)
+
+  return wrapped
+
+
+@pytest.mark.parametrize("norm_method", ["ghost", "materialize"])
+def test_clipping_holds_when_contractions_round_as_on_a_gpu(norm_method):
+  # A GPU's default TF32 contractions round operands to a 10-bit mantissa;
+  # every contraction that enters a norm or a clipped sum asks for float32,
+  # so each example's contribution stays within C (1 + 1e-6) even when the
+  # model's own convolutions round.
+  params, apply_with_tape, example = _one_conv(c_in=16, c_out=32)
+  clipped = layer_gradients.ghost_clipped_grad(
+      apply_with_tape, lambda y, ex: jnp.sum(y * ex["w"]),
+      norm_method=norm_method,
+      trainable_mask={"conv": {"kernel": True, "bias": False}})
+  fn = jax.jit(_as_on_a_gpu(lambda p, b, pad, clip: clipped(
+      p, b, pad, l2_clip_norm=clip)))
+  x0, w0 = example(0.0, 1.0)
+  # An output gradient that TF32 rounds up by 4.9e-4 everywhere, clipped
+  # by a power of two (so its scaled copy rounds up too): the same direction
+  # for every product, nothing averages out. Then the cancelling and random
+  # examples.
+  up = np.float32(1 + 2.0 ** -11 + 2.0 ** -20)
+  cases = [(np.ones_like(x0), np.full_like(w0, up))] + [
+      example(level, noise) for level, noise in [(10.0, 1e-2), (1.0, 1.0)]]
+  for i, (x, w) in enumerate(cases):
+    batch = {"image": jnp.asarray(np.stack([x, x0])),
+             "w": jnp.asarray(np.stack([w, w0]))}
+    padding = jnp.array([False, True])
+    _, stats = fn(params, batch, padding, jnp.float32(np.inf))
+    # Clip factor exactly 1/16: C is the norm clipped by, over 16.
+    clip = np.float32(stats.per_example_norms[0]) / np.float32(16)
+    alone, stats = fn(params, batch, padding, jnp.float32(clip))
+    kernel = np.asarray(alone["conv"]["kernel"], np.float64)
+    assert np.sqrt(np.sum(kernel ** 2)) <= clip * (1 + 1e-6), i
+
+
 @pytest.mark.parametrize("case,norm_method", [
     ("2d_instance_residual", "ghost"), ("3d_group", "auto"),
     ("2d_group_two_channels", "materialize")])
@@ -209,11 +289,7 @@ def test_ghost_clipped_sum_is_clipped_grad(case, norm_method):
       "n,n...->...", jnp.asarray(factor, jnp.float32),
       jnp.where(jnp.asarray(real).reshape((-1,) + (1,) * (g.ndim - 1)), g,
                 0.0)), grads)
-  chex.assert_trees_all_equal_shapes(got, want)
-  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0],
-                          jax.tree.leaves(want)):
-    scale = float(jnp.max(jnp.abs(w)))
-    assert float(jnp.max(jnp.abs(g - w))) <= 1e-4 * scale + 1e-7, path
+  numerics.assert_trees_close(got, want, 1e-5)
   assert int(stats.num_nonfinite) == int(want_stats.num_nonfinite) == 1
   assert int(stats.num_clipped) == int(want_stats.num_clipped) == 2
   assert int(stats.num_real) == 3
