@@ -73,18 +73,38 @@ def _check_patients_at_one_site(cases: Sequence[nifti.CaseRef]) -> None:
   patients are disjoint: a patient at two sites would be protected by neither
   site's epsilon alone (their budgets add up).
   """
-  sites_of = collections.defaultdict(list)
+  _check_one_per_patient(
+      cases, lambda c: c.site, "sites",
+      "per-site privacy budgets assume every patient belongs to one site. "
+      "Give each patient one site, or distinct patient ids if they are "
+      "different people.")
+
+
+def _check_patients_in_one_split(cases: Sequence[nifti.CaseRef]) -> None:
+  """Refuses a patient in two splits (a case without a split is train).
+
+  Validation and test metrics are reported as computed on held-out patients
+  who are in no training set; a patient in train and in val or test would
+  make them a statistic of private training data.
+  """
+  _check_one_per_patient(
+      cases, lambda c: c.split or "train", "splits",
+      "validation and test patients must be in no training set (and a "
+      "patient in one split only). Give each of the patient's rows the same "
+      "split.")
+
+
+def _check_one_per_patient(cases, value_of, what: str, why: str) -> None:
+  values_of = collections.defaultdict(list)
   for c in cases:
-    if c.site not in sites_of[c.patient]:
-      sites_of[c.patient].append(c.site)
-  shared = {p: s for p, s in sites_of.items() if len(s) > 1}
+    if value_of(c) not in values_of[c.patient]:
+      values_of[c.patient].append(value_of(c))
+  shared = {p: v for p, v in values_of.items() if len(v) > 1}
   if shared:
     patient, names = next(iter(shared.items()))
     raise nifti.DataError(
-        f"patient {patient!r} appears at sites {names} (and "
-        f"{len(shared) - 1} more patients at several sites): per-site privacy "
-        "budgets assume every patient belongs to one site. Give each patient "
-        "one site, or distinct patient ids if they are different people.")
+        f"patient {patient!r} appears in {what} {names} (and "
+        f"{len(shared) - 1} more patients in several {what}): {why}")
 
 
 def _assign_sites(cases: list[nifti.CaseRef],
@@ -192,6 +212,7 @@ def prepare_dataset(
       raise FileExistsError(f"{final} exists and was built from other inputs "
                             "or settings; pass --overwrite to replace it.")
 
+  _check_patients_in_one_split(cases)
   cases = _assign_sites(cases, site_rule)
   default_modality = modality or (cases[0].modality if cases else None) or (
       "generic")

@@ -84,8 +84,25 @@ def test_a_patient_at_two_sites_is_refused(tmp_path):
   csv_path.write_text(text)
   data = tmp_path / "data"
   with pytest.raises(nifti.DataError,
-                     match=r"'hospital_a_p1' appears at sites "
+                     match=r"'hospital_a_p1' appears in sites "
                            r"\['hospital_a', 'hospital_b'\]"):
+    prepare.prepare_dataset(csv_path, data, "hosp", CONFIG)
+  assert not data.exists() or os.listdir(data) == []
+
+
+def test_a_patient_in_two_splits_is_refused(tmp_path):
+  csv_path = fixtures.write_csv(tmp_path / "in", with_split=True)
+  # hospital_a_p1 (val) gets a second scan, in train.
+  lines = csv_path.read_text().splitlines()
+  row = next(line for line in lines if ",hospital_a_p1," in line)
+  assert row.endswith(",val")
+  lines.append(row.replace("img/hospital_a_p1", "img/hospital_a_p0")
+               .replace(",val", ",train"))
+  csv_path.write_text("\n".join(lines) + "\n")
+  data = tmp_path / "data"
+  with pytest.raises(nifti.DataError,
+                     match=r"'hospital_a_p1' appears in splits "
+                           r"\['val', 'train'\].*no training set"):
     prepare.prepare_dataset(csv_path, data, "hosp", CONFIG)
   assert not data.exists() or os.listdir(data) == []
 
