@@ -12,7 +12,8 @@ jax_privacy's one-run test gives an epsilon lower bound at 95% confidence.
       --audit_canaries=1000 --audit_site=mri_scanner_a
 
 Writes --workdir/audit.json (claimed epsilon per the ledger in the run's
-unit, the empirical lower bound, m, guesses, correct guesses, seed, ...)
+unit, the empirical lower bound, m, guesses, correct guesses, noise seed,
+...)
 beside the usual report.json (which holds the same under privacy.audit).
 A rerun resumes the run, as simulate does.
 """

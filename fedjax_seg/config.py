@@ -147,11 +147,18 @@ class ModelConfig:
     residual: residual blocks.
     dropout: dropout rate.
     init_from: start from the final (or averaged) model of the run in this
-      --workdir instead of a random init (public pretraining). Refused when
-      that run trained without DP on data not known to be public.
+      --workdir instead of a random init (pretraining). Refused when that
+      run trained without DP on data not known to be public; a DP run on
+      this run's patients is composed into this run's ledger.
     init_from_public: state that the --init_from run's dataset is public
       (needed for a non-private run on a prepared dataset; the built-in
-      synthetic data are public).
+      synthetic data are public when they are other patients, i.e. drawn
+      with another --data_seed or used by a run on another dataset).
+    init_from_disjoint: state that the DP-trained --init_from run's
+      patients are none of this run's (another dataset); its privacy cost is
+      then theirs. Without it, a DP source on this run's dataset has its
+      ledger composed into this run's (epsilons cover both runs) and one on
+      another dataset is refused.
     trainable: parameter groups trained (encoder, decoder, head, norm);
       empty = all. Fewer private dimensions: clipping and noise cover only
       these; the others stay at their initial (e.g. --init_from) values.
@@ -164,6 +171,7 @@ class ModelConfig:
   dropout: float = 0.0
   init_from: str | None = None
   init_from_public: bool = False
+  init_from_disjoint: bool = False
   trainable: tuple[str, ...] = ()
 
   def __post_init__(self):
@@ -439,9 +447,18 @@ class ExperimentConfig:
   """A whole simulation.
 
   Attributes:
-    seed: root seed of every random draw (model init, sampling, noise).
-    sweep_member: folded into the root key after the seed (a sweep's member
-      index, so that no two members share a key); None for a plain run.
+    seed: seed of the model initialisation, and of the data and split
+      unless --data_seed is given (public).
+    noise_seed: none (the default): every noise, sampling and canary key
+      derives from a secret drawn from the operating system when the run
+      starts, kept only in its checkpoint directory. An integer: those keys
+      derive from it instead, for a reproducible research run; its noise is
+      then known to anyone with the seed (its epsilon holds only while the
+      seed stays secret) and two runs sharing a noise seed must not both be
+      released.
+    sweep_member: folded into the model root and a --noise_seed root (a
+      sweep's member index, so that no two members share a key); None for a
+      plain run.
     eval_every: evaluate on the validation split every k rounds (and at the
       end on the test split).
     checkpoint_every: checkpoint every k rounds (and at the end).
@@ -460,6 +477,7 @@ class ExperimentConfig:
   federated: FederatedConfig = FederatedConfig()
   performance: PerformanceConfig = PerformanceConfig()
   seed: int = 0
+  noise_seed: int | None = None
   sweep_member: int | None = None
   eval_every: int = 5
   checkpoint_every: int = 5
@@ -470,6 +488,8 @@ class ExperimentConfig:
     _check(self.eval_every >= 1, "eval_every", "must be >= 1.")
     _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1.")
     _check(self.seed >= 0, "seed", "must be >= 0.")
+    _check(self.noise_seed is None or self.noise_seed >= 0, "noise_seed",
+           "must be >= 0 or none.")
     _check(self.sweep_member is None or self.sweep_member >= 0,
            "sweep_member", "must be >= 0.")
     if self.privacy.use_site_level and self.federated.algorithm == "fedbn":

@@ -35,7 +35,7 @@ SECTIONS = {
     "federated": config_lib.FederatedConfig,
     "performance": config_lib.PerformanceConfig,
 }
-TOP_LEVEL = ("seed", "sweep_member", "eval_every", "checkpoint_every",
+TOP_LEVEL = ("seed", "noise_seed", "sweep_member", "eval_every", "checkpoint_every",
              "stop_after_rounds", "release_training_diagnostics")
 _RENAMED = {"preset": "model", "enabled": "dp"}
 
@@ -210,4 +210,8 @@ def config_from_dict(data: Mapping[str, Any]) -> config_lib.ExperimentConfig:
     holder = data[spec.section] if spec.section else data
     if spec.field in holder:
       values[name] = holder[spec.field]
+  if "noise_seed" not in data and "seed" in data:
+    # Written before --noise_seed existed: that run drew its noise from
+    # --seed (what --noise_seed=SEED does now).
+    values["noise_seed"] = data["seed"]
   return config_from_values(values)

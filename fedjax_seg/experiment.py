@@ -2,9 +2,11 @@
 
 `train_and_evaluate(config, workdir)` runs a whole simulation and writes, in
 `workdir`: report.json, rounds.csv, plots (PNG) and orbax checkpoints. A run
-resumes from its latest checkpoint and then continues bit-identically: all
-randomness is derived from the seed along (round, site, step, purpose), the
-data and splits are deterministic, and the checkpoint holds the params, the
+resumes from its latest checkpoint and then continues bit-identically: every
+key of the mechanism is derived from the run's noise root (a secret kept in
+its checkpoint directory, or --noise_seed; `noise_secret`) along (round,
+site, step, purpose), the model's initialisation from --seed, the data and
+splits are deterministic, and the checkpoint holds the params, the
 server and site states (optimizer, adaptive clipping, FedBN parameters), the
 privacy ledgers and the history.
 """
@@ -34,8 +36,10 @@ from fedjax_seg import centralized
 from fedjax_seg import config as config_lib
 from fedjax_seg import distributed
 from fedjax_seg import federated as fed
+from fedjax_seg import init_source as init_source_lib
 from fedjax_seg import many_sites
 from fedjax_seg import models
+from fedjax_seg import noise_secret
 from fedjax_seg import privacy
 from fedjax_seg import scenarios as scenarios_lib
 from fedjax_seg import segmentation_task
@@ -175,6 +179,8 @@ class _Plan:
   active: np.ndarray | None = None
   # Slices per chunk of a DP step (--chunk_size resolved; performance only).
   chunk_size: int | None = 4
+  # --init_from's source (its relation and, when composed, its events).
+  init_source: init_source_lib.InitSource | None = None
 
   def to_meta(self) -> dict:
     """What a checkpoint keeps to refuse a resumption that changes it."""
@@ -233,7 +239,8 @@ def _adaptive_clipping(p: config_lib.PrivacyConfig, initial: float,
 
 
 def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays,
-          scenario: scenarios_lib.Scenario | None = None):
+          scenario: scenarios_lib.Scenario | None = None,
+          source: init_source_lib.InitSource | None = None):
   p, f = config.privacy, config.federated
   unit = privacy.PrivacyUnit(p.unit)
   units = np.asarray(train.num_patients if unit is privacy.PrivacyUnit.PATIENT
@@ -260,17 +267,28 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays,
     # them, unless it joins late or leaves early), with the schedule's
     # values of those rounds.
     sigmas = {}
+    # A composed --init_from source: each site's calibration aims at the
+    # total of the source's events and this run's.
+    prior = source.prior_events if source is not None else {}
     for first, end in sorted({tuple(w) for w in windows.tolist()}):
       members = [k for k in range(len(units))
                  if tuple(windows[k]) == (first, end)]
       window_shape = (shape if first == 0 else
                       (lambda r, first=first: shape(r + first)))
-      sigmas.update(privacy.calibrate_site_noise_multipliers(
-          p.target_epsilon, p.delta,
-          site_sizes={train.site_names[k]: int(units[k]) for k in members},
-          batch_size=f.batch_size, steps=(end - first) * f.local_steps,
-          schedule=schedules.per_round(window_shape, f.local_steps),
-          max_batch_size=max_batch, steps_per_event=f.local_steps))
+      try:
+        sigmas.update(privacy.calibrate_site_noise_multipliers(
+            p.target_epsilon, p.delta,
+            site_sizes={train.site_names[k]: int(units[k]) for k in members},
+            batch_size=f.batch_size, steps=(end - first) * f.local_steps,
+            schedule=schedules.per_round(window_shape, f.local_steps),
+            max_batch_size=max_batch, steps_per_event=f.local_steps,
+            prior_events=prior))
+      except ValueError as e:
+        if not prior:
+          raise
+        raise config_lib.ConfigError(
+            f"--init_from/--target_epsilon: {e} (spent by the --init_from "
+            f"run on this run's patients); raise --target_epsilon.") from e
     base = np.array([sigmas[s] for s in train.site_names])
   else:
     base = np.full(len(units), p.noise_multiplier if p.record_level else 0.0)
@@ -320,7 +338,7 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays,
   return _Plan(unit, train.site_names, units, rates, max_batch, base,
                accounted, applied, recorded.astype(np.float64), adaptive,
                site_adaptive, site_applied, site_recorded, training,
-               tuple(train.site_modalities), active)
+               tuple(train.site_modalities), active, init_source=source)
 
 
 def audit_config(config: config_lib.ExperimentConfig,
@@ -431,7 +449,7 @@ def _participants(config, plan, root, round_index):
                                    dropout_rate=f.dropout_rate)
   elif f.sites_per_round and plan.active is not None:
     # A scenario: the cohort is drawn among the sites in the federation
-    # this round (from the seed and round alone).
+    # this round (from the noise root and round alone).
     members = np.flatnonzero(eligible)
     chosen = fed.sample_participants(
         root, round_index, len(members),
@@ -479,18 +497,24 @@ class _Checkpointer:
   def latest(self):
     return self._manager.latest_step()
 
+  # The state is saved and restored as host (numpy) arrays: every host holds
+  # all of it (rounds gather their results to every host), and orbax refuses
+  # host-local jax.Arrays (e.g. the EMA, updated on each host's own device)
+  # over several processes, while numpy arrays are written once.
+
   def save(self, step: int, state, meta: dict) -> None:
     ocp = self._ocp
     with _quiet():
       self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+          state=ocp.args.StandardSave(jax.device_get(state)),
+          meta=ocp.args.JsonSave(meta)))
       self._manager.wait_until_finished()
 
   def restore(self, step: int, target):
     ocp = self._ocp
     with _quiet():
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target),
+          state=ocp.args.StandardRestore(jax.device_get(target)),
           meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
@@ -583,7 +607,7 @@ class _Run:
   site_data: Any
   val: sites_lib.SiteArrays
   test: sites_lib.SiteArrays | None
-  root: jax.Array
+  root: jax.Array  # The noise root (secret unless --noise_seed).
   checkpointer: _Checkpointer
   # With --num_sites: the cohorts' data, and the consortium ids of the
   # validation (`val`'s sites) and final test samples.
@@ -599,18 +623,6 @@ class _Run:
   def many(self) -> bool:
     """Distributions and a per-site table instead of per-site columns."""
     return len(self.plan.site_names) > many_sites.PER_SITE_OUTPUTS_MAX
-
-
-def root_key(config: config_lib.ExperimentConfig) -> jax.Array:
-  """The run's root key: the seed, then the sweep member index folded in.
-
-  A member's keys are five folds deep (member, round, site, step, purpose),
-  a plain run's four, so they never coincide with a plain run's keys of the
-  same seed (up to hash collisions)."""
-  root = jax.random.key(config.seed)
-  if config.sweep_member is not None:
-    root = jax.random.fold_in(root, config.sweep_member)
-  return root
 
 
 def _setup(config, workdir: pathlib.Path, splits=None,
@@ -635,7 +647,8 @@ def _setup(config, workdir: pathlib.Path, splits=None,
           d.dataset, d.data_dir, d.split_fractions, seed)
     n = consortium.num_sites
     counts = many_sites.site_counts(consortium)
-    plan = _plan(config, counts)
+    plan = _plan(config, counts, None,
+                 init_source_lib.read(config, counts.site_names))
     cohorts = many_sites.CohortSource(consortium, many_sites.cohort_slots(
         n, config.federated.sites_per_round,
         p.site_sampling_rate if p.use_site_level else None))
@@ -653,7 +666,8 @@ def _setup(config, workdir: pathlib.Path, splits=None,
       scenario = scenarios_lib.Scenario.build(
           config.data, train.site_names, train.site_modalities,
           config.federated.rounds)
-    plan = _plan(config, train, scenario)
+    plan = _plan(config, train, scenario,
+                 init_source_lib.read(config, train.site_names))
   if scenario is not None and scenario.has_data_changes:
     replaced = {}
     if any(scenario.new_profile):
@@ -673,12 +687,12 @@ def _setup(config, workdir: pathlib.Path, splits=None,
   model = models.SegmentationModel(config.model.unet_config(
       in_channels=train.image.shape[-1], num_classes=len(train.class_names),
       spatial_dims=train.image.ndim - 3))
-  root = root_key(config)
-  init_key = privacy.derive_key(root, round_index=0, site=0, step=0,
+  init_key = privacy.derive_key(noise_secret.model_root(config),
+                                round_index=0, site=0, step=0,
                                 purpose=privacy.Purpose.MODEL_INIT)
   params = model.init(init_key, (1,) + train.image.shape[2:])
-  if config.model.init_from:
-    params = pretrained_params(config.model, params)
+  if plan.init_source is not None:
+    params = pretrained_params(plan.init_source, params)
   if p.record_level:  # Per-example clipping is only valid for such models.
     probe = jnp.asarray(train.image[0, :min(3, int(train.num_examples[0]))])
     if probe.shape[0] >= 2:
@@ -691,6 +705,9 @@ def _setup(config, workdir: pathlib.Path, splits=None,
     if signature not in trainers:
       trainers[signature] = _trainer(config, model, plan, params)
     trainer = trainers[signature]
+  # Last, once everything is checked: a new run's secret is written now,
+  # before its first round.
+  root = noise_secret.noise_root(config, workdir / CHECKPOINTS)
   run = _Run(config, workdir, plan, model, trainer,
              None if cohorts else segmentation_task.site_data(train), val,
              test, root, _Checkpointer(workdir), cohorts, val_ids, test_ids,
@@ -698,55 +715,21 @@ def _setup(config, workdir: pathlib.Path, splits=None,
   return run, params
 
 
-def _init_source(model_config: config_lib.ModelConfig
-                 ) -> tuple[dict, config_lib.ExperimentConfig]:
-  """What --init_from points at, from its report.json (checked public or
-  DP); raises ConfigError naming --init_from."""
-  from fedjax_seg import config_flags  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(model_config.init_from)
-  report_path = path / REPORT
-  if not report_path.is_file():
-    raise config_lib.ConfigError(
-        f"--init_from={path}: no {REPORT} there (give the --workdir of a "
-        "finished run).")
-  report = json.loads(report_path.read_text())
-  other = config_flags.config_from_dict(report["config"])
-  p = other.privacy
-  source = {"workdir": str(path), "dataset": other.data.dataset,
-            "dp": p.enabled,
-            "params_sha256": report.get("evaluated_params_sha256",
-                                        report.get("final_params_sha256"))}
-  if p.enabled:
-    privacy_section = report["privacy"]
-    source["epsilon_max"] = privacy_section.get("epsilon_max")
-    source["epsilon_label"] = privacy_section.get("epsilon_label")
-  elif other.data.dataset != "synthetic" and not model_config.init_from_public:
-    raise config_lib.ConfigError(
-        f"--init_from={path}: that run trained WITHOUT DP on dataset "
-        f"{other.data.dataset!r}, so its parameters are not public and would "
-        "carry its training data into this run's outputs. Pretrain on public "
-        "data (e.g. the built-in synthetic data), or pass --init_from_public "
-        f"to state that {other.data.dataset!r} is public.")
-  return source, other
-
-
-def pretrained_params(model_config: config_lib.ModelConfig, like):
+def pretrained_params(source: init_source_lib.InitSource, like):
   """The --init_from run's evaluated model (its EMA if it kept one, else
   its final global model), checked against this run's parameter shapes."""
-  _, other = _init_source(model_config)
-  sim = Simulation(other, model_config.init_from)
+  flag = f"--init_from={source.workdir}"
+  sim = Simulation(source.config, source.workdir)
   if sim.state.rounds_completed == 0:
-    raise config_lib.ConfigError(
-        f"--init_from={model_config.init_from}: that run has no completed "
-        "round.")
-  params = evaluated_params(other, sim.state)
+    raise config_lib.ConfigError(f"{flag}: that run has no completed round.")
+  params = evaluated_params(source.config, sim.state)
   want = jax.tree.map(lambda x: (x.shape, x.dtype), like)
   got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
   if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
     raise config_lib.ConfigError(
-        f"--init_from={model_config.init_from}: its model does not match "
-        "this one (use the same --model/--widths/--norm/--residual and data "
-        "with the same channels and classes).")
+        f"{flag}: its model does not match this one (use the same "
+        "--model/--widths/--norm/--residual and data with the same channels "
+        "and classes).")
   return jax.tree.map(jnp.asarray, jax.device_get(params))
 
 
@@ -765,6 +748,15 @@ def _restore_or_init(run: _Run, params) -> RunState:
                        if config.federated.ema_decay else None))
   latest = run.checkpointer.latest()
   if latest is None:
+    source = plan.init_source
+    if source is not None:  # Composed: the source's events come first.
+      main = state.ledger if config.privacy.record_level else state.site_ledger
+      for ledger, prior in ((main, source.prior_events),
+                            (state.site_ledger,
+                             source.prior_site_level_events)):
+        for site, events in prior.items():
+          for event in events:
+            ledger.record_event(site, event)
     return state
   target = {"server": server_state, "sites": site_states}
   if state.averaged_params is not None:
@@ -796,10 +788,10 @@ def _restore_or_init(run: _Run, params) -> RunState:
 def _check_noise_plan_unchanged(meta, plan: _Plan, config) -> None:
   """Refuses a resumption whose noise for any already planned round differs.
 
-  The noise keys of (round, site, step) are fixed by the seed: a round rerun
-  with another sigma would draw the same Gaussian twice at two scales (their
-  difference cancels the noise), and a calibration for another number of
-  rounds would end above the target epsilon.
+  The noise keys of (round, site, step) are fixed by the noise root: a round
+  rerun with another sigma would draw the same Gaussian twice at two scales
+  (their difference cancels the noise), and a calibration for another number
+  of rounds would end above the target epsilon.
   """
   saved, now = meta["noise_plan"], plan.to_meta()
   old_rounds = meta["config"]["federated"]["rounds"]
@@ -830,10 +822,11 @@ def _charged_sites(config, plan: _Plan, part: np.ndarray) -> np.ndarray:
   """[S] bool: the sites the record-level ledger charges this round.
 
   Without site-level DP, the sites that train (participation is drawn from
-  the seed, independently of the data, so it is public). With site-level DP
-  the sampled set of sites must stay hidden (the site-level guarantee relies
-  on it), so every training site is charged every round: an upper bound for
-  the sites that did not train, and a ledger that reveals nothing.
+  the noise root, independently of the data, so it is public). With
+  site-level DP the sampled set of sites must stay hidden (the site-level
+  guarantee relies on it), so every training site is charged every round: an
+  upper bound for the sites that did not train, and a ledger that reveals
+  nothing.
   """
   return plan.training_sites if config.privacy.use_site_level else part
 
@@ -981,11 +974,14 @@ def _main_ledger(config, state: RunState) -> privacy.PrivacyLedger:
   return state.ledger if config.privacy.record_level else state.site_ledger
 
 
-def _rounds_charged(config, state: RunState) -> dict:
+def _rounds_charged(config, state: RunState, plan: _Plan) -> dict:
   """{site: rounds charged in the main ledger}: the rounds a site trained,
-  or every round under site-level DP (one event per charged round)."""
+  or every round under site-level DP (one event per charged round, after
+  the events a composed --init_from source brought)."""
   ledger = _main_ledger(config, state)
-  return {s: len(ledger.events(s)) for s in ledger.site_names}
+  prior = plan.init_source.prior_events if plan.init_source else {}
+  return {s: len(ledger.events(s)) - len(prior.get(s, ()))
+          for s in ledger.site_names}
 
 
 def _round_row(run: _Run, state: RunState, round_index: int,
@@ -1161,6 +1157,8 @@ def _warn_about_settings(config) -> None:
     logging.warning("DP IS DISABLED (--nodp): this run has NO privacy "
                     "guarantee. Its epsilons are infinite.")
     logging.warning("=" * 70)
+  if noise_secret.is_public(config) and config.privacy.enabled:
+    logging.warning("PUBLIC NOISE: %s", noise_secret.statement(config))
   if config.release_training_diagnostics:
     logging.warning("--release_training_diagnostics: the training loss and "
                     "clipped fraction (and under site-level DP the sampled "
@@ -1323,16 +1321,18 @@ class Simulation:
       report["evaluated_params_sha256"] = params_digest(
           evaluated_params(config, state))
     if p.enabled:
-      from fedjax_seg.privacy import verify  # pylint: disable=g-import-not-at-top
-      result = verify.verify_report(report, workers="auto")
+      from fedjax_seg import verifier  # pylint: disable=g-import-not-at-top
+      result = verifier.verify_report(report, workers="auto")
       report["privacy"]["verified"] = {
           "ok": result.ok, "problems": result.problems,
-          "by": "python -m fedjax_seg.privacy.verify (plain dp_accounting)"}
+          "plan_rederived": result.rederived,
+          "by": "python -m fedjax_seg.verifier (plain dp_accounting; the plan "
+                "re-derived from the config and site sizes)"}
       if not result.ok:
         logging.error("privacy verification FAILED: %s", result.problems)
     if distributed.is_writer():  # Host 0 alone writes (several hosts).
       _write_outputs(self.workdir, report, state.history, run.plan,
-                     _rounds_charged(config, state))
+                     _rounds_charged(config, state, run.plan))
     return report
 
 
@@ -1347,7 +1347,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig,
   plan, model, trainer), restore or init, then per round: participants,
   check budget, run round, record round (ledgers), row (+ validation), log,
   checkpoint; at the end the test evaluation, the report (verified against
-  the ledger with `privacy.verify`), CSV and plots.
+  the ledger by `fedjax_seg.verifier`), CSV and plots.
   """
   enable_compilation_cache()
   sim = Simulation(config, workdir)
@@ -1399,8 +1399,9 @@ def _assumptions(config, plan: _Plan, diagnostics_released: bool) -> dict:
   ]
   if not p.use_site_level:
     public.append(
-        "which sites train in each round: drawn from the seed, independently "
-        "of the data (under site-level DP this is hidden and never written)")
+        "which sites train in each round: drawn from the noise root, "
+        "independently of the data (under site-level DP this is hidden and "
+        "never written)")
   not_covered = [
       "validation and test metrics (Dice, IoU, HD95): computed on held-out "
       "patients who are in no training set; they describe those patients and "
@@ -1416,22 +1417,8 @@ def _assumptions(config, plan: _Plan, diagnostics_released: bool) -> dict:
   ]
   if diagnostics_released:
     not_covered.append(DIAGNOSTICS_WARNING)
-  if config.model.init_from:
-    source, _ = _init_source(config.model)
-    if source["dp"]:
-      public.append(
-          f"the initial model: the DP-trained model of {source['workdir']} "
-          f"(dataset {source['dataset']!r}, {source['epsilon_label']} max "
-          f"{source['epsilon_max']}; params sha256 "
-          f"{source['params_sha256']}); its privacy cost is that dataset's, "
-          "not accounted here")
-    else:
-      public.append(
-          f"the initial model: trained without DP on the public dataset "
-          f"{source['dataset']!r} ({source['workdir']}, params sha256 "
-          f"{source['params_sha256']}"
-          + ("; public as stated by --init_from_public)"
-             if source["dataset"] != "synthetic" else ")"))
+  if plan.init_source is not None:
+    public.append(plan.init_source.assumption())
   covered = ("the trained parameters and everything computed from them "
              "(post-processing), every epsilon, the noised adaptive-clipping "
              "releases (clip norms)")
@@ -1445,9 +1432,7 @@ def _assumptions(config, plan: _Plan, diagnostics_released: bool) -> dict:
       "covered": covered if p.enabled else "nothing: --nodp (NOT PRIVATE)",
       "public": public,
       "not_covered": not_covered,
-      "secret": "the root seed (--seed): every sampling and noise key is "
-                "derived from it, and JAX's PRNG is not a cryptographic RNG; "
-                "a deployment must keep it secret",
+      "secret": noise_secret.statement(config),
       "patients_at_one_site": "each patient's data are at one site only "
                               "(per-site ledgers assume disjoint patients)",
   }
@@ -1503,6 +1488,11 @@ def _privacy_section(run: _Run, state: RunState) -> dict:
   else:
     section.update(_ledger_section(state.site_ledger, names))
     section["plan"] = site_plan
+  source = plan.init_source
+  if source is not None and source.report_section() is not None:
+    section["composed_from"] = source.report_section()
+  if source is not None and source.report_section(site_level=True):
+    section["site_level"]["composed_from"] = source.report_section(True)
   section.update(sampling_rate_per_site=dict(zip(
       names, map(float, plan.sampling_rates))),
                  max_batch_size=plan.max_batch_size,
@@ -1540,7 +1530,7 @@ def audit_section(run: _Run, state: RunState, audit: auditing.AuditConfig,
           audit.site]),
       "canary_contributions_cut": int(state.site_states.audit.cut[
           audit.site]),
-      "seed": config.seed,
+      "noise_seed": config.noise_seed,
       "contradicts_claim": result.epsilon_lower_bound > claimed,
       **result.to_dict(),
       **({} if result.epsilon_gdp_estimate is not None else {
@@ -1619,7 +1609,7 @@ def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
   if run.many:
     report["sites_summary"] = many_sites.summary(
         report, names, plan.site_modalities, plan.units,
-        _rounds_charged(config, state))
+        _rounds_charged(config, state, run.plan))
   if _diagnostics_released(config, state.history):
     report["training_diagnostics"] = {
         "warning": DIAGNOSTICS_WARNING,

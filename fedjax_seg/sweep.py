@@ -31,16 +31,26 @@ tolerance, and bit-identical to `experiments.simulate` under "loop"):
   * "auto": "loop" on CPU (measured faster there; see BENCHMARKS.md),
     "shard" on several accelerators, else "vmap".
 
-Keys: member i folds i into the root key after the seed
-(`--sweep_member`), so no two members share a key even with equal seeds.
+Keys: each member's noise root is its own secret, drawn when the member
+starts and kept in its checkpoint directory (`fedjax_seg.noise_secret`); with
+--noise_seed, member i folds i into the seed's root (`--sweep_member`), so no
+two members share a key even with equal seeds. Member i's model
+initialisation folds i into --seed's root likewise.
 
 Privacy: each member's epsilons are those of that member run alone, per
-site. The best member per target epsilon is chosen by its mean Dice on the
-VALIDATION patients at the last validated round, never by test Dice, so the
-test figures of the chosen member stay an unbiased estimate. Choosing by
-validation Dice is still data-dependent hyper-parameter selection, which
-these figures do not cover (the ledger's stated exclusion): tune on public
-data (the built-in synthetic data are public) to keep them exact.
+site. A sweep releases every member (their reports, validation Dice and
+models), and each member's training touched the same patients, so the
+figure that covers the sweep is the composition of all private members'
+ledgers: `sweep.json`'s `release_all_members` gives it per site (RDP and
+PLD, at the smallest member delta), with the composed ledger for the
+verifier (`python -m fedjax_seg.verifier SWEEP_DIR`). The best member per
+target epsilon is chosen by its mean Dice on the VALIDATION patients
+(held-out patients in no training set) at the last validated round, never
+by test Dice: choosing it is post-processing of the released members, so
+releasing the chosen member is covered by `release_all_members`, and its
+test figures stay an unbiased estimate. Quote that figure, not the member's
+own, for a tuned model. Non-private members are left out of it and must not
+be released with the private ones.
 """
 
 import csv
@@ -362,6 +372,10 @@ def summarize(members: Sequence[Member], reports: Sequence[dict],
                    "epsilon_pld_max": e["epsilon_pld_max"],
                    "overrides": e["overrides"]}
   nonprivate = [e["name"] for e in entries if not e["private"]]
+  release = release_all_members(members, reports)
+  for entry in best.values():
+    entry["epsilon_max_release_all_members"] = (
+        None if release is None else release["epsilon_max"])
   return {
       "format": "fedjax_seg.Sweep/1",
       "members": entries,
@@ -370,12 +384,57 @@ def summarize(members: Sequence[Member], reports: Sequence[dict],
       "member_backend": backend,
       "program_groups": num_groups,
       "seconds": seconds,
+      "release_all_members": release,
       "privacy_note": (
-          "Each member's epsilons are those of that member run alone "
-          "(per site, the unit and delta given). The best member is chosen "
-          "by validation Dice (test Dice is reported, not used); that "
-          "choice is data-dependent hyper-parameter selection, which they "
-          "do not cover."),
+          "Each member's epsilons are those of that member run alone (per "
+          "site, the unit and delta given). Releasing the sweep (every "
+          "member's outputs) costs the composition of all private members' "
+          "ledgers: release_all_members. The best member is chosen by "
+          "validation Dice on held-out patients (test Dice is reported, not "
+          "used), post-processing of the released members, so a tuned "
+          "model's figure is release_all_members.epsilon_max. Non-private "
+          "members are outside it: do not release them."),
+  }
+
+
+def release_all_members(members: Sequence[Member],
+                        reports: Sequence[dict]) -> dict | None:
+  """The epsilon of releasing every private member together: per site, all
+  private members' main-ledger events composed (member order) into one
+  ledger, at the smallest member delta; None if no member is private."""
+  from fedjax_seg import privacy  # pylint: disable=g-import-not-at-top
+  private = [(m, r) for m, r in zip(members, reports)
+             if r["privacy"]["enabled"]]
+  if not private:
+    return None
+  ledgers = [privacy.PrivacyLedger.from_dict(r["privacy"]["ledger"])
+             for _, r in private]
+  delta = min(r["privacy"]["delta"] for _, r in private)
+  units = {ledger.unit for ledger in ledgers}
+  if len(units) != 1:
+    raise config_lib.ConfigError(
+        f"--sweep: the private members' epsilons are in units {units}; "
+        "a sweep's members must share one unit to compose.")
+  composed = privacy.PrivacyLedger(ledgers[0].site_names, delta=delta,
+                                   unit=ledgers[0].unit)
+  for ledger in ledgers:
+    for site in composed.site_names:
+      for event in ledger.events(site):
+        composed.record_event(site, event)
+  pld = composed.epsilons_pld(experiment.PLD_DISCRETIZATION, workers="auto")
+  return {
+      "members": [m.name for m, _ in private],
+      "delta": delta, "unit": composed.unit,
+      "epsilon_label": privacy.PrivacyUnit(composed.unit).epsilon_label,
+      "epsilon_per_site": composed.epsilons(),
+      "epsilon_max": composed.max_epsilon(),
+      "epsilon_pld_per_site": pld,
+      "epsilon_pld_max": max(pld.values()),
+      "pld_value_discretization_interval": experiment.PLD_DISCRETIZATION,
+      "ledger": composed.to_dict(),
+      "covers": "releasing every private member's outputs together, and so "
+                "the best member chosen by validation Dice on held-out "
+                "patients",
   }
 
 

@@ -15,7 +15,7 @@ TINY = C.ExperimentConfig(
     model=C.ModelConfig(widths=(4,)),
     federated=C.FederatedConfig(rounds=4, local_steps=1, batch_size=4,
                                 learning_rate=0.5, ema_decay=0.0),
-    eval_every=2, checkpoint_every=1)
+    eval_every=2, checkpoint_every=1, noise_seed=0)
 
 
 TIMING = {"wall_seconds", "device_seconds", "host_seconds",
@@ -327,8 +327,9 @@ def test_a_checkpoint_from_before_a_new_field_compares_with_its_value_then():
 
 def test_init_from_a_public_run_and_refusing_a_private_one(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
+  # Other patients of the built-in generator (another data seed): public.
   pretrain = dataclasses.replace(_levers(rounds=1), privacy=C.PrivacyConfig(
-      enabled=False))
+      enabled=False), data=dataclasses.replace(TINY.data, data_seed=1))
   experiment.train_and_evaluate(pretrain, tmp_path / "public")
   source = experiment.Simulation(pretrain, tmp_path / "public")
   tuned = dataclasses.replace(_levers(rounds=1), model=dataclasses.replace(

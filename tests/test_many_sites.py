@@ -25,7 +25,7 @@ CONSORTIUM = C.ExperimentConfig(
     federated=C.FederatedConfig(rounds=3, local_steps=1, batch_size=2,
                                 learning_rate=0.5, ema_decay=0.0,
                                 sites_per_round=3),
-    eval_every=3, checkpoint_every=3)
+    eval_every=3, checkpoint_every=3, noise_seed=0)
 
 
 def test_a_consortium_run_trains_and_charges_only_its_cohorts(tmp_path):
@@ -245,7 +245,7 @@ def test_a_streamed_run_is_the_in_memory_run(prepared_sites, tmp_path):
       federated=C.FederatedConfig(rounds=2, local_steps=1, batch_size=2,
                                   learning_rate=0.5, ema_decay=0.0,
                                   sites_per_round=3),
-      eval_every=2, checkpoint_every=2)
+      eval_every=2, checkpoint_every=2, noise_seed=0)
   memory = experiment.train_and_evaluate(base, tmp_path / "memory")
   streamed = experiment.train_and_evaluate(
       dataclasses.replace(base, data=dataclasses.replace(

@@ -9,8 +9,11 @@ import pytest
 from fedjax_seg import config as config_lib
 from fedjax_seg import config_flags
 from fedjax_seg import experiment
+from fedjax_seg import noise_secret
 from fedjax_seg import predict
+from fedjax_seg import privacy
 from fedjax_seg import sweep
+from fedjax_seg import verifier
 
 # Tests are distributed to workers by file (setup.cfg: --dist=loadfile), so
 # one worker runs this module and the sweep fixture runs once.
@@ -19,7 +22,7 @@ from fedjax_seg import sweep
 # written for, not the default's 16 patients per step.
 TINY = dict(image_size=16, num_slices=2, patients_scale=0.0625, rounds=2,
             eval_every=1, checkpoint_every=1, batch_size=4, local_steps=2,
-            learning_rate=0.5, ema_decay=0.0)
+            learning_rate=0.5, ema_decay=0.0, noise_seed=0)
 # Three schedules at two targets (one compiled program), and a non-private
 # reference member (a program of its own).
 MEMBERS = [dict(noise_schedule="constant", target_epsilon=2.0),
@@ -73,14 +76,21 @@ def test_members_file_and_invalid_member(tmp_path):
     sweep.build_members(tiny_base(), [{"delta": 2.0}])
 
 
-def test_members_get_their_index_and_the_base_data_seed():
-  members = sweep.build_members(tiny_base(seed=5), [{"seed": 7}, {"seed": 7}])
+def test_members_get_their_index_and_the_base_data_seed(tmp_path):
+  members = sweep.build_members(tiny_base(seed=5), [{"noise_seed": 7}] * 2)
   assert [m.config.sweep_member for m in members] == [0, 1]
   assert all(m.config.data_seed == 5 for m in members)  # Same data.
-  keys = [jax.random.key_data(experiment.root_key(m.config)) for m in members]
+  keys = [jax.random.key_data(noise_secret.noise_root(m.config, tmp_path))
+          for m in members]
   assert not np.array_equal(keys[0], keys[1])  # Same seed, no shared key.
   np.testing.assert_array_equal(keys[0], jax.random.key_data(
       jax.random.fold_in(jax.random.key(7), 0)))
+  # Without --noise_seed each member draws its own secret.
+  secret = sweep.build_members(tiny_base(noise_seed=None), [{}] * 2)
+  keys = [jax.random.key_data(noise_secret.noise_root(m.config,
+                                                      tmp_path / m.name))
+          for m in secret]
+  assert not np.array_equal(keys[0], keys[1])
 
 
 def test_every_member_equals_simulate_alone(loop_sweep, tmp_path):
@@ -131,6 +141,38 @@ def test_members_meet_their_targets_and_the_summary_is_complete(loop_sweep):
     assert (mdir / "report.json").exists() and (mdir / "rounds.csv").exists()
     flags_text = (mdir / "flags.txt").read_text()
     assert f"--sweep_member={m.index}" in flags_text
+
+
+def test_the_sweep_reports_the_epsilon_of_releasing_every_member(
+    loop_sweep):
+  members, summary, workdir = loop_sweep
+  release = summary["release_all_members"]
+  private = summary["members"][:3]
+  assert release["members"] == [e["name"] for e in private]
+  # Composition: per site, above every member's own epsilon (the three
+  # members at epsilon 2, 2 and 8 compose to more than 8).
+  for site, eps in release["epsilon_per_site"].items():
+    assert eps > max(e["epsilon_per_site"][site] for e in private)
+    assert release["epsilon_pld_per_site"][site] <= eps * 1.01
+  assert release["epsilon_max"] > 8.0
+  ledger = privacy.PrivacyLedger.from_dict(release["ledger"])
+  for site in ledger.site_names:
+    assert len(ledger.events(site)) == sum(
+        len(e["accounted_sigma_per_round"][site]) for e in private)
+  best = summary["best_per_target_epsilon"]
+  assert all(b["epsilon_max_release_all_members"] == release["epsilon_max"]
+             for b in best.values())
+  # The verifier checks every member and the composed release.
+  result = verifier.verify_sweep(str(workdir))
+  assert result.ok, result.problems
+  assert set(result.members) == {m.name for m in members}
+  forged = json.loads((workdir / sweep.SWEEP_JSON).read_text())
+  site = next(iter(forged["release_all_members"]["epsilon_per_site"]))
+  forged["release_all_members"]["epsilon_per_site"][site] *= 0.9
+  (workdir / "forged").mkdir()
+  (workdir / "forged" / sweep.SWEEP_JSON).write_text(json.dumps(forged))
+  (workdir / "forged" / "members").symlink_to(workdir / "members")
+  assert not verifier.verify_sweep(str(workdir / "forged")).ok
 
 
 def test_flags_file_reproduces_the_member_config(loop_sweep):

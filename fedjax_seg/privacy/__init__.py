@@ -37,6 +37,8 @@ from fedjax_seg.privacy.clipping import packed_group_clipped_grad
 from fedjax_seg.privacy.clipping import PackedGroupClippedGrad
 from fedjax_seg.privacy import layer_gradients
 from fedjax_seg.privacy.keys import derive_key
+from fedjax_seg.privacy.keys import key_from_secret
+from fedjax_seg.privacy.keys import new_noise_secret
 from fedjax_seg.privacy.keys import Purpose
 from fedjax_seg.privacy.noise import gaussian_noise
 from fedjax_seg.privacy.noise import GaussianNoiseState

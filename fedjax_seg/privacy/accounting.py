@@ -107,7 +107,7 @@ def truncation_probability(
   return float(stats.binom.sf(max_batch_size, dataset_size + 1, sampling_rate))
 
 
-def _poisson_equivalent(
+def poisson_equivalent(
     event: dp_accounting.DpEvent,
 ) -> tuple[dp_accounting.DpEvent, float]:
   """Replaces truncated-sampling steps by untruncated ones for RDP.
@@ -126,10 +126,10 @@ def _poisson_equivalent(
         event.dataset_size - 1, event.sampling_probability,
         event.truncated_batch_size)
   if isinstance(event, dp_accounting.SelfComposedDpEvent):
-    inner, p = _poisson_equivalent(event.event)
+    inner, p = poisson_equivalent(event.event)
     return dp_accounting.SelfComposedDpEvent(inner, event.count), p * event.count
   if isinstance(event, dp_accounting.ComposedDpEvent):
-    parts = [_poisson_equivalent(e) for e in event.events]
+    parts = [poisson_equivalent(e) for e in event.events]
     return (dp_accounting.ComposedDpEvent([e for e, _ in parts]),
             sum(p for _, p in parts))
   return event, 0.0
@@ -421,7 +421,7 @@ class PrivacyLedger:
   def record_event(self, site: str, event: dp_accounting.DpEvent) -> None:
     """Composes any RDP-supported dp_accounting event into `site`'s ledger."""
     site = self._check_site(site)
-    untruncated, p_trunc = _poisson_equivalent(event)
+    untruncated, p_trunc = poisson_equivalent(event)
     self._rdp[site] = self._rdp[site] + _event_rdp(untruncated, self.orders)
     self._truncation[site] += p_trunc
     self._events[site].append(event)
@@ -432,7 +432,7 @@ class PrivacyLedger:
     them evaluated in one vectorised pass (a round of a per-round schedule:
     one new (sigma, q) per site)."""
     sites = [self._check_site(s) for s in events]
-    untruncated = [_poisson_equivalent(events[s]) for s in events]
+    untruncated = [poisson_equivalent(events[s]) for s in events]
     vectors = _cached_rdp([e for e, _ in untruncated], self.orders)
     for site, event, (_, p_trunc), vector in zip(
         sites, events.values(), untruncated, vectors):
@@ -548,7 +548,7 @@ class PrivacyLedger:
       planned = [planned]
     rdp_vector, p_trunc = self._rdp[site], self._truncation[site]
     for event in planned:
-      untruncated, p = _poisson_equivalent(event)
+      untruncated, p = poisson_equivalent(event)
       rdp_vector = rdp_vector + _event_rdp(untruncated, self.orders)
       p_trunc += p
     return self._epsilon_from_rdp(rdp_vector, p_trunc, site)

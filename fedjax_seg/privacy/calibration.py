@@ -5,7 +5,7 @@ with a fresh accountant per trial) on exactly the events `PrivacyLedger`
 records, so a calibrated run lands on its target in the ledger.
 """
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import dp_accounting
 from dp_accounting import pld
@@ -56,6 +56,7 @@ def calibrate_noise_multiplier(
     *,
     accountant: str = "rdp",
     tol: float = 1e-5,
+    prior_events: Sequence[dp_accounting.DpEvent] = (),
 ) -> float:
   """Noise multiplier (or scale of a schedule shape) meeting a target epsilon.
 
@@ -75,9 +76,17 @@ def calibrate_noise_multiplier(
       then its scale.
     accountant: "rdp" or "pld".
     tol: absolute tolerance on the returned value.
+    prior_events: events the same units already spent (e.g. a DP run this
+      one starts from, on the same patients): the target is met by their
+      composition with the new steps. Truncated sampling in them is
+      accounted as untruncated here (`meet_target_in_ledger` then checks the
+      ledger's exact figure).
 
   Returns:
     sigma (or the schedule's scale), a float.
+
+  Raises:
+    ValueError: if `prior_events` alone reach the target.
 
   Example:
     >>> sigma = calibrate_noise_multiplier(2.5966, 1e-5, 256 / 60000, 14062)
@@ -99,7 +108,17 @@ def calibrate_noise_multiplier(
   else:
     raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}.")
   groups = _shape_groups(schedule, steps)  # Once, not once per trial.
-  make_event = lambda scale: _grouped_event(scale, sampling_rate, groups)
+  prior = [accounting.poisson_equivalent(e)[0] for e in prior_events]
+  if prior:
+    spent = _epsilon(make_accountant, dp_accounting.ComposedDpEvent(prior),
+                     delta)
+    if not spent < target_epsilon:
+      raise ValueError(f"the prior events alone reach epsilon {spent:.4g} >= "
+                       f"the target {target_epsilon}.")
+    make_event = lambda scale: dp_accounting.ComposedDpEvent(  # noqa: E731
+        prior + [_grouped_event(scale, sampling_rate, groups)])
+  else:
+    make_event = lambda scale: _grouped_event(scale, sampling_rate, groups)
   if accountant == "rdp":
     # The search must start above 0: sigma = 0 is a non-private event.
     bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
@@ -107,7 +126,8 @@ def calibrate_noise_multiplier(
     # PLD needs no more noise than RDP, and its discretisation of a very
     # small sigma can need tens of GB: bracket it below the RDP answer.
     upper = calibrate_noise_multiplier(
-        target_epsilon, delta, sampling_rate, steps, schedule, tol=tol)
+        target_epsilon, delta, sampling_rate, steps, schedule, tol=tol,
+        prior_events=prior_events)
     lower = upper / 2
     while _epsilon(make_accountant, make_event(lower), delta) <= target_epsilon:
       upper, lower = lower, lower / 2
@@ -134,6 +154,7 @@ def calibrate_site_noise_multipliers(
     accountant: str = "rdp",
     max_batch_size: int | None = None,
     steps_per_event: int = 1,
+    prior_events: Mapping[str, Sequence[dp_accounting.DpEvent]] | None = None,
 ) -> dict[str, float]:
   """Site-adaptive noise: each site's sigma_k so all reach `target_epsilon`.
 
@@ -155,14 +176,17 @@ def calibrate_site_noise_multipliers(
     steps_per_event: with `max_batch_size`, the ledger records one event per
       this many steps (e.g. a round's local steps; sigma must be constant
       within an event).
+    prior_events: {site: events its units already spent} (composed into
+      its ledger before these steps; see `calibrate_noise_multiplier`).
 
   Returns:
     {site: sigma_k} (or scales of `schedule`).
 
   Formal guarantees:
     With `max_batch_size` (and accountant "rdp"), a `PrivacyLedger` that
-    records, for site k, the events `planned_events(sigma_k, ...)` (float32
-    sigmas, as a device applies them) reports epsilon <= `target_epsilon`.
+    records, for site k, its `prior_events` and then the events
+    `planned_events(sigma_k, ...)` (float32 sigmas, as a device applies
+    them) reports epsilon <= `target_epsilon`.
 
   Example:
     >>> sig = calibrate_site_noise_multipliers(
@@ -176,20 +200,28 @@ def calibrate_site_noise_multipliers(
     b = batch_size[site] if isinstance(batch_size, Mapping) else batch_size
     if size < 1 or b < 1:
       raise ValueError(f"site {site!r}: size {size} and batch {b} must be >= 1.")
-    # Sites of the same size and batch get the same sigma: calibrate once
-    # (a consortium of 10,000 sites has a few hundred distinct sizes).
-    if (size, b) in by_size:
-      result[site] = by_size[size, b]
+    prior = tuple((prior_events or {}).get(site, ()))
+    # Sites of the same size, batch and prior spending get the same sigma:
+    # calibrate once (a consortium of 10,000 sites has a few hundred
+    # distinct sizes).
+    key = (size, b, prior)
+    if key in by_size:
+      result[site] = by_size[key]
       continue
     rate = min(1.0, b / size)
-    sigma = calibrate_noise_multiplier(target_epsilon, delta, rate, steps,
-                                       schedule, accountant=accountant)
+    try:
+      sigma = calibrate_noise_multiplier(target_epsilon, delta, rate, steps,
+                                         schedule, accountant=accountant,
+                                         prior_events=prior)
+    except ValueError as e:
+      raise ValueError(f"site {site!r}: {e}") from e
     if max_batch_size is not None:
       sigma = meet_target_in_ledger(
           sigma, target_epsilon, delta, sampling_rate=rate, steps=steps,
           schedule=schedule, steps_per_event=steps_per_event,
-          dataset_size=int(size), max_batch_size=max_batch_size)
-    result[site] = by_size[size, b] = sigma
+          dataset_size=int(size), max_batch_size=max_batch_size,
+          prior_events=prior)
+    result[site] = by_size[key] = sigma
   return result
 
 
@@ -242,6 +274,7 @@ def meet_target_in_ledger(
     relative_margin: float = 1e-6,
     growth: float = 1.0005,
     max_tries: int = 200,
+    prior_events: Sequence[dp_accounting.DpEvent] = (),
 ) -> float:
   """Raises a calibrated sigma until the ledger's figure meets the target.
 
@@ -251,7 +284,7 @@ def meet_target_in_ledger(
   target. This returns the smallest `sigma * growth**i` whose planned events
   (`planned_events`) give a `PrivacyLedger` epsilon <= target * (1 -
   relative_margin) (the margin absorbs conversions such as adaptive
-  clipping's accounted noise multiplier).
+  clipping's accounted noise multiplier), after the units' `prior_events`.
 
   Raises:
     ValueError: if no such sigma is found within `max_tries` steps.
@@ -262,7 +295,7 @@ def meet_target_in_ledger(
         steps_per_event=steps_per_event, dataset_size=dataset_size,
         max_batch_size=max_batch_size)
     scratch = accounting.PrivacyLedger(["site"], delta=delta)
-    if scratch.epsilon_if("site", planned) <= target_epsilon * (
+    if scratch.epsilon_if("site", list(prior_events) + planned) <= target_epsilon * (
         1 - relative_margin):
       return sigma
     sigma *= growth

@@ -1,6 +1,7 @@
-"""PRNG key derivation along (round, site, step, purpose).
+"""PRNG key derivation along (round, site, step, purpose), and noise roots.
 
-Every random draw in a simulation comes from one root key. A key for one use is
+Every random draw of a mechanism (noise, sampling, canaries) comes from one
+root key, the run's noise root. A key for one use is
 derived by folding in, in this fixed order, the round index, the site index, the
 local step index and a purpose code; nothing is ever split off and carried in
 state, so two uses can only share a key if they share all four coordinates. The
@@ -13,15 +14,27 @@ Formal guarantees:
   * Distinct coordinate tuples give distinct keys (up to collisions of the
     threefry hash, about 2**-64 per pair); `tests/privacy/test_keys.py` checks
     this exhaustively on a grid.
-  * Not covered: JAX's PRNG (threefry / philox) is a counter-based
-    pseudo-random generator, not a cryptographically secure RNG. An adversary
-    who learns the root seed can reproduce and subtract all noise. Keep the
-    root seed secret in any deployment; in a simulation it is a parameter.
+  * The noise root of a run is secret by default: `new_noise_secret` draws
+    256 bits from the operating system's entropy (`secrets`) and
+    `key_from_secret` turns them into a key. Anyone who knows the root can
+    recompute every noise draw and subtract it from a released model, so a
+    root derived from a known seed (`--noise_seed`) gives noise that is
+    public to whoever has that seed.
+  * Not covered: JAX's PRNG (threefry) is a counter-based pseudo-random
+    generator, not a cryptographically secure RNG, and its key holds 64 bits
+    (`key_from_secret` keeps 64 bits of SHA-256 of the secret): the noise is
+    as secret as a 64-bit key, under the assumption that threefry's output
+    does not reveal its key.
 """
 
 import enum
+import hashlib
+import secrets
 
 import jax
+import numpy as np
+
+NOISE_SECRET_BYTES = 32  # 256 bits from the operating system.
 
 
 class Purpose(enum.IntEnum):
@@ -82,3 +95,29 @@ def derive_key(
   key = jax.random.fold_in(key, site)
   key = jax.random.fold_in(key, step)
   return jax.random.fold_in(key, int(purpose))
+
+
+def new_noise_secret() -> bytes:
+  """A fresh noise secret: NOISE_SECRET_BYTES from the OS's entropy."""
+  return secrets.token_bytes(NOISE_SECRET_BYTES)
+
+
+def key_from_secret(secret: bytes) -> jax.Array:
+  """The noise root of a secret (bytes, at least 16 of them).
+
+  A threefry2x32 key whose two 32-bit words are the first 8 bytes of
+  SHA-256(secret): a pure function of the secret, so a resumed run that
+  reads its secret back draws the same keys.
+
+  Example:
+    >>> root = key_from_secret(bytes(range(32)))
+    >>> bool((jax.random.key_data(root)
+    ...       == jax.random.key_data(key_from_secret(bytes(range(32))))).all())
+    True
+  """
+  if len(secret) < 16:
+    raise ValueError(f"a noise secret needs at least 16 bytes, got "
+                     f"{len(secret)}.")
+  words = np.frombuffer(hashlib.sha256(secret).digest()[:8], "<u4")
+  return jax.random.wrap_key_data(words.astype(np.uint32),
+                                  impl="threefry2x32")

@@ -13,10 +13,10 @@ from fedjax_seg.privacy import verify
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = dict(image_size=16, num_slices=2, patients_scale=0.0625, widths=(4,),
             rounds=2, local_steps=1, batch_size=4, eval_every=1,
-            checkpoint_every=1, audit_canaries=200)
+            checkpoint_every=1, audit_canaries=200, noise_seed=0)
 AUDIT_FIELDS = {"site", "unit", "claimed_epsilon", "claimed_epsilon_pld",
                 "epsilon_lower_bound", "num_canaries", "num_included",
-                "guesses", "correct_guesses", "seed", "canary_kind",
+                "guesses", "correct_guesses", "noise_seed", "canary_kind",
                 "contradicts_claim", "significance", "delta"}
 
 

@@ -253,6 +253,6 @@ def test_truncated_event_is_built_for_the_larger_neighbour():
   assert ledger.epsilon_pld("a") == pytest.approx(direct.get_epsilon(1e-5),
                                                   rel=1e-9)
   # The RDP coupling uses the same neighbour: P[Binomial(N + 1, q) > B].
-  untruncated, p_trunc = accounting._poisson_equivalent(event)
+  untruncated, p_trunc = accounting.poisson_equivalent(event)
   assert p_trunc == pytest.approx(3 * stats.binom.sf(b, n + 1, q), rel=1e-12)
   assert isinstance(untruncated.event, dp_accounting.PoissonSampledDpEvent)

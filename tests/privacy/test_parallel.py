@@ -3,7 +3,7 @@
 import json
 
 from fedjax_seg.privacy import parallel
-from fedjax_seg.privacy import verify
+from fedjax_seg.verifier import epsilons
 from fedjax_seg.privacy.accounting import PrivacyLedger
 from tests.privacy import worker_functions
 
@@ -45,14 +45,16 @@ def test_ledger_pld_in_workers_equals_one_by_one():
   assert ledger.epsilons_pld(1e-3, workers="auto") == one_by_one
 
 
-def test_verifier_in_workers_equals_one_by_one():
+def test_verifier_in_workers_equals_one_by_one(caplog):
   dump = json.loads(json.dumps(_ledger().to_dict()))
-  sites, orders = verify._parse_ledger(dump, "ledger")
-  sequential = verify._recompute_sites(sites, orders, DELTA, 1e-3)
-  assert verify._recompute_sites(sites, orders, DELTA, 1e-3,
-                                 workers=3) == sequential
+  sites, orders = epsilons.parse_ledger(dump, "ledger")
+  sequential = epsilons.recompute_sites(sites, orders, DELTA, 1e-3)
+  assert epsilons.recompute_sites(sites, orders, DELTA, 1e-3,
+                                  workers=3) == sequential
+  # The workers ran (no fall-back to this process).
+  assert "workers failed" not in caplog.text
   assert sequential["d"] == (0.0, 0.0)
   # Sites with equal events (a site-level ledger) are computed once.
   same = {s: sites["a"] for s in "xyz"}
-  assert verify._recompute_sites(same, orders, DELTA, 1e-3, workers=3) == {
+  assert epsilons.recompute_sites(same, orders, DELTA, 1e-3, workers=3) == {
       s: sequential["a"] for s in "xyz"}

@@ -1,0 +1,454 @@
+"""The privacy plan of a run, re-derived from its config and site sizes alone.
+
+The runner writes its plan into report.json (`privacy.plan`), but that plan
+comes from the same code that wrote the ledger. This module derives, with its
+own code, what the ledger must hold from two inputs only: the run's
+configuration (`report.config`, every flag) and the number of training units
+of each site (`report.sites[s].train_units`, public by the run's stated
+assumption). Then it checks the ledger (and the report's plan fields) event
+by event against that derivation:
+
+  * each site's sampling rate q_k = min(1, B / N_k) and the maximum batch
+    (the smallest B_max whose per-step truncation probability, P[Binomial(N_k
+    + 1, q_k) > B_max], is at most 1e-12, grown as the runner grows it, the
+    largest over sites);
+  * the noise multiplier of every round and site: the schedule's shape
+    (constant, linear, exponential, cosine, step, as optax defines them)
+    times the site's base sigma, in float32 as a device applies it. The base
+    is --noise_multiplier, or with --target_epsilon each site's calibrated
+    sigma, re-checked with dp_accounting as the calibration's defining
+    property: over the site's whole planned window (its joins and leaves),
+    after any composed prior events, it meets the target, and 0.99 of it
+    does not (so it is the smallest, to 1%);
+  * the rounds each site was charged: every round of its window up to the
+    rounds completed, held-out sites none; with sampled cohorts
+    (--sites_per_round, --dropout_rate) the sites in each published history
+    row, checked to be eligible and as many as the cohort; under site-level
+    DP every training site every round;
+  * a composed --init_from source (a DP run on this run's patients): its
+    ledger's events first, read from the source's own report.json;
+  * --epsilon_budget: no site's recomputed epsilon above it.
+
+What it trusts: the site sizes and dp_accounting; with adaptive clipping,
+that the gradient and count noise the device applied compose to the recorded
+sigma (the runner checks the applied value at run time).
+"""
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+from fedjax_seg.verifier import epsilons
+from fedjax_seg.verifier import fields
+
+SCHEDULES = ("constant", "linear", "exponential", "cosine", "step")
+TRUNCATION_TAIL = 1e-12  # Per step, as the runner sizes its batches.
+MINIMALITY = 0.99  # A calibrated sigma times this must miss the target.
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """The configuration fields that fix a run's privacy plan."""
+
+  enabled: bool
+  unit: str
+  site_level: bool
+  target_epsilon: float | None
+  noise_multiplier: float
+  schedule: str
+  end_factor: float
+  decay_rate: float
+  delta: float
+  epsilon_budget: float | None
+  site_noise_multiplier: float
+  site_sampling_rate: float
+  batch_size: int
+  local_steps: int
+  rounds: int
+  sites_per_round: int
+  dropout_rate: float
+  held_out: tuple
+  joins: tuple
+  leaves: tuple
+  dataset: str
+  data_seed: int
+  init_from: str | None
+  init_from_public: bool
+
+  @property
+  def record_level(self) -> bool:
+    return self.enabled and self.unit != "site"
+
+  @property
+  def use_site_level(self) -> bool:
+    return self.enabled and (self.site_level or self.unit == "site")
+
+
+def read_setting(config: Mapping, path: str = "config") -> Setting:
+  """The plan's settings from a report's `config`; ReportError naming a
+  missing field."""
+  sections = {s: fields.get(config, s, path, "object") for s in
+              ("data", "model", "privacy", "federated")}
+  p, f, d, m = (sections[s] for s in ("privacy", "federated", "data", "model"))
+
+  def g(obj, key, section, kind, default=fields.MISSING):
+    return fields.get(obj, key, f"{path}.{section}", kind, default)
+
+  seed = fields.get(config, "seed", path, "int")
+  data_seed = g(d, "data_seed", "data", "int", None)
+  target = g(p, "target_epsilon", "privacy", "number", None)
+  budget = g(p, "epsilon_budget", "privacy", "number", None)
+  setting = Setting(
+      enabled=g(p, "enabled", "privacy", "bool"),
+      unit=g(p, "unit", "privacy", "str"),
+      site_level=g(p, "site_level", "privacy", "bool"),
+      target_epsilon=None if target is None else float(target),
+      noise_multiplier=float(g(p, "noise_multiplier", "privacy", "number")),
+      schedule=g(p, "noise_schedule", "privacy", "str"),
+      end_factor=float(g(p, "schedule_end_factor", "privacy", "number")),
+      decay_rate=float(g(p, "schedule_decay_rate", "privacy", "number")),
+      delta=float(g(p, "delta", "privacy", "number")),
+      epsilon_budget=None if budget is None else float(budget),
+      site_noise_multiplier=float(g(p, "site_noise_multiplier", "privacy",
+                                    "number")),
+      site_sampling_rate=float(g(p, "site_sampling_rate", "privacy",
+                                 "number")),
+      batch_size=g(f, "batch_size", "federated", "int"),
+      local_steps=g(f, "local_steps", "federated", "int"),
+      rounds=g(f, "rounds", "federated", "int"),
+      sites_per_round=g(f, "sites_per_round", "federated", "int", 0),
+      dropout_rate=float(g(f, "dropout_rate", "federated", "number", 0.0)),
+      held_out=tuple(g(d, "held_out_sites", "data", "list", [])),
+      joins=tuple(g(d, "site_joins", "data", "list", [])),
+      leaves=tuple(g(d, "site_leaves", "data", "list", [])),
+      dataset=g(d, "dataset", "data", "str"),
+      data_seed=seed if data_seed is None else data_seed,
+      init_from=g(m, "init_from", "model", "str", None),
+      init_from_public=g(m, "init_from_public", "model", "bool", False))
+  if setting.schedule not in SCHEDULES:
+    raise fields.ReportError(f"{path}.privacy.noise_schedule: "
+                             f"{setting.schedule!r} is not one of {SCHEDULES}.")
+  if setting.batch_size < 1 or setting.local_steps < 1 or setting.rounds < 1:
+    raise fields.ReportError(f"{path}.federated: batch_size, local_steps and "
+                             "rounds must be >= 1.")
+  return setting
+
+
+def round_shape(s: Setting) -> np.ndarray:
+  """[rounds] the schedule's relative sigma per round (float64), as optax's
+  schedules define them over the round index."""
+  r = np.arange(s.rounds, dtype=np.float64)
+  span = max(s.rounds - 1, 1)
+  if s.schedule == "constant":
+    return np.ones_like(r)
+  if s.schedule == "linear":  # optax.linear_schedule(1, end, span)
+    return (1.0 - s.end_factor) * (1.0 - np.clip(r, 0, span) / span) + (
+        s.end_factor)
+  if s.schedule == "exponential":  # exponential_decay(1, rate, 1)
+    return s.decay_rate ** r
+  if s.schedule == "cosine":  # optax.cosine_decay_schedule(1, span, end)
+    cosine = 0.5 * (1.0 + np.cos(np.pi * np.minimum(r, span) / span))
+    return (1.0 - s.end_factor) * cosine + s.end_factor
+  # step: piecewise constant, times end_factor from half the rounds on.
+  return np.where(r < max(s.rounds // 2, 1), 1.0, s.end_factor)
+
+
+def windows(s: Setting, names: Sequence[str]) -> dict:
+  """{site: (first round, end round)}, 0-based, end exclusive: the rounds a
+  site is in the federation (--site_joins=SITE:R from round R, 1-based;
+  --site_leaves=SITE:R from round R on no longer)."""
+  out = {n: [0, s.rounds] for n in names}
+  for entries, bound, flag in ((s.joins, 0, "site_joins"),
+                               (s.leaves, 1, "site_leaves")):
+    for entry in entries:
+      name, _, r = str(entry).partition(":")
+      if name not in out or not r.strip().isdigit():
+        raise fields.ReportError(f"config.data.{flag}: cannot read "
+                                 f"{entry!r} for the sites {list(out)[:5]}.")
+      out[name][bound] = int(r) - 1
+  return {n: tuple(w) for n, w in out.items()}
+
+
+def max_batch_size(units: Sequence[int], rates: Sequence[float]) -> int:
+  """The largest over sites of the smallest B_max with P[Binomial(N + 1, q)
+  > B_max] <= TRUNCATION_TAIL, searched in the runner's steps."""
+  best = 1
+  for n, q in zip(units, rates):
+    b = max(1, int(math.ceil(n * q)))
+    while b < n + 1 and stats.binom.sf(b, n + 1, q) > TRUNCATION_TAIL:
+      b += max(1, b // 16)
+    best = max(best, min(b, n + 1) if n > 0 else 1)
+  return best
+
+
+def _f32(x: float) -> float:
+  return float(np.float32(x))
+
+
+def composition_required(s: Setting, source_config: Mapping) -> bool:
+  """Whether an --init_from source's events must be in this run's ledger: it
+  trained under DP on this run's patients (same dataset; the built-in data
+  with the same data seed) and its data were not stated public."""
+  if s.init_from_public:
+    return False
+  other = read_setting(source_config, "the --init_from run's config")
+  same = other.dataset == s.dataset and (
+      s.dataset != "synthetic" or other.data_seed == s.data_seed)
+  return same and other.enabled
+
+
+@dataclasses.dataclass
+class _Site:
+  """What the derivation says of one site."""
+  name: str
+  units: int
+  rate: float
+  training: bool
+  window: tuple
+  rounds: list  # Rounds charged, 0-based.
+
+
+def _charged_rounds(s: Setting, report: Mapping, names, training, wins,
+                    done: int, problems: list) -> dict:
+  """{site: [rounds charged]} (module docstring)."""
+  history = fields.get(report, "history", "", "list")
+  if len(history) != done or any(
+      not isinstance(row, Mapping) or row.get("round") != i + 1
+      for i, row in enumerate(history)):
+    problems.append(f"FAIL plan: history has {len(history)} rows, not one "
+                    f"per completed round 1..{done}")
+  eligible = {n: [r for r in range(done) if training[n]
+                  and wins[n][0] <= r < wins[n][1]] for n in names}
+  if s.use_site_level:
+    return {n: list(range(done)) if training[n] else [] for n in names}
+  published = [set(row.get("participants", ())) if isinstance(row, Mapping)
+               and "participants" in row else None for row in history[:done]]
+  if s.sites_per_round == 0 and s.dropout_rate == 0:
+    for r, part in enumerate(published):
+      want = {n for n in names if r in eligible[n]}
+      if part is not None and part != want:
+        problems.append(f"FAIL plan: round {r + 1}'s published participants "
+                        f"differ from the sites in the federation "
+                        f"({sorted(part ^ want)[:5]})")
+    return eligible
+  charged = {n: [] for n in names}
+  for r, part in enumerate(published):
+    if part is None:
+      problems.append(f"FAIL plan: round {r + 1} samples its sites but its "
+                      "history row publishes no participants")
+      continue
+    pool = {n for n in names if r in eligible[n]}
+    if not part <= pool:
+      problems.append(f"FAIL plan: round {r + 1}'s participants "
+                      f"{sorted(part - pool)[:5]} are not in the federation")
+    if s.sites_per_round and s.dropout_rate == 0 and len(part) != min(
+        s.sites_per_round, len(pool)):
+      problems.append(f"FAIL plan: round {r + 1} has {len(part)} "
+                      f"participants, --sites_per_round gives "
+                      f"{min(s.sites_per_round, len(pool))}")
+    for n in part & pool:
+      charged[n].append(r)
+  return charged
+
+
+def _source_events(s: Setting, privacy: Mapping, problems: list,
+                   site_level: bool) -> tuple[dict, Mapping | None]:
+  """({site: prior events}, the source report) of a composed --init_from
+  run (empty without one)."""
+  composed = privacy.get("composed_from")
+  if site_level:
+    composed = privacy.get("site_level", {}).get("composed_from")
+  if not s.init_from:
+    if composed:
+      problems.append("FAIL plan: privacy.composed_from names a source, the "
+                      "config has no --init_from")
+    return {}, None
+  where = (composed or {}).get("workdir") or s.init_from
+  try:
+    source = fields.load_report(where)
+  except fields.ReportError as e:
+    problems.append(f"FAIL plan: the --init_from run's report cannot be read "
+                    f"({e}); its events cannot be checked (verify where "
+                    "that run is reachable)")
+    return {}, None
+  required = composition_required(s, fields.get(source, "config", where,
+                                                "object"))
+  if not required:
+    if composed:
+      problems.append("FAIL plan: events composed from an --init_from run "
+                      "that did not train under DP on this run's patients")
+    return {}, source
+  if not composed and not site_level:
+    problems.append(f"FAIL plan: the --init_from run ({where}) trained under "
+                    "DP on this run's patients, but its events are not "
+                    "composed into the ledger (no privacy.composed_from)")
+  section = fields.get(source, "privacy", where, "object")
+  if site_level:
+    section = section.get("site_level")
+    if section is None:
+      return {}, source
+  sites, _ = epsilons.parse_ledger(fields.get(section, "ledger", where,
+                                              "object"), f"{where} ledger")
+  return sites, source
+
+
+def check(report: Mapping, ledgers: Mapping[str, tuple], recomputed: Mapping,
+          problems: list) -> None:
+  """Checks the ledgers against the plan derived from the config and site
+  sizes; appends one line per mismatch to `problems`.
+
+  Args:
+    report: the report dict (with `config`, `sites`, `history`).
+    ledgers: {section path ("privacy", "privacy.site_level"): ({site:
+      [events]}, orders)} as parsed from the report.
+    recomputed: {section path: {site: RDP epsilon}} (for the budget).
+    problems: the list of problems to append to.
+  """
+  s = read_setting(fields.get(report, "config", "", "object"))
+  privacy = fields.get(report, "privacy", "", "object")
+  sizes = fields.get(report, "sites", "", "object")
+  names = list(sizes)
+  units = {n: fields.get(fields.get(sizes, n, "sites", "object"),
+                         "train_units", f"sites.{n}", "int") for n in names}
+  done = fields.get(report, "rounds_completed", "", "int")
+  if done > s.rounds:
+    problems.append(f"FAIL plan: {done} rounds completed, --rounds="
+                    f"{s.rounds}")
+  if str(report.get("stopped_reason", "")).startswith("completed") and (
+      done != s.rounds):
+    problems.append(f"FAIL plan: stopped 'completed' after {done} of "
+                    f"{s.rounds} rounds")
+  training = {n: n not in s.held_out for n in names}
+  wins = windows(s, names)
+  rates = {n: min(1.0, s.batch_size / units[n]) if units[n] > 0 else 1.0
+           for n in names}
+  charged = _charged_rounds(s, report, names, training, wins, done, problems)
+  for path, (sites, _) in ledgers.items():
+    if set(sites) != set(names):
+      problems.append(f"FAIL plan: {path}.ledger's sites differ from the "
+                      f"report's sites ({sorted(set(sites) ^ set(names))[:5]})")
+  if s.record_level and "privacy" in ledgers:
+    _check_record_level(s, privacy, ledgers["privacy"], names, units, rates,
+                        training, wins, charged, problems)
+  if s.use_site_level:
+    path = "privacy" if s.unit == "site" else "privacy.site_level"
+    if path not in ledgers:
+      problems.append(f"FAIL plan: site-level DP is on, {path}.ledger is "
+                      "missing")
+    else:
+      _check_site_level(s, privacy, path, ledgers[path], names, training,
+                        done, problems)
+  if s.epsilon_budget is not None:
+    for path, figures in recomputed.items():
+      for site, eps in figures.items():
+        if isinstance(eps, float) and eps > s.epsilon_budget:
+          problems.append(f"FAIL site {site!r}, ledger {path}.ledger: "
+                          f"epsilon {eps:.6f} is above --epsilon_budget="
+                          f"{s.epsilon_budget}")
+
+
+def _compare_events(events, want, label, problems) -> None:
+  if len(events) != len(want):
+    problems.append(f"{label}: {len(events)} events, the derived plan has "
+                    f"{len(want)}")
+  for i, (got, expected) in enumerate(zip(events, want)):
+    d = epsilons.diff(got, expected, "event")
+    if d:
+      problems.append(f"{label}: event {i}: {d} (derived from the config)")
+      return  # One line per site is enough.
+
+
+def _check_record_level(s, privacy, ledger, names, units, rates, training,
+                        wins, charged, problems) -> None:
+  sites, orders = ledger
+  plan = fields.get(privacy, "plan", "privacy", "object")
+  max_batch = max_batch_size([units[n] for n in names],
+                             [rates[n] for n in names])
+  if plan.get("max_batch_size") != max_batch:
+    problems.append(f"FAIL plan: privacy.plan.max_batch_size is "
+                    f"{plan.get('max_batch_size')!r}, derived {max_batch}")
+  for key, want in (("dataset_size_per_site", units),
+                    ("sampling_rate_per_site", rates)):
+    got = plan.get(key, {})
+    bad = [n for n in names if not (isinstance(got.get(n), (int, float))
+                                    and fields.close(got[n], want[n]))]
+    if bad:
+      problems.append(f"FAIL plan: privacy.plan.{key} differs from the "
+                      f"derived value for sites {bad[:5]}")
+  shape = round_shape(s)
+  prior, _ = _source_events(s, privacy, problems, site_level=False)
+  if s.target_epsilon is None:
+    base = {n: s.noise_multiplier for n in names}
+  else:
+    claimed = fields.get(privacy, "noise_multiplier_per_site", "privacy",
+                         "object")
+    base = {n: float(fields.site_value(claimed, n,
+                                       "privacy.noise_multiplier_per_site",
+                                       "number")) for n in names}
+  sigma = {n: [_f32(shape[r] * base[n]) for r in range(s.rounds)]
+           for n in names}
+  recorded = plan.get("accounted_sigma_per_round", {})
+  event = lambda n, value: epsilons.planned_event(  # noqa: E731
+      value, rates[n], s.local_steps, dataset_size=units[n],
+      max_batch_size=max_batch)
+  checked = {}
+  for n in names:
+    label = f"FAIL site {n!r}, ledger privacy.ledger"
+    mine = recorded.get(n)
+    if not (isinstance(mine, list) and len(mine) == s.rounds and all(
+        fields.close(float(a), b) for a, b in zip(mine, sigma[n]))):
+      problems.append(f"{label}: privacy.plan.accounted_sigma_per_round "
+                      "differs from the schedule times the site's sigma")
+    if charged[n] != fields.get(plan, "rounds_trained_per_site",
+                                "privacy.plan", "object").get(n):
+      problems.append(f"{label}: privacy.plan.rounds_trained_per_site "
+                      f"differs from the derived rounds {charged[n][:10]}")
+    before = list(prior.get(n, ()))
+    _compare_events(sites.get(n, []), before + [
+        event(n, sigma[n][r]) for r in charged[n]], label, problems)
+    if s.target_epsilon is None or not training[n]:
+      continue
+    first, end = wins[n]
+    key = (units[n], wins[n], base[n], tuple(map(repr, before)))
+    if key not in checked:
+      full = before + [event(n, sigma[n][r]) for r in range(first, end)]
+      lower = before + [event(n, _f32(shape[r] * base[n] * MINIMALITY))
+                        for r in range(first, end)]
+      checked[key] = (epsilons.rdp_epsilon(full, orders, s.delta),
+                      epsilons.rdp_epsilon(lower, orders, s.delta))
+    at_sigma, below = checked[key]
+    if at_sigma > s.target_epsilon:
+      problems.append(f"{label}: sigma {base[n]!r} over its planned rounds "
+                      f"{first + 1}..{end} reaches epsilon {at_sigma:.6f} > "
+                      f"--target_epsilon={s.target_epsilon}")
+    elif below <= s.target_epsilon:
+      problems.append(f"{label}: sigma {base[n]!r} is not the calibrated "
+                      f"one: {MINIMALITY} of it also meets --target_epsilon="
+                      f"{s.target_epsilon} (epsilon {below:.6f})")
+
+
+def _check_site_level(s, privacy, path, ledger, names, training, done,
+                      problems) -> None:
+  sites, _ = ledger
+  z = _f32(s.site_noise_multiplier)
+  prior, _ = _source_events(s, privacy, problems,
+                            site_level=path != "privacy")
+  for n in names:
+    want = list(prior.get(n, ())) + [
+        epsilons.planned_event(z, s.site_sampling_rate, 1)
+        for _ in range(done if training[n] else 0)]
+    _compare_events(sites.get(n, []), want,
+                    f"FAIL site {n!r}, ledger {path}.ledger", problems)
+
+
+def describe(report: Mapping) -> str:
+  """One line: what the derivation read."""
+  s = read_setting(report["config"])
+  noise = (f"target epsilon {s.target_epsilon:g}" if s.target_epsilon
+           else f"sigma {s.noise_multiplier:g}")
+  return (f"plan re-derived from the config ({s.unit}, {s.schedule} "
+          f"schedule, {noise}) and {len(report['sites'])} site sizes")
+

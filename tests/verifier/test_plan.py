@@ -1,0 +1,150 @@
+"""The verifier re-derives the plan from the config and site sizes: a ledger
+forged consistently with the report's own plan and claims still fails."""
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from fedjax_seg import config as C
+from fedjax_seg import experiment
+from fedjax_seg import verifier
+from fedjax_seg.privacy import PrivacyLedger
+from fedjax_seg.verifier import plan
+
+TINY = C.ExperimentConfig(
+    data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.0625),
+    model=C.ModelConfig(widths=(4,)),
+    privacy=C.PrivacyConfig(noise_schedule="cosine"),
+    federated=C.FederatedConfig(rounds=3, local_steps=1, batch_size=4,
+                                learning_rate=0.5, ema_decay=0.0),
+    eval_every=3, checkpoint_every=3, noise_seed=0)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+  """A run at target epsilon 8 with a cosine schedule (a sigma per round)."""
+  return experiment.train_and_evaluate(
+      TINY, tmp_path_factory.mktemp("verifier") / "run")
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory):
+  """Fixed sigma, 3 sites sampled per round."""
+  config = dataclasses.replace(
+      TINY, privacy=C.PrivacyConfig(target_epsilon=None,
+                                    noise_multiplier=1.2),
+      federated=dataclasses.replace(TINY.federated, sites_per_round=3))
+  return experiment.train_and_evaluate(
+      config, tmp_path_factory.mktemp("verifier") / "cohorts")
+
+
+def _reclaimed(report):
+  """The report with every claim recomputed from its (tampered) ledger, so
+  that only the plan's derivation can tell."""
+  p = report["privacy"]
+  ledger = PrivacyLedger.from_dict(p["ledger"])
+  interval = p["pld_value_discretization_interval"]
+  p.update(ledger=ledger.to_dict(), epsilon_per_site=ledger.epsilons(),
+           epsilon_max=ledger.max_epsilon(),
+           epsilon_pld_per_site={s: ledger.epsilon_pld(s, interval)
+                                 for s in ledger.site_names})
+  return json.loads(json.dumps(report))
+
+
+def _problems(report):
+  result = verifier.verify_report(report)
+  assert result.rederived
+  return result.problems
+
+
+def test_honest_runs_verify_with_the_plan_rederived(calibrated, cohorts):
+  for report in (calibrated, cohorts):
+    assert report["privacy"]["verified"]["ok"] is True
+    assert report["privacy"]["verified"]["plan_rederived"] is True
+    assert _problems(report) == []
+  sigmas = calibrated["privacy"]["plan"]["accounted_sigma_per_round"]
+  assert len({round(v, 6) for v in next(iter(sigmas.values()))}) == 3
+
+
+def test_a_round_dropped_from_plan_and_ledger_fails(calibrated):
+  forged = copy.deepcopy(calibrated)
+  site = next(iter(forged["sites"]))
+  forged["privacy"]["ledger"]["sites"][site]["events"].pop(1)
+  forged["privacy"]["plan"]["rounds_trained_per_site"][site].pop(1)
+  problems = _problems(_reclaimed(forged))
+  assert any(f"site {site!r}" in p and "derived" in p for p in problems)
+  # The report's own plan agrees with the forged ledger: without the
+  # config only the derivation could have told.
+  del forged["config"]
+  assert verifier.verify_report(_reclaimed(forged)).ok
+
+
+def test_a_sigma_changed_in_plan_and_ledger_fails(calibrated):
+  forged = copy.deepcopy(calibrated)
+  site = next(iter(forged["sites"]))
+  event = forged["privacy"]["ledger"]["sites"][site]["events"][2]["event"]
+  event["noise_multiplier"] *= 0.8
+  forged["privacy"]["plan"]["accounted_sigma_per_round"][site][2] = (
+      event["noise_multiplier"])
+  problems = _problems(_reclaimed(forged))
+  assert any(f"site {site!r}" in p and "accounted_sigma_per_round" in p
+             for p in problems)
+  assert any("event 2" in p and "derived from the config" in p
+             for p in problems)
+
+
+def test_a_base_sigma_not_the_calibrated_one_fails(calibrated):
+  # Every sigma of one site scaled together, consistently everywhere: the
+  # schedule holds, the target is met (more noise), but the calibration
+  # would not have chosen it; 20% less misses the target.
+  site = next(iter(calibrated["sites"]))
+  for factor, message in ((1.2, "is not the calibrated one"),
+                          (0.8, "> --target_epsilon")):
+    forged = copy.deepcopy(calibrated)
+    p = forged["privacy"]
+    p["noise_multiplier_per_site"][site] *= factor
+    sigmas = p["plan"]["accounted_sigma_per_round"][site]
+    for r, event in enumerate(p["ledger"]["sites"][site]["events"]):
+      value = float(np.float32(sigmas[r] * factor))
+      event["event"]["noise_multiplier"] = sigmas[r] = value
+    problems = _problems(_reclaimed(forged))
+    assert any(message in line for line in problems), (factor, problems)
+
+
+def test_published_participants_must_match_the_ledger(cohorts):
+  assert all(len(row["participants"]) == 3 for row in cohorts["history"])
+  forged = copy.deepcopy(cohorts)
+  row = forged["history"][1]
+  idle = next(s for s in forged["sites"] if s not in row["participants"])
+  row["participants"][0] = idle
+  assert any("ledger privacy.ledger" in p for p in _problems(forged))
+  forged["history"][1]["participants"].append("not_a_site")
+  assert any("not in the federation" in p or "participants" in p
+             for p in _problems(forged))
+
+
+def test_a_sampled_round_with_an_extra_site_fails(cohorts):
+  forged = copy.deepcopy(cohorts)
+  row = forged["history"][0]
+  extra = next(s for s in forged["sites"] if s not in row["participants"])
+  row["participants"].append(extra)
+  assert any("--sites_per_round gives 3" in p for p in _problems(forged))
+
+
+def test_schedules_follow_optax(calibrated):
+  import optax  # pylint: disable=g-import-not-at-top
+  base = plan.read_setting(calibrated["config"])
+  r = np.arange(7)
+  want = {
+      "constant": np.ones(7),
+      "linear": np.asarray(optax.linear_schedule(1.0, 0.5, 6)(r)),
+      "exponential": 0.98 ** r,
+      "cosine": np.asarray(optax.cosine_decay_schedule(1.0, 6, 0.5)(r)),
+      "step": np.asarray(optax.piecewise_constant_schedule(
+          1.0, {3: 0.5})(r))}
+  for name, values in want.items():
+    setting = dataclasses.replace(base, schedule=name, rounds=7)
+    np.testing.assert_allclose(plan.round_shape(setting), values, rtol=1e-6)
