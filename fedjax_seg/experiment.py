@@ -67,6 +67,14 @@ DIAGNOSTICS_WARNING = (
     "training loss and the clipped fraction over the realised sampled units "
     "(and, under site-level DP, the realised sampled sites), computed from "
     "private training data without noise.")
+# The report's and README's one sentence on public site sizes.
+SITE_SIZES_ASSUMPTION = (
+    "each site's number of training units N_k is public (it sets the "
+    "sampling rate q_k, the noise multiplier and the FedAvg weights, and "
+    "this report gives it); the epsilons are for adding or removing one "
+    "unit, so against an adversary who knows N_k and that one unit was "
+    "replaced rather than added or removed, the loss is up to about twice "
+    "epsilon (add/remove composed with remove/add).")
 # PLD discretisation of the report's epsilons (the verifier uses the same).
 # 1e-3 gives a valid (pessimistic) bound within about 1e-5 of 1e-4's on the
 # default run, ten times faster (10 s per distinct event at 1e-4).
@@ -1435,6 +1443,7 @@ def _assumptions(config, plan: _Plan, diagnostics_released: bool) -> dict:
       "secret": noise_secret.statement(config),
       "patients_at_one_site": "each patient's data are at one site only "
                               "(per-site ledgers assume disjoint patients)",
+      "site_sizes": SITE_SIZES_ASSUMPTION,
   }
 
 

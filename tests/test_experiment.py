@@ -70,6 +70,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
   assumptions = full["privacy"]["assumptions"]
   assert assumptions["unit"] == "patient" and "seed" in assumptions["secret"]
   assert any("held-out" in s for s in assumptions["not_covered"])
+  assert "twice epsilon" in assumptions["site_sizes"]
   assert full["privacy"]["verified"]["ok"] is True
 
 

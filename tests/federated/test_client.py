@@ -20,6 +20,7 @@ from fedjax_seg.federated import sampling
 from fedjax_seg.federated import server as server_lib
 from fedjax_seg.privacy import keys
 from tests.federated import toy
+from tests import numerics
 
 PART = np.array([True, True, False, True])
 BASE = fed.ClientConfig(local_steps=2, expected_batch_size=4,
@@ -114,8 +115,8 @@ def test_nonprivate_gradient_is_the_mean_unit_gradient(unit, chunk_size):
   want, want_stats = per_unit(params, full_batch.examples, ~full_batch.mask,
                               slice_mask=full_batch.slice_mask)
   n = int(want_stats.num_real)
-  chex.assert_trees_all_close(grad, jax.tree.map(lambda g: g / n, want),
-                              rtol=1e-5, atol=1e-6)
+  numerics.assert_trees_close(grad, jax.tree.map(lambda g: g / n, want),
+                              1e-5)
   assert int(stats.num_real) == n
   np.testing.assert_allclose(stats.loss_sum,
                              jnp.sum(want_stats.per_example_loss), rtol=1e-5)

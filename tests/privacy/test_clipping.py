@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedjax_seg.privacy import clipping
+from tests import numerics
 
 
 def _linear_loss(params, example):
@@ -128,7 +129,7 @@ def test_microbatched_equals_unchunked():
   chunked = clipping.clipped_grad(loss, l2_clip_norm=0.5, microbatch_size=2)
   g1, s1 = full(params, batch, padding)
   g2, s2 = chunked(params, batch, padding)
-  chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-6)
+  numerics.assert_trees_close(g1, g2, 1e-5)
   np.testing.assert_allclose(s1.per_example_norms, s2.per_example_norms,
                              rtol=1e-5)
   with pytest.raises(ValueError, match="multiple of microbatch_size"):
@@ -257,7 +258,7 @@ def _padded_batch(key, capacity, n, nan_in_real=None):
 
 def _assert_same_clipping(got, want, rtol=1e-5):
   (g1, s1), (g2, s2) = got, want
-  chex.assert_trees_all_close(g1, g2, rtol=rtol, atol=1e-6)
+  numerics.assert_trees_close(g1, g2, rtol)
   np.testing.assert_allclose(s1.per_example_norms, s2.per_example_norms,
                              rtol=rtol, atol=1e-6)
   np.testing.assert_allclose(s1.per_example_loss, s2.per_example_loss,
@@ -410,7 +411,7 @@ def test_packed_group_with_a_nonfinite_slice_contributes_zero():
   # Exactly the sum of the other patients (patient 1 contributes nothing).
   others = jnp.array([True, False, True, True])
   want, _ = full(params, grouped, ~others, slice_mask=slice_mask)
-  chex.assert_trees_all_close(grad, want, rtol=1e-5, atol=1e-6)
+  numerics.assert_trees_close(grad, want, 1e-5)
 
 
 @given(clip=st.floats(0.05, 5.0), seed=st.integers(0, 1000))
