@@ -198,7 +198,12 @@ class _Plan:
             "site_recorded_sigma": self.site_recorded_sigma,
             "site_applied_sigma": self.site_applied_sigma,
             "count_noise_multiplier": count(self.adaptive),
-            "site_count_noise_multiplier": count(self.site_adaptive)}
+            "site_count_noise_multiplier": count(self.site_adaptive),
+            # A composed --init_from source: its events are in the ledger.
+            "init_source_report_sha256": (
+                None if self.init_source is None
+                or self.init_source.relation != "composed"
+                else self.init_source.report_sha256)}
 
 
 # Pixels per slice from which a chunk of 2 slices beat 4 on CPU: whole
@@ -300,6 +305,8 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays,
     base = np.array([sigmas[s] for s in train.site_names])
   else:
     base = np.full(len(units), p.noise_multiplier if p.record_level else 0.0)
+  if source is not None and p.enabled and p.epsilon_budget is not None:
+    _check_budget_left(config, source, train.site_names)
   held = set(config.data.held_out_sites)
   unknown = held - set(train.site_names)
   if unknown:
@@ -347,6 +354,26 @@ def _plan(config: config_lib.ExperimentConfig, train: sites_lib.SiteArrays,
                accounted, applied, recorded.astype(np.float64), adaptive,
                site_adaptive, site_applied, site_recorded, training,
                tuple(train.site_modalities), active, init_source=source)
+
+
+def _check_budget_left(config, source: init_source_lib.InitSource,
+                       site_names) -> None:
+  """Refuses --epsilon_budget at or below what a composed --init_from
+  source already spent at some site (the run could not train a round)."""
+  p = config.privacy
+  for prior, unit in ((source.prior_events, init_source_lib.main_unit(config)),
+                      (source.prior_site_level_events,
+                       privacy.PrivacyUnit.SITE.value)):
+    if not prior:
+      continue
+    ledger = privacy.PrivacyLedger(list(site_names), delta=p.delta, unit=unit)
+    for site, events in prior.items():
+      spent = ledger.epsilon_if(site, events)
+      if spent >= p.epsilon_budget:
+        raise config_lib.ConfigError(
+            f"--epsilon_budget={p.epsilon_budget}: the --init_from run "
+            f"already spent {spent:.4f} at site {site!r} on this run's "
+            "patients; raise the budget.")
 
 
 def audit_config(config: config_lib.ExperimentConfig,
@@ -715,7 +742,11 @@ def _setup(config, workdir: pathlib.Path, splits=None,
     trainer = trainers[signature]
   # Last, once everything is checked: a new run's secret is written now,
   # before its first round.
-  root = noise_secret.noise_root(config, workdir / CHECKPOINTS)
+  root = noise_secret.noise_root(
+      config, workdir / CHECKPOINTS,
+      record={"config": config.to_dict(), "noise_plan": plan.to_meta()},
+      check_reuse=lambda stored: _check_same_run(stored, plan, config,
+                                                 workdir))
   run = _Run(config, workdir, plan, model, trainer,
              None if cohorts else segmentation_task.site_data(train), val,
              test, root, _Checkpointer(workdir), cohorts, val_ids, test_ids,
@@ -725,20 +756,23 @@ def _setup(config, workdir: pathlib.Path, splits=None,
 
 def pretrained_params(source: init_source_lib.InitSource, like):
   """The --init_from run's evaluated model (its EMA if it kept one, else
-  its final global model), checked against this run's parameter shapes."""
+  its final global model) from its latest checkpoint, checked against this
+  run's parameter shapes and against the digest its report gives."""
+  from fedjax_seg import predict  # pylint: disable=g-import-not-at-top
   flag = f"--init_from={source.workdir}"
-  sim = Simulation(source.config, source.workdir)
-  if sim.state.rounds_completed == 0:
+  try:
+    params, rounds = predict.restore_evaluated_params(
+        pathlib.Path(source.workdir), source.config, like)
+  except predict.PredictError as e:
+    raise config_lib.ConfigError(f"{flag}: {e}") from e
+  if rounds == 0:
     raise config_lib.ConfigError(f"{flag}: that run has no completed round.")
-  params = evaluated_params(source.config, sim.state)
-  want = jax.tree.map(lambda x: (x.shape, x.dtype), like)
-  got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
-  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+  if source.params_sha256 and params_digest(params) != source.params_sha256:
     raise config_lib.ConfigError(
-        f"{flag}: its model does not match this one (use the same "
-        "--model/--widths/--norm/--residual and data with the same channels "
-        "and classes).")
-  return jax.tree.map(jnp.asarray, jax.device_get(params))
+        f"{flag}: its latest checkpoint's model is not the one its "
+        f"{REPORT} describes (params sha256 differs); was it resumed or "
+        "rerun since?")
+  return jax.tree.map(jnp.asarray, params)
 
 
 def _restore_or_init(run: _Run, params) -> RunState:
@@ -793,6 +827,23 @@ def _restore_or_init(run: _Run, params) -> RunState:
   return state
 
 
+def _check_same_run(stored: dict | None, plan: _Plan, config,
+                    workdir) -> None:
+  """Refuses to reuse the noise secret of a run that stopped before its
+  first checkpoint for a run with other settings (it would draw the same
+  noise at another scale, or under another plan)."""
+  if stored is None or _comparable(stored["config"]) != _comparable(
+      config.to_dict()):
+    raise config_lib.ConfigError(
+        f"--workdir={workdir} holds the noise secret of a run with other "
+        "settings (stopped before its first checkpoint); reusing it would "
+        "add the same noise under other settings. Use a new --workdir, or "
+        "the same flags.")
+  _check_noise_plan_unchanged({"noise_plan": stored["noise_plan"],
+                               "config": stored["config"],
+                               "rounds_completed": 0}, plan, config)
+
+
 def _check_noise_plan_unchanged(meta, plan: _Plan, config) -> None:
   """Refuses a resumption whose noise for any already planned round differs.
 
@@ -804,6 +855,12 @@ def _check_noise_plan_unchanged(meta, plan: _Plan, config) -> None:
   saved, now = meta["noise_plan"], plan.to_meta()
   old_rounds = meta["config"]["federated"]["rounds"]
   done = int(meta["rounds_completed"])
+  if saved.get("init_source_report_sha256") != now[
+      "init_source_report_sha256"]:
+    raise config_lib.ConfigError(
+        f"--init_from={config.model.init_from}: that run's report changed "
+        "since this run started (its ledger holds the events of the report "
+        "then); use a new --workdir.")
   if config.federated.rounds < done:
     raise config_lib.ConfigError(
         f"--rounds={config.federated.rounds}: the checkpoint already holds "
@@ -1498,6 +1555,10 @@ def _privacy_section(run: _Run, state: RunState) -> dict:
     section.update(_ledger_section(state.site_ledger, names))
     section["plan"] = site_plan
   source = plan.init_source
+  if source is not None:
+    section["init_from"] = {"workdir": source.workdir,
+                            "report_sha256": source.report_sha256,
+                            "relation": source.relation}
   if source is not None and source.report_section() is not None:
     section["composed_from"] = source.report_section()
   if source is not None and source.report_section(site_level=True):
@@ -1592,6 +1653,10 @@ def _report(run: _Run, state: RunState, result, stopped_reason, seconds,
       },
       "history": state.history,
       "config": config.to_dict(),
+      # Which preparation of the dataset (a composed --init_from compares).
+      "dataset": {"name": config.data.dataset,
+                  "fingerprint": init_source_lib.dataset_fingerprint(
+                      config.data)},
       "sites": {s: {"modality": m, "train_units": int(n)} for s, m, n in
                 zip(names, plan.site_modalities, plan.units)},
       "versions": _versions(),

@@ -51,8 +51,10 @@ class InitSource:
     prior_events: with relation "composed", {site: [events]} of the source's
       main ledger for the sites this run has (composed into this run's main
       ledger); else {}.
-    prior_site_level_events: the same for the site-level ledger, when both
-      runs keep one besides a record-level main ledger; else {}.
+    prior_site_level_events: the same for the site-level ledger, when this
+      run keeps one besides a record-level main ledger; else {}.
+    composes_site_level: whether `prior_site_level_events` were composed
+      (this run has both ledgers and the source composed).
   """
 
   workdir: str
@@ -65,6 +67,7 @@ class InitSource:
   params_sha256: str | None
   prior_events: dict
   prior_site_level_events: dict
+  composes_site_level: bool = False
 
   def assumption(self) -> str:
     """The report's sentence on the initial model (privacy.assumptions)."""
@@ -92,11 +95,13 @@ class InitSource:
 
   def report_section(self, site_level: bool = False) -> dict | None:
     """`composed_from` of the report's main ledger section (or, with
-    `site_level`, of its site-level section): where the ledger's first
-    events come from; None when nothing was composed into it."""
-    prior = self.prior_site_level_events if site_level else self.prior_events
-    if self.relation != "composed" or not prior:
+    `site_level`, of its site-level section beside a record-level main
+    ledger): where the ledger's first events come from (none for a site the
+    source does not have); None unless composed."""
+    if self.relation != "composed" or (site_level
+                                       and not self.composes_site_level):
       return None
+    prior = self.prior_site_level_events if site_level else self.prior_events
     return {"workdir": self.workdir, "report_sha256": self.report_sha256,
             "events_per_site": {s: len(e) for s, e in prior.items()}}
 
@@ -126,9 +131,11 @@ def read(config: config_lib.ExperimentConfig,
   report = json.loads(raw)
   other = config_flags.config_from_dict(report["config"])
   dp = other.privacy.enabled
-  relation = _relation(config, other, flag)
+  relation = _relation(config, other, flag,
+                       report.get("dataset", {}).get("fingerprint"))
   section = report.get("privacy", {}) if dp else {}
   prior, prior_site = {}, {}
+  both_ledgers = config.privacy.use_site_level and config.privacy.record_level
   if relation == "composed":
     ledger = privacy.PrivacyLedger.from_dict(section["ledger"])
     if ledger.unit != main_unit(config):
@@ -138,8 +145,13 @@ def read(config: config_lib.ExperimentConfig,
           "source's --unit, or other patients and --init_from_disjoint).")
     prior = {s: ledger.events(s) for s in site_names
              if s in ledger.site_names}
-    if ("site_level" in section and config.privacy.use_site_level
-        and config.privacy.record_level):
+    if both_ledgers:
+      if "site_level" not in section:
+        raise config_lib.ConfigError(
+            f"{flag}/--site_level: that run protected this run's patients "
+            "per unit only, with no site-level DP, so a site-level epsilon "
+            "of this run cannot cover its model; start from a source with "
+            "--site_level too, or drop --site_level.")
       site_ledger = privacy.PrivacyLedger.from_dict(
           section["site_level"]["ledger"])
       prior_site = {s: site_ledger.events(s) for s in site_names
@@ -151,15 +163,48 @@ def read(config: config_lib.ExperimentConfig,
       epsilon_label=section.get("epsilon_label"),
       params_sha256=report.get("evaluated_params_sha256",
                                report.get("final_params_sha256")),
-      prior_events=prior, prior_site_level_events=prior_site)
+      prior_events=prior, prior_site_level_events=prior_site,
+      composes_site_level=relation == "composed" and both_ledgers)
 
 
-def _relation(config, other, flag: str) -> str:
+def dataset_fingerprint(data: config_lib.DataConfig) -> str | None:
+  """The prepared dataset's fingerprint (of its input files and settings,
+  `data_prep.prepare`), or None for the built-in data or a dataset without
+  one."""
+  if data.dataset == "synthetic":
+    return None
+  from fedjax_seg.data import tfds_io  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds_io.read_stats(data.dataset, data.data_dir).get("fingerprint")
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def _relation(config, other, flag: str,
+              source_fingerprint: str | None = None) -> str:
   """One of RELATIONS, or ConfigError (module docstring)."""
   model, mine, theirs = config.model, config.data, other.data
   same_patients = theirs.dataset == mine.dataset and (
       mine.dataset != "synthetic" or other.data_seed == config.data_seed)
+  fingerprint = dataset_fingerprint(mine) if same_patients else None
+  if source_fingerprint and fingerprint and source_fingerprint != fingerprint:
+    if not (model.init_from_disjoint or model.init_from_public):
+      raise config_lib.ConfigError(
+          f"{flag}: dataset {mine.dataset!r} was prepared again since that "
+          "run (another fingerprint), so its patients may now be at other "
+          "sites and composing per site would miss them. Pass "
+          "--init_from_disjoint if its patients are none of this run's, or "
+          "use a source trained on this preparation.")
+    same_patients = False
   dp = other.privacy.enabled
+  if same_patients and model.init_from_public:
+    raise config_lib.ConfigError(
+        f"--init_from_public: {flag} trained on this run's patients (dataset "
+        f"{theirs.dataset!r}"
+        + (f", data seed {config.data_seed}" if mine.dataset == "synthetic"
+           else "")
+        + "), whose data this run protects; drop --init_from_public (a DP "
+        "source is then composed into this run's ledger).")
   if model.init_from_public:
     return "public"
   if theirs.dataset == "synthetic" and not same_patients:
@@ -182,11 +227,26 @@ def _relation(config, other, flag: str) -> str:
              if mine.dataset == "synthetic" else "")
           + ", whose patients are this run's; drop --init_from_disjoint (its "
           "events are then composed into this run's ledger).")
+    _check_independent_noise(config, other, flag)
     return "composed"
   if model.init_from_disjoint:
+    _check_independent_noise(config, other, flag)
     return "disjoint"
   raise config_lib.ConfigError(
       f"{flag}: that run trained under DP on dataset {theirs.dataset!r}, "
       f"this one on {mine.dataset!r}: whether they share patients cannot be "
       "established. Pass --init_from_disjoint if its patients are none of "
       "this run's, or --init_from_public if that dataset is public.")
+
+
+def _check_independent_noise(config, other, flag: str) -> None:
+  """Refuses a DP source that drew its noise from this run's --noise_seed
+  (and sweep member): both runs would add the same Gaussian draws, and two
+  releases that share noise are not the independent mechanisms their
+  ledgers account (their difference can cancel it)."""
+  if (config.noise_seed is not None and config.noise_seed == other.noise_seed
+      and config.sweep_member == other.sweep_member):
+    raise config_lib.ConfigError(
+        f"--noise_seed={config.noise_seed}: {flag} drew its noise from the "
+        "same seed, so both runs add the same Gaussian draws; use another "
+        "--noise_seed, or none (a secret).")

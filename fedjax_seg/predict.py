@@ -195,6 +195,32 @@ def _restore(workdir: pathlib.Path, round_index: int | None):
   return restored["state"], restored["meta"], step
 
 
+def _evaluated(state, meta, config, template, what: str):
+  """(the evaluated global model in `template`'s structure, rounds done):
+  the debiased EMA with --ema_decay after a round, else the last model."""
+  from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
+  decay, rounds = config.federated.ema_decay, int(meta["rounds_completed"])
+  if decay and rounds and "averaged" not in state:
+    raise PredictError(f"{what}: the run averages its models (--ema_decay="
+                       f"{decay}) but the checkpoint holds no average.")
+  if decay and rounds:
+    return experiment.debiased_average(
+        _like(template, state["averaged"], what), decay, rounds), rounds
+  return _like(template, state["server"]["params"], what), rounds
+
+
+def restore_evaluated_params(workdir: pathlib.Path, config, like):
+  """(the evaluated global model of the run in `workdir`, shaped like
+  `like` (numpy leaves), rounds done) from its latest checkpoint, without
+  setting the run up (its data, trainer and noise root are not needed).
+  Raises PredictError naming what is missing or does not match."""
+  state, meta, step = _restore(workdir, None)
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          like)
+  return _evaluated(state, meta, config, template,
+                    f"--workdir={workdir} checkpoint {step}")
+
+
 def _key_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
@@ -321,15 +347,7 @@ def load_trained(workdir: str | os.PathLike, round_index: int | None = None,
     raise PredictError(
         f"--data_dir: the dataset found there has {len(class_names)} classes "
         f"{list(class_names)}, the run's model {model.config.num_classes}.")
-  decay, rounds = config.federated.ema_decay, int(meta["rounds_completed"])
-  if decay and rounds and "averaged" not in state:
-    raise PredictError(f"{what}: the run averages its models (--ema_decay="
-                       f"{decay}) but the checkpoint holds no average.")
-  if decay and rounds:
-    params = experiment.debiased_average(
-        _like(template, state["averaged"], what), decay, rounds)
-  else:
-    params = _like(template, stored, what)
+  params, _ = _evaluated(state, meta, config, template, what)
   if fedbn:
     if site in meta.get("charged_rounds", {}) and not meta[
         "charged_rounds"][site]:

@@ -71,6 +71,21 @@ def test_a_dp_run_on_the_same_patients_is_composed(source_run, tmp_path):
     experiment.Simulation(_from(spent, a_dir), tmp_path / "spent")
 
 
+def test_a_source_with_the_same_noise_seed_is_refused(tmp_path):
+  # Both runs would add the same Gaussian draws.
+  seeded = dataclasses.replace(TINY, noise_seed=4, federated=dataclasses.replace(
+      TINY.federated, rounds=1))
+  experiment.train_and_evaluate(seeded, tmp_path / "a")
+  with pytest.raises(C.ConfigError, match="--noise_seed=4: .*same seed"):
+    experiment.Simulation(_from(seeded, tmp_path / "a"), tmp_path / "b")
+  other = dataclasses.replace(_from(seeded, tmp_path / "a"), noise_seed=5)
+  sim = experiment.Simulation(other, tmp_path / "c")
+  assert sim.run.plan.init_source.relation == "composed"
+  # The source's workdir is only read: no secret or checkpoint written.
+  assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()
+                ) == ["1"]
+
+
 def test_other_patients_are_not_composed_and_the_unknown_is_refused(
     source_run, tmp_path):
   a_dir, a = source_run
@@ -104,6 +119,21 @@ def test_other_patients_are_not_composed_and_the_unknown_is_refused(
   (nodp / experiment.REPORT).write_text(json.dumps(report))
   with pytest.raises(C.ConfigError, match="WITHOUT DP on this run's"):
     experiment.Simulation(_from(TINY, nodp), tmp_path / "nodp_run")
+  # This run's patients cannot be stated public, and a site-level epsilon
+  # cannot cover a source that protected them per patient only.
+  with pytest.raises(C.ConfigError, match="--init_from_public: .*this run's"):
+    experiment.Simulation(_from(TINY, a_dir, init_from_public=True),
+                          tmp_path / "public")
+  site_level = dataclasses.replace(_from(TINY, a_dir), privacy=dataclasses.replace(
+      TINY.privacy, site_level=True))
+  with pytest.raises(C.ConfigError, match="--site_level: that run protected"):
+    experiment.Simulation(site_level, tmp_path / "site_level")
+  # A budget the source already spent is refused before anything runs.
+  spent = dataclasses.replace(_from(TINY, a_dir), privacy=dataclasses.replace(
+      TINY.privacy, target_epsilon=None, epsilon_budget=1.0))
+  with pytest.raises(C.ConfigError, match="--epsilon_budget=1.0: the "
+                                          "--init_from run already spent"):
+    experiment.Simulation(spent, tmp_path / "spent_budget")
   # Another unit cannot be composed.
   slices = dataclasses.replace(_from(TINY, a_dir), privacy=dataclasses.replace(
       TINY.privacy, unit="example"))

@@ -78,7 +78,7 @@ def test_the_secret_is_in_no_output_and_a_resumed_run_keeps_it(tmp_path):
   secret_file = (tmp_path / "full" / experiment.CHECKPOINTS /
                  noise_secret.SECRET_FILE)
   assert secret_file.stat().st_mode & 0o777 == 0o600
-  secret = bytes.fromhex(secret_file.read_text().strip())
+  secret = noise_secret.read_secret(secret_file.parent)
   assert len(secret) == 32
   # grep -r over every file of the run but the secret's own.
   needles = [secret.hex().encode(), secret.hex().upper().encode(), secret]
@@ -95,7 +95,7 @@ def test_the_secret_is_in_no_output_and_a_resumed_run_keeps_it(tmp_path):
   # never stopped, given the same secret (copied before the first round).
   (tmp_path / "resumed" / experiment.CHECKPOINTS).mkdir(parents=True)
   (tmp_path / "resumed" / experiment.CHECKPOINTS /
-   noise_secret.SECRET_FILE).write_text(secret.hex())
+   noise_secret.SECRET_FILE).write_text(secret_file.read_text())
   killed = dataclasses.replace(config, stop_after_rounds=1)
   assert experiment.train_and_evaluate(killed, tmp_path / "resumed")[
       "stopped_reason"] == "interrupted"
@@ -109,6 +109,32 @@ def test_the_secret_is_in_no_output_and_a_resumed_run_keeps_it(tmp_path):
       config.federated, rounds=3))
   with pytest.raises(C.ConfigError, match="no noise_secret"):
     experiment.Simulation(longer, tmp_path / "resumed")
+
+
+def test_a_restart_before_the_first_checkpoint_keeps_its_settings(tmp_path):
+  # Killed after round 1, before any checkpoint: the secret stays (the rerun
+  # repeats the same noise), so a rerun with other noise settings, or
+  # another --rounds that changes the calibration, is refused.
+  config = dataclasses.replace(TINY, checkpoint_every=5,
+                               federated=dataclasses.replace(
+                                   TINY.federated, rounds=3))
+  killed = dataclasses.replace(config, stop_after_rounds=1)
+  experiment.train_and_evaluate(killed, tmp_path)
+  assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+  louder = dataclasses.replace(config, privacy=dataclasses.replace(
+      config.privacy, noise_multiplier=2.0))
+  with pytest.raises(C.ConfigError, match="noise secret of a run with other"):
+    experiment.Simulation(louder, tmp_path)
+  calibrated = dataclasses.replace(config, privacy=C.PrivacyConfig())
+  experiment.train_and_evaluate(
+      dataclasses.replace(calibrated, stop_after_rounds=1), tmp_path / "c")
+  longer = dataclasses.replace(calibrated, federated=dataclasses.replace(
+      calibrated.federated, rounds=4))
+  with pytest.raises(C.ConfigError, match="--rounds"):
+    experiment.Simulation(longer, tmp_path / "c")
+  # The same flags go on (and a performance flag may change).
+  experiment.Simulation(dataclasses.replace(
+      config, performance=C.PerformanceConfig(chunk_size=2)), tmp_path)
 
 
 def test_noise_seed_runs_repeat_and_default_runs_do_not(tmp_path):

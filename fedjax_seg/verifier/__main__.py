@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None,
   parser.add_argument("path", help="a run's workdir, its report.json, a "
                       "PrivacyLedger JSON dump (ledger.to_json()), or a "
                       "sweep's workdir")
+  parser.add_argument("--no-plan", action="store_true",
+                      help="for a hand-made report without a config: check "
+                      "its epsilons and its own plan only (the output says "
+                      "the plan was not re-derived)")
   args = parser.parse_args(argv)
   quiet = _CountRdpConvergenceWarnings()
   absl_logger = logging.getLogger("absl")
@@ -56,7 +60,8 @@ def main(argv: Sequence[str] | None = None,
     if os.path.isfile(os.path.join(args.path, report_lib.SWEEP_JSON)):
       return _sweep(args.path)
     result = report_lib.verify_report(fields.load_report(args.path),
-                                      workers="auto")
+                                      workers="auto",
+                                      rederive=not args.no_plan)
   except fields.ReportError as e:
     print(f"verify: input error: {e}", file=sys.stderr)
     return EXIT_INPUT

@@ -1,5 +1,6 @@
 """Reading a report's JSON fields, with errors that name the field."""
 
+import hashlib
 import json
 import math
 import numbers
@@ -63,10 +64,17 @@ def close(a: float, b: float) -> bool:
 
 def load_report(path: str) -> dict:
   """The report at `path`: a workdir (its report.json) or a JSON file."""
+  return read_report(path)[0]
+
+
+def read_report(path: str) -> tuple[dict, str]:
+  """(the report at `path`, sha256 of its bytes); `path` is a workdir (its
+  report.json) or a JSON file."""
   file = os.path.join(path, "report.json") if os.path.isdir(path) else path
   try:
-    with open(file, encoding="utf-8") as f:
-      return json.load(f)
+    with open(file, "rb") as f:
+      raw = f.read()
+    return json.loads(raw), hashlib.sha256(raw).hexdigest()
   except FileNotFoundError as e:
     raise ReportError(f"{file}: no such file.") from e
   except json.JSONDecodeError as e:

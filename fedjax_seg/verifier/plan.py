@@ -36,6 +36,7 @@ sigma (the runner checks the applied value at run time).
 
 import dataclasses
 import math
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -47,6 +48,11 @@ from fedjax_seg.verifier import fields
 SCHEDULES = ("constant", "linear", "exponential", "cosine", "step")
 TRUNCATION_TAIL = 1e-12  # Per step, as the runner sizes its batches.
 MINIMALITY = 0.99  # A calibrated sigma times this must miss the target.
+# The device evaluates the schedule's shape in float32 with its own cos and
+# pow (and may contract operations): the derived shape is known to within a
+# few units in the last place of 1. Sigmas compare to this much of the
+# site's base sigma, beside the relative 1e-6.
+SHAPE_ATOL = 8 * 2.0 ** -24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Setting:
   data_seed: int
   init_from: str | None
   init_from_public: bool
+  init_from_disjoint: bool
 
   @property
   def record_level(self) -> bool:
@@ -127,7 +134,8 @@ def read_setting(config: Mapping, path: str = "config") -> Setting:
       dataset=g(d, "dataset", "data", "str"),
       data_seed=seed if data_seed is None else data_seed,
       init_from=g(m, "init_from", "model", "str", None),
-      init_from_public=g(m, "init_from_public", "model", "bool", False))
+      init_from_public=g(m, "init_from_public", "model", "bool", False),
+      init_from_disjoint=g(m, "init_from_disjoint", "model", "bool", False))
   if setting.schedule not in SCHEDULES:
     raise fields.ReportError(f"{path}.privacy.noise_schedule: "
                              f"{setting.schedule!r} is not one of {SCHEDULES}.")
@@ -138,22 +146,25 @@ def read_setting(config: Mapping, path: str = "config") -> Setting:
 
 
 def round_shape(s: Setting) -> np.ndarray:
-  """[rounds] the schedule's relative sigma per round (float64), as optax's
-  schedules define them over the round index."""
-  r = np.arange(s.rounds, dtype=np.float64)
+  """[rounds] the schedule's relative sigma per round, as optax's schedules
+  compute it over the round index: in float32, the device's precision (a
+  float32 decay rate drifts from its float64 value by 2e-8 per round)."""
+  f = np.float32
+  r = np.arange(s.rounds, dtype=np.int32)
   span = max(s.rounds - 1, 1)
   if s.schedule == "constant":
-    return np.ones_like(r)
+    return np.ones(s.rounds, np.float32)
   if s.schedule == "linear":  # optax.linear_schedule(1, end, span)
-    return (1.0 - s.end_factor) * (1.0 - np.clip(r, 0, span) / span) + (
-        s.end_factor)
+    frac = f(1) - np.clip(r, 0, span).astype(f) / f(span)
+    return f(1.0 - s.end_factor) * frac + f(s.end_factor)
   if s.schedule == "exponential":  # exponential_decay(1, rate, 1)
-    return s.decay_rate ** r
+    return np.power(f(s.decay_rate), r.astype(f))
   if s.schedule == "cosine":  # optax.cosine_decay_schedule(1, span, end)
-    cosine = 0.5 * (1.0 + np.cos(np.pi * np.minimum(r, span) / span))
-    return (1.0 - s.end_factor) * cosine + s.end_factor
+    count = np.minimum(r.astype(f), f(span))
+    cosine = f(0.5) * (f(1) + np.cos(f(np.pi) * count / f(span)))
+    return f(1.0 - s.end_factor) * cosine + f(s.end_factor)
   # step: piecewise constant, times end_factor from half the rounds on.
-  return np.where(r < max(s.rounds // 2, 1), 1.0, s.end_factor)
+  return np.where(r < max(s.rounds // 2, 1), f(1), f(s.end_factor))
 
 
 def windows(s: Setting, names: Sequence[str]) -> dict:
@@ -188,16 +199,33 @@ def _f32(x: float) -> float:
   return float(np.float32(x))
 
 
-def composition_required(s: Setting, source_config: Mapping) -> bool:
-  """Whether an --init_from source's events must be in this run's ledger: it
-  trained under DP on this run's patients (same dataset; the built-in data
-  with the same data seed) and its data were not stated public."""
-  if s.init_from_public:
-    return False
-  other = read_setting(source_config, "the --init_from run's config")
+def composition_required(s: Setting, report: Mapping, source: Mapping,
+                         problems: list) -> bool:
+  """Whether an --init_from source's events must be in this run's ledger:
+  it trained under DP on this run's patients (the same dataset and
+  preparation; the built-in data with the same data seed). Appends a
+  problem for a source the runner refuses (a non-DP one on this run's
+  patients, or this run's patients stated public or disjoint)."""
+  other = read_setting(fields.get(source, "config", "the --init_from report",
+                                  "object"), "the --init_from run's config")
   same = other.dataset == s.dataset and (
       s.dataset != "synthetic" or other.data_seed == s.data_seed)
-  return same and other.enabled
+  mine = (report.get("dataset") or {}).get("fingerprint")
+  theirs = (source.get("dataset") or {}).get("fingerprint")
+  if same and mine and theirs and mine != theirs:
+    same = False  # Prepared again: the runner asks for a statement.
+    if not (s.init_from_disjoint or s.init_from_public):
+      problems.append("FAIL plan: the --init_from run trained on another "
+                      "preparation of this dataset and no relation is stated")
+  if not same:
+    return False
+  for flag, stated in (("--init_from_public", s.init_from_public),
+                       ("--init_from_disjoint", s.init_from_disjoint),
+                       ("a non-private source", not other.enabled)):
+    if stated:
+      problems.append(f"FAIL plan: the --init_from run trained on this "
+                      f"run's patients, with {flag}: the runner refuses it")
+  return other.enabled and not (s.init_from_public or s.init_from_disjoint)
 
 
 @dataclasses.dataclass
@@ -244,59 +272,79 @@ def _charged_rounds(s: Setting, report: Mapping, names, training, wins,
     if not part <= pool:
       problems.append(f"FAIL plan: round {r + 1}'s participants "
                       f"{sorted(part - pool)[:5]} are not in the federation")
-    if s.sites_per_round and s.dropout_rate == 0 and len(part) != min(
-        s.sites_per_round, len(pool)):
+    cohort = min(s.sites_per_round, len(pool))
+    # The cohort is drawn among the sites in the federation with a scenario,
+    # else among all sites, held-out ones then dropped (fewer may train).
+    exact = not s.held_out or s.joins or s.leaves
+    if s.sites_per_round and s.dropout_rate == 0 and (
+        len(part) != cohort if exact else len(part) > cohort):
       problems.append(f"FAIL plan: round {r + 1} has {len(part)} "
-                      f"participants, --sites_per_round gives "
-                      f"{min(s.sites_per_round, len(pool))}")
+                      f"participants, --sites_per_round gives {cohort}")
     for n in part & pool:
       charged[n].append(r)
   return charged
 
 
-def _source_events(s: Setting, privacy: Mapping, problems: list,
-                   site_level: bool) -> tuple[dict, Mapping | None]:
-  """({site: prior events}, the source report) of a composed --init_from
-  run (empty without one)."""
+def _load_source(s: Setting, report: Mapping, privacy: Mapping,
+                 problems: list, verify_source) -> tuple[Mapping | None, bool]:
+  """(the --init_from run's report, whether its events must be composed):
+  read from the path the runner recorded (`privacy.init_from.workdir`,
+  which must be the config's --init_from), checked against the recorded
+  sha256, and itself verified (`verify_source`)."""
+  recorded = privacy.get("init_from") or {}
   composed = privacy.get("composed_from")
-  if site_level:
-    composed = privacy.get("site_level", {}).get("composed_from")
   if not s.init_from:
-    if composed:
-      problems.append("FAIL plan: privacy.composed_from names a source, the "
-                      "config has no --init_from")
-    return {}, None
-  where = (composed or {}).get("workdir") or s.init_from
+    if recorded or composed:
+      problems.append("FAIL plan: the report names an --init_from source, "
+                      "the config has none")
+    return None, False
+  where = recorded.get("workdir") or s.init_from
+  if recorded.get("workdir") and not os.path.normpath(where).endswith(
+      os.path.normpath(s.init_from).lstrip(os.sep)):
+    problems.append(f"FAIL plan: privacy.init_from.workdir {where!r} is not "
+                    f"the config's --init_from {s.init_from!r}")
   try:
-    source = fields.load_report(where)
+    source, digest = fields.read_report(where)
   except fields.ReportError as e:
     problems.append(f"FAIL plan: the --init_from run's report cannot be read "
-                    f"({e}); its events cannot be checked (verify where "
-                    "that run is reachable)")
-    return {}, None
-  required = composition_required(s, fields.get(source, "config", where,
-                                                "object"))
-  if not required:
-    if composed:
-      problems.append("FAIL plan: events composed from an --init_from run "
-                      "that did not train under DP on this run's patients")
-    return {}, source
-  if not composed and not site_level:
+                    f"({e}); whether its events belong in the ledger cannot "
+                    "be checked (verify where that run is reachable)")
+    return None, False
+  if recorded.get("report_sha256") not in (None, digest):
+    problems.append(f"FAIL plan: the --init_from run's report ({where}) "
+                    "changed since this run read it (sha256 differs)")
+  required = composition_required(s, report, source, problems)
+  if required and not composed:
     problems.append(f"FAIL plan: the --init_from run ({where}) trained under "
                     "DP on this run's patients, but its events are not "
                     "composed into the ledger (no privacy.composed_from)")
-  section = fields.get(source, "privacy", where, "object")
+  if composed and not required:
+    problems.append("FAIL plan: events composed from an --init_from run "
+                    "that did not train under DP on this run's patients")
+  if required and source.get("privacy", {}).get("enabled"):
+    problems.extend(f"FAIL the --init_from run: {line}"
+                    for line in verify_source(source))
+  return source, required
+
+
+def _source_events(source: Mapping | None, required: bool,
+                   site_level: bool) -> dict:
+  """{site: the source's events} for the main (or site-level) ledger."""
+  if source is None or not required:
+    return {}
+  section = fields.get(source, "privacy", "the --init_from report", "object")
   if site_level:
     section = section.get("site_level")
     if section is None:
-      return {}, source
-  sites, _ = epsilons.parse_ledger(fields.get(section, "ledger", where,
-                                              "object"), f"{where} ledger")
-  return sites, source
+      return {}
+  sites, _ = epsilons.parse_ledger(
+      fields.get(section, "ledger", "the --init_from report", "object"),
+      "the --init_from run's ledger")
+  return sites
 
 
 def check(report: Mapping, ledgers: Mapping[str, tuple], recomputed: Mapping,
-          problems: list) -> None:
+          problems: list, verify_source=lambda source: []) -> None:
   """Checks the ledgers against the plan derived from the config and site
   sizes; appends one line per mismatch to `problems`.
 
@@ -306,21 +354,26 @@ def check(report: Mapping, ledgers: Mapping[str, tuple], recomputed: Mapping,
       [events]}, orders)} as parsed from the report.
     recomputed: {section path: {site: RDP epsilon}} (for the budget).
     problems: the list of problems to append to.
+    verify_source: `report -> [problems]`, to verify a composed --init_from
+      run's own report.
   """
   s = read_setting(fields.get(report, "config", "", "object"))
   privacy = fields.get(report, "privacy", "", "object")
+  # The report's privacy header must be the config's.
+  both = s.use_site_level and s.record_level
+  for what, got, want in (
+      ("privacy.enabled", privacy.get("enabled"), s.enabled),
+      ("privacy.delta", privacy.get("delta"), s.delta),
+      ("privacy.unit", privacy.get("unit"), s.unit),
+      ("a privacy.site_level ledger", "privacy.site_level" in ledgers, both)):
+    if got != want:
+      problems.append(f"FAIL plan: {what} is {got!r}, the config gives "
+                      f"{want!r}")
   sizes = fields.get(report, "sites", "", "object")
   names = list(sizes)
   units = {n: fields.get(fields.get(sizes, n, "sites", "object"),
                          "train_units", f"sites.{n}", "int") for n in names}
   done = fields.get(report, "rounds_completed", "", "int")
-  if done > s.rounds:
-    problems.append(f"FAIL plan: {done} rounds completed, --rounds="
-                    f"{s.rounds}")
-  if str(report.get("stopped_reason", "")).startswith("completed") and (
-      done != s.rounds):
-    problems.append(f"FAIL plan: stopped 'completed' after {done} of "
-                    f"{s.rounds} rounds")
   training = {n: n not in s.held_out for n in names}
   wins = windows(s, names)
   rates = {n: min(1.0, s.batch_size / units[n]) if units[n] > 0 else 1.0
@@ -330,17 +383,47 @@ def check(report: Mapping, ledgers: Mapping[str, tuple], recomputed: Mapping,
     if set(sites) != set(names):
       problems.append(f"FAIL plan: {path}.ledger's sites differ from the "
                       f"report's sites ({sorted(set(sites) ^ set(names))[:5]})")
+  source, required = _load_source(s, report, privacy, problems,
+                                  verify_source)
+  # What round `done` (the next one) would add per ledger and site.
+  next_events = {}
   if s.record_level and "privacy" in ledgers:
-    _check_record_level(s, privacy, ledgers["privacy"], names, units, rates,
-                        training, wins, charged, problems)
+    next_events["privacy"] = _check_record_level(
+        s, privacy, ledgers["privacy"], names, units, rates, training, wins,
+        charged, done, _source_events(source, required, False), problems)
   if s.use_site_level:
     path = "privacy" if s.unit == "site" else "privacy.site_level"
-    if path not in ledgers:
-      problems.append(f"FAIL plan: site-level DP is on, {path}.ledger is "
-                      "missing")
-    else:
-      _check_site_level(s, privacy, path, ledgers[path], names, training,
-                        done, problems)
+    if path in ledgers:
+      next_events[path] = _check_site_level(
+          s, path, ledgers[path], names, training, done,
+          _source_events(source, required, path != "privacy"), problems)
+  _check_stop(s, report, done, ledgers, next_events, recomputed, problems)
+
+
+def _check_stop(s, report, done, ledgers, next_events, recomputed,
+                problems) -> None:
+  """The stop reason agrees with the rounds done, and the budget holds: a
+  budget stop only where the next round would have exceeded it."""
+  reason = str(report.get("stopped_reason", ""))
+  if done > s.rounds:
+    problems.append(f"FAIL plan: {done} rounds completed, --rounds="
+                    f"{s.rounds}")
+  if reason.startswith("completed"):
+    if done != s.rounds:
+      problems.append(f"FAIL plan: stopped 'completed' after {done} of "
+                      f"{s.rounds} rounds")
+  elif reason.startswith("budget:"):
+    over = s.epsilon_budget is not None and done < s.rounds and any(
+        epsilons.rdp_epsilon(ledgers[path][0][n] + [event],
+                             ledgers[path][1], s.delta) > s.epsilon_budget
+        for path, events in next_events.items()
+        for n, event in events.items())
+    if not over:
+      problems.append(f"FAIL plan: stopped by the budget after {done} "
+                      "rounds, but no site the next round charges would "
+                      "have exceeded --epsilon_budget")
+  else:
+    problems.append(f"FAIL plan: unknown stopped_reason {reason!r}")
   if s.epsilon_budget is not None:
     for path, figures in recomputed.items():
       for site, eps in figures.items():
@@ -362,7 +445,9 @@ def _compare_events(events, want, label, problems) -> None:
 
 
 def _check_record_level(s, privacy, ledger, names, units, rates, training,
-                        wins, charged, problems) -> None:
+                        wins, charged, done, prior, problems) -> dict:
+  """Checks the record-level ledger; returns {site: the event round `done`
+  would add} for the sites in the federation then."""
   sites, orders = ledger
   plan = fields.get(privacy, "plan", "privacy", "object")
   max_batch = max_batch_size([units[n] for n in names],
@@ -379,7 +464,6 @@ def _check_record_level(s, privacy, ledger, names, units, rates, training,
       problems.append(f"FAIL plan: privacy.plan.{key} differs from the "
                       f"derived value for sites {bad[:5]}")
   shape = round_shape(s)
-  prior, _ = _source_events(s, privacy, problems, site_level=False)
   if s.target_epsilon is None:
     base = {n: s.noise_multiplier for n in names}
   else:
@@ -388,35 +472,53 @@ def _check_record_level(s, privacy, ledger, names, units, rates, training,
     base = {n: float(fields.site_value(claimed, n,
                                        "privacy.noise_multiplier_per_site",
                                        "number")) for n in names}
-  sigma = {n: [_f32(shape[r] * base[n]) for r in range(s.rounds)]
+  sigma = {n: [_f32(float(shape[r]) * base[n]) for r in range(s.rounds)]
            for n in names}
+
+  def near(value, n, r):
+    return abs(float(value) - sigma[n][r]) <= (
+        fields.REL_TOL * sigma[n][r] + SHAPE_ATOL * base[n])
   recorded = plan.get("accounted_sigma_per_round", {})
-  event = lambda n, value: epsilons.planned_event(  # noqa: E731
-      value, rates[n], s.local_steps, dataset_size=units[n],
-      max_batch_size=max_batch)
+  trained = fields.get(plan, "rounds_trained_per_site", "privacy.plan",
+                       "object")
+
+  def event(n, value):
+    return epsilons.planned_event(value, rates[n], s.local_steps,
+                                  dataset_size=units[n],
+                                  max_batch_size=max_batch)
+
   checked = {}
   for n in names:
     label = f"FAIL site {n!r}, ledger privacy.ledger"
     mine = recorded.get(n)
     if not (isinstance(mine, list) and len(mine) == s.rounds and all(
-        fields.close(float(a), b) for a, b in zip(mine, sigma[n]))):
+        fields.kind_ok(a, "number") and near(a, n, r)
+        for r, a in enumerate(mine))):
       problems.append(f"{label}: privacy.plan.accounted_sigma_per_round "
                       "differs from the schedule times the site's sigma")
-    if charged[n] != fields.get(plan, "rounds_trained_per_site",
-                                "privacy.plan", "object").get(n):
+    if charged[n] != trained.get(n):
       problems.append(f"{label}: privacy.plan.rounds_trained_per_site "
                       f"differs from the derived rounds {charged[n][:10]}")
     before = list(prior.get(n, ()))
-    _compare_events(sites.get(n, []), before + [
-        event(n, sigma[n][r]) for r in charged[n]], label, problems)
+    events = sites.get(n, [])
+    want = []
+    for i, r in enumerate(charged[n]):
+      # The recorded sigma where it is the derived one up to the device's
+      # float32 schedule (then the event must match in every other field).
+      got = _sigma_of(events[len(before) + i]) if len(before) + i < len(
+          events) else None
+      want.append(event(n, got if got is not None and near(got, n, r)
+                        else sigma[n][r]))
+    _compare_events(events, before + want, label, problems)
     if s.target_epsilon is None or not training[n]:
       continue
     first, end = wins[n]
     key = (units[n], wins[n], base[n], tuple(map(repr, before)))
     if key not in checked:
       full = before + [event(n, sigma[n][r]) for r in range(first, end)]
-      lower = before + [event(n, _f32(shape[r] * base[n] * MINIMALITY))
-                        for r in range(first, end)]
+      lower = before + [
+          event(n, _f32(float(shape[r]) * base[n] * MINIMALITY))
+          for r in range(first, end)]
       checked[key] = (epsilons.rdp_epsilon(full, orders, s.delta),
                       epsilons.rdp_epsilon(lower, orders, s.delta))
     at_sigma, below = checked[key]
@@ -428,27 +530,32 @@ def _check_record_level(s, privacy, ledger, names, units, rates, training,
       problems.append(f"{label}: sigma {base[n]!r} is not the calibrated "
                       f"one: {MINIMALITY} of it also meets --target_epsilon="
                       f"{s.target_epsilon} (epsilon {below:.6f})")
+  if done >= s.rounds:
+    return {}
+  charge_all = s.use_site_level  # Every training site, every round.
+  return {n: event(n, sigma[n][done]) for n in names if training[n] and (
+      charge_all or wins[n][0] <= done < wins[n][1])}
 
 
-def _check_site_level(s, privacy, path, ledger, names, training, done,
-                      problems) -> None:
+def _sigma_of(event) -> float | None:
+  """The noise multiplier of a (self-composed, sampled) Gaussian event."""
+  while isinstance(event, epsilons.dp_event.SelfComposedDpEvent):
+    event = event.event
+  if isinstance(event, epsilons.dp_event.PoissonSampledDpEvent):
+    event = event.event
+  value = getattr(event, "noise_multiplier", None)
+  return float(value) if fields.kind_ok(value, "number") else None
+
+
+def _check_site_level(s, path, ledger, names, training, done, prior,
+                      problems) -> dict:
+  """Checks the site-level ledger; returns {site: the event round `done`
+  would add}."""
   sites, _ = ledger
-  z = _f32(s.site_noise_multiplier)
-  prior, _ = _source_events(s, privacy, problems,
-                            site_level=path != "privacy")
+  step = epsilons.planned_event(_f32(s.site_noise_multiplier),
+                                s.site_sampling_rate, 1)
   for n in names:
-    want = list(prior.get(n, ())) + [
-        epsilons.planned_event(z, s.site_sampling_rate, 1)
-        for _ in range(done if training[n] else 0)]
+    want = list(prior.get(n, ())) + [step] * (done if training[n] else 0)
     _compare_events(sites.get(n, []), want,
                     f"FAIL site {n!r}, ledger {path}.ledger", problems)
-
-
-def describe(report: Mapping) -> str:
-  """One line: what the derivation read."""
-  s = read_setting(report["config"])
-  noise = (f"target epsilon {s.target_epsilon:g}" if s.target_epsilon
-           else f"sigma {s.noise_multiplier:g}")
-  return (f"plan re-derived from the config ({s.unit}, {s.schedule} "
-          f"schedule, {noise}) and {len(report['sites'])} site sizes")
-
+  return {n: step for n in names if training[n] and done < s.rounds}

@@ -298,7 +298,9 @@ def _verify_ledger(section: Mapping, section_path: str, delta: float, unit: str,
   return sites, orders, dict(zip(sites, recomputed_rdp))
 
 
-def verify_report(report: Mapping, workers: int | str = 1) -> VerifyResult:
+def verify_report(report: Mapping,
+                  workers: int | str = 1,
+                  rederive: bool = True) -> VerifyResult:
   """Recomputes and checks every epsilon of a report dict (see module doc).
 
   `workers`: 1 recomputes here; a number, or "auto" (one per core when
@@ -332,8 +334,9 @@ def verify_report(report: Mapping, workers: int | str = 1) -> VerifyResult:
        (`fedjax_seg.verifier.plan`): sampling rates, maximum batch, every
        round's sigma (a calibrated sigma re-checked against its target),
        the rounds each site was charged, a composed source's events, the
-       budget. Without a config (a hand-made report) this is skipped and
-       `rederived` is False.
+       budget. Without a config this fails, unless `rederive` is False
+       (a hand-made report: its epsilons and its own plan only, and
+       `rederived` is False).
 
   Returns:
     A `VerifyResult`; for a report with `privacy.enabled` false, ok=True,
@@ -387,9 +390,16 @@ def verify_report(report: Mapping, workers: int | str = 1) -> VerifyResult:
                                             rows, problems, workers)
     ledgers[section_path] = (sites, orders)
     recomputed[section_path] = figures
-  rederived = "config" in report
+  rederived = rederive and "config" in report
   if rederived:
-    plan_lib.check(report, ledgers, recomputed, problems)
+    plan_lib.check(
+        report, ledgers, recomputed, problems,
+        verify_source=lambda source: verify_report(source, workers).problems)
+  elif rederive:
+    problems.append("FAIL report: no config, so the plan cannot be "
+                    "re-derived (every run writes one; for a hand-made "
+                    "report, check its epsilons and its own plan only with "
+                    "--no-plan)")
   return VerifyResult(
       ok=not problems,
       rows=rows,
@@ -494,35 +504,49 @@ def verify_sweep(workdir: str, workers: int | str = 1) -> SweepResult:
   site, every private member's main-ledger events in member order and whose
   epsilons must recompute from them."""
   summary = fields.load_report(os.path.join(workdir, SWEEP_JSON))
-  members = fields.get(summary, "members", SWEEP_JSON, "list")
+  fields.get(summary, "members", SWEEP_JSON, "list")
+  # The members on disk (index-prefixed names, so sorted is member order),
+  # not the list sweep.json gives.
+  root = os.path.join(workdir, "members")
+  names = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else [])
+                 if os.path.isfile(os.path.join(root, n, "report.json")))
+  listed = [e.get("name") for e in summary["members"]
+            if isinstance(e, Mapping)]
   results, problems, composed = {}, [], {}
-  for entry in members:
-    name = fields.get(entry, "name", f"{SWEEP_JSON}.members", "str")
-    report = fields.load_report(
-        os.path.join(workdir, fields.get(entry, "workdir", name, "str")))
+  if listed != names:
+    problems.append(f"FAIL {SWEEP_JSON}: lists members {listed}, the "
+                    f"members/ directory holds {names}")
+  private, deltas, units = [], [], set()
+  for name in names:
+    report = fields.load_report(os.path.join(root, name))
     result = verify_report(report, workers=workers)
     results[name] = result
     problems += [f"member {name}: {line}" for line in result.problems]
     if result.private:
+      private.append(name)
+      deltas.append(float(report["privacy"]["delta"]))
+      units.add(report["privacy"]["ledger"]["unit"])
       sites, _ = epsilons.parse_ledger(report["privacy"]["ledger"],
                                        f"member {name} ledger")
       for site, events in sites.items():
         composed.setdefault(site, []).extend(events)
   release = summary.get("release_all_members")
   if not composed:
-    return SweepResult(ok=not problems,
-                       members=results,
-                       release=None,
+    return SweepResult(ok=not problems, members=results, release=None,
                        problems=problems)
   if not isinstance(release, Mapping):
     problems.append(f"FAIL {SWEEP_JSON}: no release_all_members for its "
                     "private members")
-    return SweepResult(ok=False,
-                       members=results,
-                       release=None,
+    return SweepResult(ok=False, members=results, release=None,
                        problems=problems)
   delta = float(fields.get(release, "delta", "release_all_members", "number"))
   unit = fields.get(release, "unit", "release_all_members", "str")
+  for what, got, want in (("members", release.get("members"), private),
+                          ("delta", delta, min(deltas)),
+                          ("unit", {unit}, units)):
+    if got != want:
+      problems.append(f"FAIL release_all_members: {what} is {got!r}, the "
+                      f"private members give {want!r}")
   rows, release_problems = [], []
   ledger = fields.get(release, "ledger", "release_all_members", "object")
   got, orders = epsilons.parse_ledger(ledger, "release_all_members.ledger")

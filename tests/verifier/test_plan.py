@@ -10,6 +10,7 @@ import pytest
 
 from fedjax_seg import config as C
 from fedjax_seg import experiment
+from fedjax_seg import privacy
 from fedjax_seg import verifier
 from fedjax_seg.privacy import PrivacyLedger
 from fedjax_seg.verifier import plan
@@ -79,7 +80,9 @@ def test_a_round_dropped_from_plan_and_ledger_fails(calibrated):
   # The report's own plan agrees with the forged ledger: without the
   # config only the derivation could have told.
   del forged["config"]
-  assert verifier.verify_report(_reclaimed(forged)).ok
+  assert verifier.verify_report(_reclaimed(forged), rederive=False).ok
+  assert any("no config" in p for p in verifier.verify_report(
+      _reclaimed(forged)).problems)
 
 
 def test_a_sigma_changed_in_plan_and_ledger_fails(calibrated):
@@ -132,6 +135,65 @@ def test_a_sampled_round_with_an_extra_site_fails(cohorts):
   extra = next(s for s in forged["sites"] if s not in row["participants"])
   row["participants"].append(extra)
   assert any("--sites_per_round gives 3" in p for p in _problems(forged))
+
+
+def test_the_header_must_be_the_configs(calibrated):
+  # Relabelled reports: a config that says --nodp (which would skip the
+  # derivation), another delta or unit than the config's.
+  for change, field in ((lambda c: c["privacy"].update(enabled=False),
+                         "privacy.enabled"),
+                        (lambda c: c["privacy"].update(delta=1e-2),
+                         "privacy.delta"),
+                        (lambda c: c["privacy"].update(unit="example"),
+                         "privacy.unit")):
+    forged = copy.deepcopy(calibrated)
+    change(forged["config"])
+    assert any(field in p for p in _problems(forged)), field
+
+
+def test_a_budget_stop_must_be_justified(cohorts):
+  # Rounds dropped everywhere and the stop blamed on a budget there is not.
+  forged = copy.deepcopy(cohorts)
+  last = forged["history"].pop()
+  forged["rounds_completed"] -= 1
+  forged["stopped_reason"] = "budget: round 3 would take a site past it"
+  for site in last["participants"]:
+    forged["privacy"]["ledger"]["sites"][site]["events"].pop()
+    forged["privacy"]["plan"]["rounds_trained_per_site"][site].pop()
+  problems = _problems(_reclaimed(forged))
+  assert any("stopped by the budget" in p for p in problems), problems
+  forged["stopped_reason"] = "tired"
+  assert any("unknown stopped_reason" in p for p in _problems(forged))
+
+
+def test_the_derived_schedule_is_the_devices_over_many_rounds(calibrated):
+  # float32 like the device (a float32 decay rate drifts from its float64
+  # value by 2e-8 per round, 1e-6 after 50 rounds), within the few units in
+  # the last place of 1 that the device's own cos and pow may differ by.
+  base = plan.read_setting(calibrated["config"])
+  for name in plan.SCHEDULES:
+    for end in (0.5, 0.01):
+      setting = dataclasses.replace(base, schedule=name, rounds=1000,
+                                    end_factor=end)
+      privacy_config = C.PrivacyConfig(noise_schedule=name,
+                                       schedule_end_factor=end)
+      want = privacy.schedules.evaluate(
+          experiment.noise_shape(privacy_config, 1000), 1000)
+      got = plan.round_shape(setting).astype(np.float64)
+      assert np.all(np.abs(got - want) <= 1e-6 * want + plan.SHAPE_ATOL), (
+          name, end, np.max(np.abs(got - want)))
+
+
+def test_held_out_sites_with_cohorts_verify(tmp_path):
+  # The cohort is drawn among all sites, held-out ones then dropped: fewer
+  # sites than --sites_per_round may train, and that is the honest plan.
+  config = dataclasses.replace(
+      TINY, data=dataclasses.replace(TINY.data, held_out_sites=(
+          "ct_scanner_a", "mri_t2_3t", "xray_film")),
+      federated=dataclasses.replace(TINY.federated, sites_per_round=3))
+  report = experiment.train_and_evaluate(config, tmp_path)
+  assert report["privacy"]["verified"]["ok"] is True
+  assert min(len(row["participants"]) for row in report["history"]) <= 3
 
 
 def test_schedules_follow_optax(calibrated):

@@ -104,7 +104,7 @@ def _write(tmp_path, report):
 
 
 def _run_main(tmp_path, report, capsys):
-  code = verify.main([_write(tmp_path, report)])
+  code = verify.main([_write(tmp_path, report), "--no-plan"])
   captured = capsys.readouterr()
   return code, captured.out, captured.err
 
@@ -112,7 +112,7 @@ def _run_main(tmp_path, report, capsys):
 def test_honest_report_verifies_in_process(honest):
   # The honest report exercises the truncation coupling (P_T > 0).
   assert stats.binom.sf(MAX_BATCH, SIZES["a"] + 1, BATCH / SIZES["a"]) > 0
-  result = verify.verify_report(honest)
+  result = verify.verify_report(honest, rederive=False)
   assert result.ok and result.private, result.problems
   assert result.problems == []
   assert [(r.ledger, r.site) for r in result.rows] == (
@@ -145,13 +145,16 @@ def test_honest_report_main_prints_table(tmp_path, honest, capsys):
 def test_cli_subprocess_on_workdir(tmp_path, honest, module):
   workdir = _write(tmp_path, honest)
   proc = subprocess.run(
-      [sys.executable, "-m", module, workdir],
+      [sys.executable, "-m", module, workdir, "--no-plan"],
       capture_output=True, text=True, timeout=120,
       cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "verified: all 6 epsilons recompute" in proc.stdout
   # A report.json path works as well as its workdir.
-  assert verify.main([os.path.join(workdir, "report.json")]) == 0
+  assert verify.main([os.path.join(workdir, "report.json"), "--no-plan"]) == 0
+  # Without --no-plan, a report without a config fails: its plan cannot be
+  # re-derived.
+  assert verify.main([workdir]) == 1
 
 
 def _lower_claim(p):
@@ -218,14 +221,15 @@ def test_tampering_fails_naming_the_site(tmp_path, honest, capsys, tamper,
   assert out.strip().splitlines()[-1].startswith("MISMATCH:")
   fails = [l for l in out.splitlines() if l.startswith("FAIL")]
   assert any(f"site {site!r}" in l and expect in l for l in fails), out
-  rows = {(r.ledger, r.site): r for r in verify.verify_report(report).rows}
+  rows = {(r.ledger, r.site): r
+          for r in verify.verify_report(report, rederive=False).rows}
   assert any(not r.ok for (_, s), r in rows.items() if s == site)
 
 
 def test_raised_sigma_changes_the_recomputed_epsilon(honest):
   report = copy.deepcopy(honest)
   _raise_sigma(report["privacy"])
-  result = verify.verify_report(report)
+  result = verify.verify_report(report, rederive=False)
   row = next(r for r in result.rows if r.site == "a"
              and r.ledger == "privacy.ledger")
   assert row.rdp < row.claimed_rdp and row.pld < row.claimed_pld
@@ -236,7 +240,7 @@ def test_raised_sigma_changes_the_recomputed_epsilon(honest):
 def test_wrong_delta_also_flags_the_ledger_header(honest):
   report = copy.deepcopy(honest)
   _wrong_delta(report["privacy"])
-  problems = verify.verify_report(report).problems
+  problems = verify.verify_report(report, rederive=False).problems
   assert any(p.startswith("FAIL ledger privacy.ledger: delta") for p in
              problems)
   assert any(p.startswith("FAIL ledger privacy.site_level.ledger: delta")
@@ -260,7 +264,7 @@ def test_missing_field_exits_2_naming_it(tmp_path, honest, capsys, field,
   assert code == 2, out + err
   assert path in err
   with pytest.raises(verify.ReportError, match=path.replace(".", r"\.")):
-    verify.verify_report(report)
+    verify.verify_report(report, rederive=False)
 
 
 def test_unreadable_input_exits_2(tmp_path, honest, capsys):
@@ -285,7 +289,7 @@ def test_not_private_exits_0_loudly(tmp_path, capsys):
   code, out, _ = _run_main(tmp_path, report, capsys)
   assert code == 0
   assert out.startswith("NOT PRIVATE: nothing to verify")
-  result = verify.verify_report(report)
+  result = verify.verify_report(report, rederive=False)
   assert result.ok and not result.private and result.rows == []
 
 
@@ -295,12 +299,12 @@ def test_site_unit_report_with_default_interval():
   section = _site_level_section(["x", "y"], 1.2, 0.3, [0, 1, 3], 1e-4)
   report = json.loads(json.dumps({"privacy": {
       "enabled": True, "unit": "site", "delta": DELTA, **section}}))
-  result = verify.verify_report(report)
+  result = verify.verify_report(report, rederive=False)
   assert result.ok, result.problems
   assert [r.unit for r in result.rows] == ["site", "site"]
   assert [r.events for r in result.rows] == [3, 3]
   report["privacy"]["plan"]["rounds"] = [0, 1]
-  problems = verify.verify_report(report).problems
+  problems = verify.verify_report(report, rederive=False).problems
   assert any("site 'x'" in p and "3 events recorded" in p for p in problems)
 
 
@@ -315,11 +319,11 @@ def test_site_level_held_out_site_has_no_events():
   report = json.loads(json.dumps({"privacy": {
       "enabled": True, "unit": "site", "delta": DELTA,
       "pld_value_discretization_interval": INTERVAL, **section}}))
-  result = verify.verify_report(report)
+  result = verify.verify_report(report, rederive=False)
   assert result.ok, result.problems
   assert [(r.site, r.events, r.rdp) for r in result.rows][1] == ("y", 0, 0.0)
   report["privacy"]["plan"]["charged_sites"] = ["x", "y"]
-  problems = verify.verify_report(report).problems
+  problems = verify.verify_report(report, rederive=False).problems
   assert any("site 'y'" in p and "0 events recorded" in p for p in problems)
 
 
