@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from fedjax_seg import models
 from fedjax_seg import privacy
-from fedjax_seg import segmentation_task
+from fedjax_seg.segmentation import task as segmentation_task
 
 _BATCH = flags.DEFINE_integer("batch", 16, "Examples per step.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls.")

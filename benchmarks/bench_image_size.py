@@ -30,7 +30,7 @@ import sys
 import tempfile
 
 import simulate_run
-from fedjax_seg import experiment
+from fedjax_seg.run import artifacts
 
 
 def run(size: int, rounds: int, eval_every: int, extra: list[str]) -> dict:
@@ -80,7 +80,7 @@ def main():
           + f" | round {t['round'] / base['round']:.1f}x the {sizes[0]}px "
           f"round (pixels {(size / sizes[0]) ** 2:.0f}x)", flush=True)
   if args.output:
-    experiment.atomic_write(pathlib.Path(args.output),
+    artifacts.atomic_write(pathlib.Path(args.output),
                             json.dumps(results, indent=1).encode())
 
 

@@ -39,7 +39,7 @@ import sys
 import tempfile
 
 import simulate_run
-from fedjax_seg import experiment
+from fedjax_seg.run import artifacts
 
 NUM_SLICES = 8  # simulate's default --num_slices: slices per CT/MRI patient.
 
@@ -51,10 +51,11 @@ import atexit, json, resource, sys, time
 start = time.perf_counter()
 stats_path = sys.argv[1]
 import jax
-from fedjax_seg import experiment
 from fedjax_seg import federated as fed
+from fedjax_seg.run import loop
+from fedjax_seg.run import round as round_lib
 measured = {"device_bytes": 0, "first_round_start": None}
-inner_round, inner_finish = experiment._run_round, experiment.Simulation.finish
+inner_round, inner_finish = round_lib.device_round, loop.Simulation.finish
 inner_trainer_round = fed.FederatedTrainer.run_round
 def run_round(*args, **kwargs):
   if measured["first_round_start"] is None:
@@ -75,7 +76,7 @@ def finish(self):
   out = inner_finish(self)
   measured["final_seconds"] = time.perf_counter() - t
   return out
-experiment._run_round, experiment.Simulation.finish = run_round, finish
+round_lib.device_round, loop.Simulation.finish = run_round, finish
 def report():
   measured["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   with open(stats_path, "w") as f:
@@ -158,7 +159,7 @@ def main():
           f"{t['device_array_mb'] / base['device_array_mb']:.2f}x the "
           f"N={sizes[0]} run", flush=True)
   if args.output:
-    experiment.atomic_write(pathlib.Path(args.output),
+    artifacts.atomic_write(pathlib.Path(args.output),
                             json.dumps(results, indent=1).encode())
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from fedjax_seg import models
 from fedjax_seg import privacy
-from fedjax_seg import segmentation_task
+from fedjax_seg.segmentation import task as segmentation_task
 
 _BATCH = flags.DEFINE_integer("batch", 16, "Examples per step.")
 _SIZES = flags.DEFINE_list("sizes", ["32", "64", "128"], "Image sizes.")

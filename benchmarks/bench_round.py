@@ -22,7 +22,7 @@ import numpy as np
 
 from fedjax_seg import federated as fed
 from fedjax_seg import models
-from fedjax_seg import segmentation_task
+from fedjax_seg.segmentation import task as segmentation_task
 from fedjax_seg.data import sites
 from fedjax_seg.data import synthetic
 

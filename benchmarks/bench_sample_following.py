@@ -1,7 +1,7 @@
 r"""Work that follows the realised Poisson sample, not the padded capacity.
 
 Tiny U-Net, 32x32 slices of the built-in synthetic sites (split by patient,
-stacked as `fedjax_seg/experiment.py` does), DP-SGD with 1 local step. Every
+stacked as `fedjax_seg/run/data.py` does), DP-SGD with 1 local step. Every
 figure is a ratio of times measured in this run, the variants interleaved
 call by call (so contention from other work hits all of them alike), each
 timed with `jax.block_until_ready` after compilation.
@@ -46,9 +46,11 @@ import optax
 from fedjax_seg import federated as fed
 from fedjax_seg import models
 from fedjax_seg import privacy
-from fedjax_seg import segmentation_task
+from fedjax_seg import xla_cpu
 from fedjax_seg.data import sites
 from fedjax_seg.data import synthetic
+from fedjax_seg.privacy import plan as privacy_plan
+from fedjax_seg.segmentation import task as segmentation_task
 
 _CHUNKS = flags.DEFINE_list("chunk_sizes", ["2", "4", "8"],
                             "Chunk sizes of the sample-following path.")
@@ -77,7 +79,7 @@ def _slice_step(loss, site_data, train, params):
   """(a): the expected DP step time of each variant, in seconds."""
   n = np.asarray(train.num_examples)
   rates = np.minimum(1.0, BATCH / n)
-  max_batch = max(fed.max_batch_size_for(int(a), float(q))
+  max_batch = max(privacy_plan.max_batch_size_for(int(a), float(q))
                   for a, q in zip(n, rates))
   k = int(np.argmax(n))
   data = _site(site_data, k)
@@ -149,7 +151,7 @@ def _rounds(loss, site_data, train, params):
   trainers, info = {}, {}
   for plan, (unit, rates, expected, units) in plans.items():
     rates = np.minimum(1.0, rates)
-    max_batch = max(fed.max_batch_size_for(int(a), float(q))
+    max_batch = max(privacy_plan.max_batch_size_for(int(a), float(q))
                     for a, q in zip(units, rates))
     cfg = fed.SiteConfig(jnp.asarray(rates, jnp.float32),
                          jnp.ones((num_sites,), jnp.float32))
@@ -203,7 +205,7 @@ def _loop_bodies(loss, site_data, params):
         lambda s: s[0] < t.astype(jnp.int32),
         lambda s: (s[0] + 1, g(p, b)), (jnp.int32(0), zeros(p)))[1])
 
-  canon = privacy.canonicalize_convs(grad)
+  canon = xla_cpu.canonicalize_convs(grad)
   variants = {
       "entry computation (baseline)": jax.jit(lambda p, b, t: grad(p, b)),
       "lax.cond branch": in_cond(grad),

@@ -28,8 +28,8 @@ import time
 from absl import app
 from absl import flags
 
-from fedjax_seg import config_flags
-from fedjax_seg import sweep
+from fedjax_seg.run import config_flags
+from fedjax_seg.run import sweep
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds per member.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Synthetic image size.")

@@ -50,10 +50,10 @@ from torch.utils import data as torch_data  # pylint: disable=g-import-not-at-to
 import opacus  # pylint: disable=g-import-not-at-top
 import torch_unet  # pylint: disable=g-import-not-at-top
 
-from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
+from fedjax_seg.run import artifacts  # pylint: disable=g-import-not-at-top
 from fedjax_seg import models  # pylint: disable=g-import-not-at-top
 from fedjax_seg import privacy  # pylint: disable=g-import-not-at-top
-from fedjax_seg import segmentation_task  # pylint: disable=g-import-not-at-top
+from fedjax_seg.segmentation import task as segmentation_task  # pylint: disable=g-import-not-at-top
 
 CLIP = 1.0
 NOISE = 1.0
@@ -241,7 +241,7 @@ def main():
     print("  " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()),
           flush=True)
   if args.output:
-    experiment.atomic_write(pathlib.Path(args.output),
+    artifacts.atomic_write(pathlib.Path(args.output),
                             json.dumps(results, indent=1).encode())
 
 

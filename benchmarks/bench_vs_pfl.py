@@ -65,10 +65,10 @@ TASK = dict(local_steps=2, batch_size=8, learning_rate=0.5,
 def export_sites(size: int, path: pathlib.Path) -> list[int]:
   """The built-in sites' training slices at `size`, as pfl_side.py reads
   them; the same arrays experiments.simulate trains on."""
-  from fedjax_seg import config as config_lib  # pylint: disable=g-import-not-at-top
-  from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import data as data_lib  # pylint: disable=g-import-not-at-top
   from fedjax_seg.data import sites  # pylint: disable=g-import-not-at-top
-  splits = experiment.load_data(config_lib.DataConfig(image_size=size), 0)
+  splits = data_lib.load(config_lib.DataConfig(image_size=size), 0)
   train = sites.stack_sites(splits["train"])
   arrays = {"num_sites": np.int64(train.num_sites)}
   sizes = []

@@ -5,7 +5,7 @@ slices at the chosen sites, the update one local step on B of them would
 release, at the first round (the initial model) and the last (the final
 model), without DP and with DP at the run's sigma (per-slice clipping, and
 the slices clipped together as one patient), with the "inverting gradients"
-attack (`fedjax_seg.attacks`). See `fedjax_seg/attacks/study.py`.
+attack (`fedjax_seg.attacks`). See `fedjax_seg/run/attack_study.py`.
 
   # Attack a finished run (its settings are read from its report.json):
   python -m experiments.attack --workdir=runs/default
@@ -28,8 +28,8 @@ from absl import flags
 from absl import logging
 
 from experiments import runner
-from fedjax_seg import config as config_lib
-from fedjax_seg import config_flags
+from fedjax_seg.run import config as config_lib
+from fedjax_seg.run import config_flags
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", "runs/default",
@@ -85,7 +85,7 @@ def _stored_config(workdir: pathlib.Path):
 
 def _study_config():
   from fedjax_seg.attacks import gradient_inversion  # pylint: disable=g-import-not-at-top
-  from fedjax_seg.attacks import study  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import attack_study as study  # pylint: disable=g-import-not-at-top
   try:
     batch_sizes = tuple(int(b) for b in _BATCH_SIZES.value)
     inversion = gradient_inversion.InversionConfig(
@@ -128,13 +128,15 @@ def main(argv):
   else:
     runner.start_distributed()  # (run_from_flags started it above.)
   # Imported here so that --help and flag errors are fast.
-  from fedjax_seg import distributed  # pylint: disable=g-import-not-at-top
-  from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
-  from fedjax_seg.attacks import study  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import distributed  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import artifacts  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import data as data_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import loop  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import attack_study as study  # pylint: disable=g-import-not-at-top
   from fedjax_seg.data import sites as sites_lib  # pylint: disable=g-import-not-at-top
-  splits = experiment.load_data(config.data, config.data_seed)
+  splits = data_lib.load(config.data, config.data_seed)
   try:
-    sim = experiment.Simulation(config, workdir, splits=splits)
+    sim = loop.Simulation(config, workdir, splits=splits)
     results, images = study.run_study(
         sim, study_config, sites_lib.stack_sites(splits["train"]))
   except config_lib.ConfigError as e:
@@ -144,7 +146,7 @@ def main(argv):
   grids = study.write_grids(workdir, results, images)
   results["grids"] = [p.name for p in grids]
   path = workdir / ATTACK_JSON
-  experiment.atomic_write(path, json.dumps(
+  artifacts.atomic_write(path, json.dumps(
       _finite_or_none(results), indent=1, allow_nan=False).encode())
   for e in results["attacks"]:
     eps = ("no DP" if e["epsilon"] is None

@@ -25,7 +25,7 @@ from absl import app
 from absl import flags
 
 from experiments import runner
-from fedjax_seg import config_flags
+from fedjax_seg.run import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/audit",
                                "Output directory (resumes if it has a run).")
@@ -40,15 +40,15 @@ def main(argv):
   report = runner.run_from_flags(_WORKDIR.value, audit=True)
   if report is None:
     return
-  from fedjax_seg import distributed  # pylint: disable=g-import-not-at-top
-  from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import distributed  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import artifacts  # pylint: disable=g-import-not-at-top
   if not distributed.is_writer():
     return  # Host 0 writes for all hosts.
   audit = dict(report["privacy"]["audit"],
                rounds_completed=report["rounds_completed"],
                stopped_reason=report["stopped_reason"])
   path = pathlib.Path(_WORKDIR.value) / AUDIT_JSON
-  experiment.atomic_write(path, json.dumps(audit, indent=1).encode())
+  artifacts.atomic_write(path, json.dumps(audit, indent=1).encode())
   print(f"audit of site {audit['site']}: claimed {audit['epsilon_label']} "
         f"{audit['claimed_epsilon']:.3f}, empirical lower bound "
         f"{audit['epsilon_lower_bound']:.3f} (95%, m={audit['num_canaries']}, "

@@ -19,7 +19,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from fedjax_seg import centralized
+from fedjax_seg.segmentation import centralized
+from fedjax_seg.segmentation import evaluation
 from fedjax_seg import models
 from fedjax_seg.data import sites
 from fedjax_seg.data import synthetic
@@ -78,7 +79,7 @@ def main(argv):
     start = time.time()
     params, losses = centralized.train(model, train_data, train_config)
     seconds = time.time() - start
-    summary = _summary(centralized.evaluate(model, params, test), data)
+    summary = _summary(evaluation.evaluate(model, params, test), data)
     summary.update(train_seconds=seconds, final_loss=losses[-1],
                    train_slices=train_data.num_examples)
     report["runs"][name] = summary

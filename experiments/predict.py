@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from fedjax_seg import predict
+from fedjax_seg.run import predict
 
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "The simulate run whose model to apply.")

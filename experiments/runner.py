@@ -5,10 +5,10 @@ import dataclasses
 from absl import app
 from absl import flags
 
-from fedjax_seg import config as config_lib
-from fedjax_seg import config_flags
+from fedjax_seg.run import config as config_lib
+from fedjax_seg.run import config_flags
 
-# Several hosts (`fedjax_seg.distributed`): where to run, not what; they are
+# Several hosts (`fedjax_seg.run.distributed`): where to run, not what; they are
 # not part of the run's configuration, so a run can resume on other hosts.
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -24,7 +24,7 @@ _PROCESS_ID = flags.DEFINE_integer(
 def start_distributed() -> bool:
   """`jax.distributed.initialize` when the flags or a cluster ask for it
   (before any JAX computation); a bad combination is an app.UsageError."""
-  from fedjax_seg import distributed  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import distributed  # pylint: disable=g-import-not-at-top
   try:
     return distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
@@ -46,9 +46,9 @@ def run_from_flags(workdir: str, **privacy_overrides) -> dict | None:
     raise app.UsageError(str(e)) from e
   start_distributed()
   # Imported here so that --help and flag errors are fast.
-  from fedjax_seg import experiment  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import loop  # pylint: disable=g-import-not-at-top
   try:
-    report = experiment.train_and_evaluate(config, workdir)
+    report = loop.train_and_evaluate(config, workdir)
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from e
   if report.get("stopped_reason") == "interrupted":

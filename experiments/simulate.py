@@ -7,7 +7,7 @@ tiny U-Net, FedAvg with patient-level DP-SGD in every site.
   python -m experiments.simulate --flagfile=experiments/flags/nonprivate.flags \
       --workdir=runs/nonprivate
 
-Every field of `fedjax_seg.config` has a flag of the same name (the model
+Every field of `fedjax_seg.run.config` has a flag of the same name (the model
 preset is --model, DP on/off is --dp/--nodp). Outputs in --workdir:
 report.json, rounds.csv, PNG plots, checkpoints (a rerun resumes).
 """
@@ -17,8 +17,8 @@ from absl import flags
 from absl import logging
 
 from experiments import runner
-from fedjax_seg import config as config_lib
-from fedjax_seg import config_flags
+from fedjax_seg.run import config as config_lib
+from fedjax_seg.run import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
                                "Output directory (resumes if it has a run).")
@@ -36,7 +36,7 @@ def main(argv):
   report = runner.run_from_flags(_WORKDIR.value)
   if report is None:
     return
-  from fedjax_seg import distributed  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import distributed  # pylint: disable=g-import-not-at-top
   if not distributed.is_writer():
     return  # Host 0 reports for all hosts.
   p = report["privacy"]

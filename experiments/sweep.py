@@ -23,8 +23,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from fedjax_seg import config as config_lib
-from fedjax_seg import config_flags
+from fedjax_seg.run import config as config_lib
+from fedjax_seg.run import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/sweep",
                                "Output directory (resumes if it has a sweep).")
@@ -48,7 +48,7 @@ config_flags.define_config_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from fedjax_seg import sweep  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.run import sweep  # pylint: disable=g-import-not-at-top
   try:
     base = config_flags.config_from_flags()
     if _SWEEP.value and _SWEEP_FILE.value:

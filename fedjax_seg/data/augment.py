@@ -153,21 +153,6 @@ def augment_slice(image: jax.Array, label: jax.Array, key: jax.Array,
   return image, label
 
 
-def parse_by_modality(entries) -> dict[str, tuple[str, ...]]:
-  """{MODALITY: ops} from entries "MODALITY:op+op" ("XRAY:intensity+noise";
-  "MRI:" for none). Raises ValueError naming a bad entry."""
-  out = {}
-  for entry in entries:
-    modality, sep, ops = entry.partition(":")
-    names = tuple(o for o in ops.split("+") if o)
-    unknown = [o for o in names if o not in AUGMENTATIONS]
-    if not sep or not modality.strip() or unknown:
-      raise ValueError(f"{entry!r}: expected MODALITY:op+op with ops from "
-                       f"{AUGMENTATIONS}.")
-    out[modality.strip().upper()] = names
-  return out
-
-
 def ops_table(site_modalities, default: tuple[str, ...],
               by_modality: dict[str, tuple[str, ...]]
               ) -> tuple[tuple[bool, ...], ...]:

@@ -30,9 +30,10 @@ The pieces, in the spirit of fedjax's client init / step / final:
 gradient needs), `make_private_gradient` / `nonprivate_gradient`,
 `local_step` and `final_output`; `make_client_update` composes them.
 
-This module knows nothing about images: the loss is any per-example loss
-`loss_fn(params, example) -> scalar`, `example` being one entry of the
-site's `examples` pytree.
+This module knows nothing about images: what it trains is a `task.Task`
+passed in (the loss of one example, `example` being one entry of the site's
+`examples` pytree, with optional faster per-example gradients and a
+transform of each step's batch), or a bare per-example loss.
 """
 
 import dataclasses
@@ -44,10 +45,10 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_seg import privacy
-from fedjax_seg.data import augment as augment_lib
-from fedjax_seg.federated import sampling
+from fedjax_seg import xla_cpu
+from fedjax_seg.federated import gradients
+from fedjax_seg.federated import task as task_lib
 from fedjax_seg.privacy import auditing
-from fedjax_seg.privacy import clipping as clipping_lib
 from fedjax_seg.privacy import keys as keys_lib
 from fedjax_seg.privacy import units as units_lib
 
@@ -64,7 +65,7 @@ def resolve_local_loop(local_loop: str, canonical_convs: bool = False) -> str:
   """The concrete local loop for "auto".
 
   On CPU, XLA runs convolutions inside a loop body slowly unless they were
-  rewritten by `privacy.canonicalize_convs` (BENCHMARKS.md): "auto" then
+  rewritten by `xla_cpu.canonicalize_convs` (BENCHMARKS.md): "auto" then
   unrolls the local steps, except when every convolution of a step is
   canonicalised (the chunked DP-SGD path and the non-private path), where `lax.scan` is as fast and
   compiles once per run instead of once per step.
@@ -130,7 +131,7 @@ class ClientConfig:
     local_steps: DP-SGD steps per round.
     expected_batch_size: B, the public expected number of units per step.
     max_batch_size: static B_max of the padded batch (see
-      `sampling.max_batch_size_for`).
+      `privacy.plan.max_batch_size_for`).
     learning_rate: local learning rate.
     optimizer: "sgd", "momentum" or "adam" (state reset every round).
     prox_mu: FedProx proximal weight (0 = FedAvg).
@@ -152,7 +153,7 @@ class ClientConfig:
       (BENCHMARKS.md, "Work that follows the realised sample").
     canonicalize_convs: rewrite the convolutions of the chunked gradients into
       the form XLA's CPU backend runs fast inside a loop
-      (`privacy.canonicalize_convs`; performance only). None: only when the
+      (`xla_cpu.canonicalize_convs`; performance only). None: only when the
       default backend is CPU.
     batch_sampling: how a local step's batch is drawn. "poisson": each unit
       independently with rate q (padded to max_batch_size), what record-level
@@ -160,25 +161,16 @@ class ClientConfig:
       replacement from a per-round epoch order (`sampling.shuffled_batch`),
       refused with record-level DP; "auto": "poisson" with record-level DP,
       else "shuffle".
-    augmult: augmentation multiplicity K (De et al. 2022): each unit's loss
-      is the mean over K augmented copies of its slices
-      (`data.augment.multiplicity_loss`), so its gradient is averaged over
-      the copies before it is clipped; 0 = no augmentation. Free in
-      privacy: still one clipped contribution per unit.
-    augment: the augmentations drawn for each copy.
-    augment_per_site: optional [sites][len(AUGMENTATIONS)] bools: which of
-      `augment`'s transforms each site's examples get (e.g. by modality;
-      `augment.ops_table`); None: all of them everywhere.
     per_example_grads: how a DP step forms per-unit gradients (performance
       only, the same values): "vmap" (`jax.vmap(jax.grad)`) or "layers"
       (one batched backward pass and each layer's per-example gradient from
       its input and output gradient, `privacy.layer_gradients`; needs a
-      loss with `per_example_value_and_grad`, chunk_size set, no augmult)
-      or "ghost" (the same pass, each example's norm from ghost norms where
-      cheaper and the clipped sum by book-keeping, no per-example kernel
-      gradient of those layers; `privacy.layer_gradients.
-      ghost_clipped_grad`; example unit only, needs a loss with
-      `ghost_clipped_grad`, chunk_size set, no augmult).
+      task with `per_example_value_and_grad` and chunk_size set) or "ghost"
+      (the same pass, each example's norm from ghost norms where cheaper and
+      the clipped sum by book-keeping, no per-example kernel gradient of
+      those layers; `privacy.layer_gradients.ghost_clipped_grad`; example
+      unit only, needs a task with `ghost_clipped_grad` and chunk_size
+      set).
   """
 
   local_steps: int = 1
@@ -192,21 +184,15 @@ class ClientConfig:
   chunk_size: int | None = 4
   canonicalize_convs: bool | None = None
   batch_sampling: str = "auto"
-  augmult: int = 0
-  augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
-  augment_per_site: tuple[tuple[bool, ...], ...] | None = None
   per_example_grads: str = "vmap"
 
   def __post_init__(self):
     if self.per_example_grads not in PER_EXAMPLE_GRADS:
       raise ValueError(f"per_example_grads must be one of "
                        f"{PER_EXAMPLE_GRADS}, got {self.per_example_grads!r}.")
-    if self.per_example_grads != "vmap" and (self.chunk_size is None
-                                             or self.augmult):
+    if self.per_example_grads != "vmap" and self.chunk_size is None:
       raise ValueError(f"per_example_grads={self.per_example_grads!r} "
-                       "needs chunk_size set and no augmult.")
-    if self.augmult < 0:
-      raise ValueError(f"augmult must be >= 0, got {self.augmult}.")
+                       "needs chunk_size set (not none).")
     if self.batch_sampling not in BATCH_SAMPLINGS:
       raise ValueError(f"batch_sampling must be one of {BATCH_SAMPLINGS}, "
                        f"got {self.batch_sampling!r}.")
@@ -325,260 +311,7 @@ def init_site_state(params: PyTree, dp: LocalDPConfig,
   return SiteState(local_params=local, clip=clip, audit=audit)
 
 
-# -- The pieces of a client update ------------------------------------------
-
-
-class Batch(NamedTuple):
-  """One local step's realised sample, in the layout its gradient needs.
-
-  Attributes:
-    examples: the sampled units' data, each leaf [B_max, ...]
-      (unit="example"), [B_max, L, ...] (unit="patient", chunk_size=None) or
-      [B_max * L, ...] (unit="patient", the sampled patients' slices packed,
-      see `sampling.pack_groups`).
-    mask: [B_max] bool, the sampled units (the batch slots; sampled first).
-    slice_mask: None (unit="example"), else the real slices of sampled
-      patients: [B_max, L] or, packed, [B_max * L] bool.
-    segment_ids: None, or (packed) [B_max * L] int32: each slice's batch slot.
-  """
-
-  examples: PyTree
-  mask: jax.Array
-  slice_mask: jax.Array | None = None
-  segment_ids: jax.Array | None = None
-
-
-def resolve_batch_sampling(client: ClientConfig, dp: LocalDPConfig) -> str:
-  """`client.batch_sampling` for this DP setting ("poisson" or "shuffle")."""
-  if client.batch_sampling == "auto":
-    return "poisson" if dp.enabled else "shuffle"
-  if client.batch_sampling == "shuffle" and dp.enabled:
-    raise ValueError("batch_sampling='shuffle' with record-level DP: its "
-                     "accounting assumes Poisson-sampled batches.")
-  return client.batch_sampling
-
-
-def sample_batch(data: SiteData, sampling_rate: jax.Array, key: jax.Array,
-                 client: ClientConfig, dp: LocalDPConfig,
-                 step: jax.Array | int = 0) -> Batch:
-  """A local step's batch of the site's units as a `Batch`.
-
-  Poisson (`resolve_batch_sampling`): each unit with rate q, B_max slots,
-  `key` a fresh `Purpose.SAMPLE_BATCH` key of this step. The draws depend
-  only on `key`, N_k, q and B_max, never on the layout: packing the patients'
-  slices (chunk_size set) reorders work, it does not change which patients
-  are sampled, nor truncate any of their slices.
-
-  Shuffle: the `step`-th B units of the round's epoch order
-  (`sampling.shuffled_batch`), `key` the round's `Purpose.LOCAL_EPOCH_ORDER`
-  key (the same for every step); B slots, patients' slices packed.
-  """
-  gather = lambda positions: jax.tree.map(lambda a: a[positions],
-                                          data.examples)
-  shuffle = resolve_batch_sampling(client, dp) == "shuffle"
-  if dp.unit == "patient":
-    if shuffle:
-      idx, mask = sampling.shuffled_batch(
-          key, data.num_groups, data.groups.shape[0],
-          client.expected_batch_size, step)
-    else:
-      idx, mask = sampling.poisson_sample(
-          key, data.num_groups, data.groups.shape[0], sampling_rate,
-          client.max_batch_size)
-    if client.chunk_size is None:
-      slice_mask = data.group_mask[idx] & mask[:, None]
-      return Batch(gather(data.groups[idx]), mask, slice_mask)
-    positions, segment_ids, slice_mask = sampling.pack_groups(
-        idx, mask, data.groups, data.group_mask)
-    return Batch(gather(positions), mask, slice_mask, segment_ids)
-  capacity = jax.tree.leaves(data.examples)[0].shape[0]
-  if shuffle:
-    idx, mask = sampling.shuffled_batch(key, data.num_examples, capacity,
-                                        client.expected_batch_size, step)
-  else:
-    idx, mask = sampling.poisson_sample(key, data.num_examples, capacity,
-                                        sampling_rate, client.max_batch_size)
-  return Batch(gather(idx), mask)
-
-
-def make_private_gradient(
-    loss_fn: Callable[[PyTree, PyTree], jax.Array], client: ClientConfig,
-    dp: LocalDPConfig, per_example_value_and_grad=None,
-    ghost_clipped_grad=None,
-) -> Callable[[PyTree, Batch, jax.Array],
-              tuple[PyTree, privacy.ClipStats]]:
-  """`(params, batch, l2_clip_norm) -> (clipped_grad_sum, ClipStats)`.
-
-  Per-unit (example or patient) clipped gradient sum over a `Batch` from
-  `sample_batch` with the same `client` and `dp`: `privacy.clipped_grad` over
-  the full capacity (chunk_size=None), else `privacy.chunked_clipped_grad`
-  (examples) or `privacy.packed_group_clipped_grad` (patients), which give the
-  same sum and ClipStats (per unit, [B_max]) computing only the chunks that
-  hold sampled units. With `per_example_value_and_grad` (the layers path,
-  `client.per_example_grads="layers"`) the per-slice gradients come from it,
-  and an example is a group of one slice: the same sum and ClipStats. With
-  `ghost_clipped_grad` (`client.per_example_grads="ghost"`, example unit
-  only) each chunk's clipped sum comes from it.
-  """
-  unit = "group" if dp.unit == "patient" else "example"
-  if ghost_clipped_grad is not None:
-    if unit == "group" or client.chunk_size is None:
-      raise ValueError("per_example_grads='ghost' clips single slices "
-                       "(unit 'example') in chunks (chunk_size set); a "
-                       "patient's norm needs cross-slice terms: use 'vmap' "
-                       "or 'layers'.")
-    ghost = privacy.chunked_clipped_grad(
-        loss_fn, l2_clip_norm=dp.l2_clip_norm, chunk_size=client.chunk_size,
-        canonicalize=client.canonicalize_convs,
-        chunk_clipped_grad=ghost_clipped_grad)
-    return lambda params, batch, clip: ghost(params, batch.examples,
-                                             ~batch.mask, l2_clip_norm=clip)
-  if client.chunk_size is None:
-    full = privacy.clipped_grad(loss_fn, l2_clip_norm=dp.l2_clip_norm,
-                                unit=unit,
-                                microbatch_size=client.microbatch_size)
-    return lambda params, batch, clip: full(
-        params, batch.examples, ~batch.mask, slice_mask=batch.slice_mask,
-        l2_clip_norm=clip)
-  if unit == "group" or per_example_value_and_grad is not None:
-    packed = privacy.packed_group_clipped_grad(
-        loss_fn, l2_clip_norm=dp.l2_clip_norm,
-        num_groups=client.max_batch_size, chunk_size=client.chunk_size,
-        canonicalize=client.canonicalize_convs,
-        per_example_value_and_grad=per_example_value_and_grad)
-    if unit == "group":
-      return lambda params, batch, clip: packed(
-          params, batch.examples, batch.segment_ids, batch.slice_mask,
-          l2_clip_norm=clip)
-    # One slice per unit: slot i is group i, real when sampled.
-    return lambda params, batch, clip: packed(
-        params, batch.examples,
-        jnp.arange(client.max_batch_size, dtype=jnp.int32), batch.mask,
-        l2_clip_norm=clip)
-  chunked = privacy.chunked_clipped_grad(
-      loss_fn, l2_clip_norm=dp.l2_clip_norm, chunk_size=client.chunk_size,
-      canonicalize=client.canonicalize_convs)
-  return lambda params, batch, clip: chunked(params, batch.examples,
-                                             ~batch.mask, l2_clip_norm=clip)
-
-
-def zero_frozen(tree: PyTree, trainable_mask) -> PyTree:
-  """`tree` with the leaves outside `trainable_mask` replaced by zeros."""
-  return jax.tree.map(lambda m, g: g if m else jnp.zeros_like(g),
-                      trainable_mask, tree)
-
-
-def _layer_value_and_grad(loss_fn, trainable_mask):
-  """The loss's per-layer per-example `(losses, grads)`, with the frozen
-  leaves' gradients 0 (as `_frozen_outside` gives them)."""
-  fn = getattr(loss_fn, "per_example_value_and_grad", None)
-  if fn is None:
-    raise ValueError("per_example_grads='layers' needs a loss with a "
-                     "`per_example_value_and_grad` (segmentation_task."
-                     "example_loss has one).")
-  if trainable_mask is None:
-    return fn
-
-  def frozen(params, batch):
-    losses, grads = fn(params, batch)
-    return losses, zero_frozen(grads, trainable_mask)
-
-  return frozen
-
-
-class UnitLossStats(NamedTuple):
-  """What a non-private step saw (computed from private data, not released).
-
-  Attributes:
-    loss_sum: [] summed per-unit loss (a patient's loss: its slices' mean).
-    num_real: [] int32, units in the realised batch.
-  """
-
-  loss_sum: jax.Array
-  num_real: jax.Array
-
-
-def _slices_and_weights(batch: Batch, max_batch_size: int):
-  """(slices [T, ...], real [T], unit weight [T], units in the batch [])."""
-  if batch.slice_mask is None:  # One slice per unit.
-    weight = jnp.where(batch.mask, 1.0, 0.0)
-    return (batch.examples, batch.mask, weight,
-            jnp.sum(batch.mask).astype(jnp.int32))
-  if batch.segment_ids is None:  # [B_max, L]: flatten the slots' slices.
-    per_slot = jnp.sum(batch.slice_mask, axis=1)
-    slices = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]),
-                          batch.examples)
-    real = batch.slice_mask.reshape(-1)
-    count = jnp.repeat(per_slot, batch.slice_mask.shape[1])
-  else:  # Packed.
-    per_slot = jax.ops.segment_sum(batch.slice_mask.astype(jnp.int32),
-                                   batch.segment_ids, max_batch_size)
-    slices, real = batch.examples, batch.slice_mask
-    count = per_slot[batch.segment_ids]
-  # A patient's loss is the mean over its real slices (as in DP training).
-  weight = jnp.where(real, 1.0 / jnp.maximum(count, 1), 0.0)
-  return slices, real, weight, jnp.sum(per_slot > 0).astype(jnp.int32)
-
-
-def nonprivate_gradient(
-    loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
-    batch: Batch, client: ClientConfig) -> tuple[PyTree, UnitLossStats]:
-  """Gradient of the mean unit loss over the realised batch (no DP).
-
-  One masked batched gradient (no per-example work): the gradient of
-  sum_s where(real_s, w_s * loss_s, 0) / n over the batch's slices, w_s = 1
-  for examples and 1 / (the patient's real slices) for patients, n the units
-  in the batch (at least 1). Padding slots are zeroed with a select before the
-  loss, so garbage there reaches neither the loss nor the gradient. With
-  chunk_size set, a batch with more slots than the expected batch (a Poisson
-  batch, packed patients' slices) is computed in chunks up to the last real
-  one; a shuffled batch of examples (B slots) is one gradient. Unlike the DP path, a real unit with a
-  non-finite gradient is not isolated: it makes the step's gradient
-  non-finite.
-
-  Returns:
-    (gradient like params, `UnitLossStats`).
-  """
-  slices, real, weight, num_units = _slices_and_weights(
-      batch, batch.mask.shape[0])
-
-  def weighted_loss(params, chunk, chunk_real, chunk_weight):
-    def zero_padding(x):
-      keep = chunk_real.reshape((-1,) + (1,) * (x.ndim - 1))
-      return jnp.where(keep, x, jnp.zeros_like(x))
-
-    losses = jax.vmap(loss_fn, in_axes=(None, 0))(
-        params, jax.tree.map(zero_padding, chunk))
-    per_slice = jnp.where(chunk_real, losses * chunk_weight, 0.0)
-    return jnp.sum(per_slice), jnp.sum(jnp.nan_to_num(per_slice))
-
-  grad_fn = jax.grad(weighted_loss, has_aux=True)
-  if clipping_lib.resolve_canonicalize(client.canonicalize_convs):
-    # So that the step runs at full speed inside `lax.scan` on CPU too.
-    grad_fn = privacy.canonicalize_convs(grad_fn)
-  c = client.chunk_size
-  # Chunks pay only where a padded tail can be skipped: more slots than the
-  # expected batch (a Poisson batch, packed patients' slices).
-  if c is None or real.shape[0] <= client.expected_batch_size:
-    grad, loss_sum = grad_fn(params, slices, real, weight)
-  else:
-    capacity = -(-real.shape[0] // c) * c
-    slices = clipping_lib.pad_leading(slices, capacity)
-    real, weight = clipping_lib.pad_leading((real, weight), capacity)
-
-    def body(i, carry):
-      part = grad_fn(params, *jax.tree.map(
-          lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c),
-          (slices, real, weight)))
-      return jax.tree.map(jnp.add, carry, part)
-
-    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.float32))
-    grad, loss_sum = clipping_lib.chunked_loop(
-        body, zeros, clipping_lib.chunks_to_run(real, c))
-  count = jnp.maximum(num_units, 1).astype(jnp.float32)
-  grad = jax.tree.map(lambda g: g / count.astype(g.dtype), grad)
-  return grad, UnitLossStats(loss_sum, num_units)
-
+# The pieces of a step (its batch and gradient) are in `gradients`.
 
 class LocalState(NamedTuple):
   """What a site carries from one local step to the next."""
@@ -602,7 +335,7 @@ def client_init(start: PyTree, site_state: SiteState,
                     site_state.clip, metrics, site_state.audit)
 
 
-def local_step(state: LocalState, batch: Batch, *, start: PyTree,
+def local_step(state: LocalState, batch: gradients.Batch, *, start: PyTree,
                sampling_rate: jax.Array,
                key_for: Callable[[jax.Array, keys_lib.Purpose], jax.Array],
                step: jax.Array, loss_fn: Callable[[PyTree, PyTree], jax.Array],
@@ -650,11 +383,11 @@ def local_step(state: LocalState, batch: Batch, *, start: PyTree,
     loss_sum = jnp.sum(stats.per_example_loss)
     num_real, num_clipped = stats.num_real, stats.num_clipped
   else:
-    grad, stats = nonprivate_gradient(loss_fn, params, batch, client)
+    grad, stats = gradients.nonprivate_gradient(loss_fn, params, batch, client)
     loss_sum, num_real = stats.loss_sum, stats.num_real
     num_clipped = jnp.zeros([], jnp.int32)
   if trainable_mask is not None:  # Frozen leaves: no noise, no update.
-    grad = zero_frozen(grad, trainable_mask)
+    grad = gradients.zero_frozen(grad, trainable_mask)
   if client.prox_mu > 0:  # Data-independent: post-processing under DP.
     grad = jax.tree.map(lambda g, p, s: g + client.prox_mu * (p - s), grad,
                         params, start)
@@ -700,14 +433,16 @@ def _frozen_outside(loss_fn, trainable_mask):
   return loss
 
 
-def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
+def make_client_update(task: task_lib.Task | Callable,
                        client: ClientConfig, dp: LocalDPConfig,
                        norm_mask=None,
                        trainable_mask=None) -> Callable[..., ClientOutput]:
   """Builds the per-site update function (see module docstring).
 
   Args:
-    loss_fn: per-example loss `(params, example) -> scalar`.
+    task: a `Task` (the loss of one example and optional faster gradients
+      and batch transform), or a bare per-example loss `(params, example)
+      -> scalar`.
     client: local training settings.
     dp: record-level DP settings.
     norm_mask: optional pytree of bools like params (FedBN): True leaves stay
@@ -718,23 +453,21 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
       trained leaves, and their (noised) gradient is zeroed before the
       optimizer (post-processing): they never move.
   """
-  shuffle = resolve_batch_sampling(client, dp) == "shuffle"
-  layered = (_layer_value_and_grad(loss_fn, trainable_mask)
+  task = task_lib.Task.of(task)
+  shuffle = gradients.resolve_batch_sampling(client, dp) == "shuffle"
+  layered = (gradients.layer_value_and_grad(task, trainable_mask)
              if dp.enabled and client.per_example_grads == "layers" else None)
   ghost = None
   if dp.enabled and client.per_example_grads == "ghost":
-    make_ghost = getattr(loss_fn, "ghost_clipped_grad", None)
-    if make_ghost is None:
-      raise ValueError("per_example_grads='ghost' needs a loss with a "
-                       "`ghost_clipped_grad` (segmentation_task.example_loss "
-                       "has one).")
-    ghost = make_ghost(trainable_mask)
+    if task.ghost_clipped_grad is None:
+      raise ValueError("per_example_grads='ghost' needs a task with "
+                       "`ghost_clipped_grad` (the segmentation task has one "
+                       "without augmentation multiplicity).")
+    ghost = task.ghost_clipped_grad(trainable_mask)
+  loss_fn = task.loss
   if trainable_mask is not None:
     loss_fn = _frozen_outside(loss_fn, trainable_mask)
-  if client.augmult:
-    loss_fn = augment_lib.multiplicity_loss(loss_fn, client.augmult,
-                                            client.augment)
-  private_gradient = (make_private_gradient(loss_fn, client, dp, layered,
+  private_gradient = (gradients.make_private_gradient(loss_fn, client, dp, layered,
                                             ghost)
                       if dp.enabled else None)
 
@@ -764,14 +497,12 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     def step_fn(state, step):
       key = epoch_key if shuffle else key_for(step,
                                               keys_lib.Purpose.SAMPLE_BATCH)
-      batch = sample_batch(data, site_config.sampling_rate, key, client, dp,
+      batch = gradients.sample_batch(data, site_config.sampling_rate, key, client, dp,
                            step)
-      if client.augmult:  # Fresh augmentation randomness per unit and step.
-        enabled = (None if client.augment_per_site is None else
-                   jnp.asarray(client.augment_per_site)[site_index])
-        batch = batch._replace(examples=augment_lib.with_augment_keys(
+      if task.batch_transform is not None:  # E.g. fresh augmentation keys.
+        batch = batch._replace(examples=task.batch_transform(
             batch.examples, key_for(step, keys_lib.Purpose.AUGMENT),
-            enabled))
+            site_index))
       state = local_step(
           state, batch, start=start, sampling_rate=site_config.sampling_rate,
           key_for=key_for, step=step, loss_fn=loss_fn,
@@ -784,7 +515,7 @@ def make_client_update(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     state = client_init(start, site_state, local_opt, noise_tx)
     # Every convolution of a step is canonicalised on the chunked DP path
     # and on the non-private path.
-    canonical = clipping_lib.resolve_canonicalize(
+    canonical = xla_cpu.resolve_canonicalize(
         client.canonicalize_convs) and (not dp.enabled
                                         or client.chunk_size is not None)
     if resolve_local_loop(client.local_loop, canonical) == "scan":

@@ -95,7 +95,8 @@ class FederatedTrainer:
   """Runs rounds of federated training with local DP-SGD.
 
   Args:
-    loss_fn: per-example loss `(params, example) -> scalar`.
+    task: what to train (`task.Task`), or a bare per-example loss
+      `(params, example) -> scalar`.
     client: local training settings.
     local_dp: record-level DP settings.
     server: server optimizer settings.
@@ -107,7 +108,7 @@ class FederatedTrainer:
     backend: one of BACKENDS (performance only).
   """
 
-  def __init__(self, loss_fn, client: client_lib.ClientConfig,
+  def __init__(self, task, client: client_lib.ClientConfig,
                local_dp: client_lib.LocalDPConfig,
                server: server_lib.ServerConfig,
                site_dp: server_lib.SiteLevelDPConfig | None = None,
@@ -120,7 +121,7 @@ class FederatedTrainer:
     self.backend = resolve_backend(backend)
     self.trainable_mask = trainable_mask
     self._client_update = client_lib.make_client_update(
-        loss_fn, client, local_dp, norm_mask, trainable_mask)
+        task, client, local_dp, norm_mask, trainable_mask)
     self._jit_client = jax.jit(self._client_update)
     self._jit_finish = jax.jit(self._finish)
     self._placeholders = {}

@@ -7,7 +7,8 @@ first `max_batch_size` sampled units plus padding, with a mask. If more than
 `max_batch_size` units are sampled the batch is truncated (a random subset of
 the sampled units is kept, since the candidates are in random order); the
 ledger accounts for this (`record(..., dataset_size=N, max_batch_size=B_max)`)
-and `max_batch_size_for` picks B_max so that truncation is negligible.
+and `privacy.plan.max_batch_size_for` picks B_max so that truncation is
+negligible.
 
 Where the local training is not record-level private (site-level DP, whose
 guarantee comes from clipping the site's update and sampling sites; or no DP)
@@ -20,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_seg.privacy import accounting
 from fedjax_seg.privacy import keys as keys_lib
 
 
@@ -157,19 +157,6 @@ def shuffled_batch(key: jax.Array, num_units: jax.Array, capacity: int,
   indices = orders[epoch - first, position % safe_n]
   mask = jnp.arange(batch_size) < b
   return jnp.where(mask, indices, 0).astype(jnp.int32), mask
-
-
-def max_batch_size_for(num_units: int, sampling_rate: float,
-                       tail: float = 1e-12) -> int:
-  """Smallest B_max whose per-step truncation probability is <= `tail`."""
-  if not 0 <= sampling_rate <= 1:
-    raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate}.")
-  mean = num_units * sampling_rate
-  b = max(1, int(np.ceil(mean)))
-  while b < num_units + 1 and accounting.truncation_probability(
-      num_units, sampling_rate, b) > tail:
-    b += max(1, b // 16)
-  return min(b, num_units + 1) if num_units > 0 else 1
 
 
 def sample_participants(root: jax.Array, round_index: int, num_sites: int, *,

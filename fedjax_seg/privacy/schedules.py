@@ -114,6 +114,35 @@ def per_round(schedule: Schedule, steps_per_round: int) -> Schedule:
   return lambda step: schedule(jnp.asarray(step) // steps_per_round)
 
 
+SHAPES = ("constant", "linear", "exponential", "cosine", "step")
+
+
+def named_shape(name: str, rounds: int, *, end_factor: float = 0.5,
+                decay_rate: float = 0.98) -> Schedule:
+  """A noise schedule's shape over rounds, `round -> relative sigma` (1 at
+  round 0): constant; linear or cosine to `end_factor` at the last round;
+  exponential (`decay_rate` per round); step (`end_factor` from half the
+  rounds on).
+
+  Example:
+    >>> s = named_shape("step", 10, end_factor=0.5)
+    >>> [float(s(r)) for r in (0, 4, 5, 9)]
+    [1.0, 1.0, 0.5, 0.5]
+  """
+  span = max(rounds - 1, 1)
+  if name == "constant":
+    return constant_schedule(1.0)
+  if name == "linear":
+    return linear_schedule(1.0, end_factor, span)
+  if name == "exponential":
+    return exponential_decay(1.0, decay_rate, 1)
+  if name == "cosine":
+    return cosine_decay_schedule(1.0, span, alpha=end_factor)
+  if name == "step":
+    return step_schedule(1.0, {max(rounds // 2, 1): end_factor})
+  raise ValueError(f"schedule must be one of {SHAPES}, got {name!r}.")
+
+
 def scaled(shape: Schedule, scale: float | jax.Array) -> Schedule:
   """`step -> scale * shape(step)`: a schedule shape with a calibrated scale."""
   return lambda step: scale * shape(step)

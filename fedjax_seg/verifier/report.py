@@ -37,6 +37,15 @@ class Row:
   pld: float | None
   ok: bool
 
+  @classmethod
+  def of(cls, ledger, site, unit, events, claimed_rdp, rdp, claimed_pld, pld,
+         ok) -> "Row":
+    """A row; a recomputed figure given as an error message (str) is
+    shown as missing."""
+    figure = lambda x: None if isinstance(x, str) else x  # noqa: E731
+    return cls(ledger, site, unit, events, claimed_rdp, figure(rdp),
+               claimed_pld, figure(pld), ok)
+
 
 @dataclasses.dataclass(frozen=True)
 class VerifyResult:
@@ -200,6 +209,17 @@ def _claimed(mapping: Mapping, site: str, path: str):
   return float(value)
 
 
+def _recomputed(figures: dict, site: str, label: str,
+                problems: list[str]) -> tuple:
+  """The (RDP, PLD) epsilons recomputed for `site`; a figure that could not
+  be recomputed is a message (str), which becomes a problem."""
+  eps_rdp, eps_pld = figures[site]
+  for what, value in (("RDP epsilon", eps_rdp), ("PLD epsilon", eps_pld)):
+    if isinstance(value, str):
+      problems.append(f"{label}: {what} {value}")
+  return eps_rdp, eps_pld
+
+
 def _compare(label, what, claimed, recomputed, delta, problems) -> None:
   if isinstance(recomputed, str):
     return  # Reported once, where it was computed.
@@ -263,10 +283,7 @@ def _verify_ledger(section: Mapping, section_path: str, delta: float, unit: str,
       planned, rounds = site_planned, site_rounds
     else:  # A held-out site: no site-level event.
       planned, rounds = [], []
-    eps_rdp, eps_pld = figures[site]
-    for what, value in (("RDP epsilon", eps_rdp), ("PLD epsilon", eps_pld)):
-      if isinstance(value, str):
-        problems.append(f"{label}: {what} {value}")
+    eps_rdp, eps_pld = _recomputed(figures, site, label, problems)
     _compare(label, f"claimed RDP epsilon ({section_path}.epsilon_per_site)",
              c_rdp, eps_rdp, delta, problems)
     _compare(
@@ -278,15 +295,9 @@ def _verify_ledger(section: Mapping, section_path: str, delta: float, unit: str,
                   ledger_path, site, problems)
     recomputed_rdp.append(eps_rdp)
     rows.append(
-        Row(ledger=ledger_path,
-            site=site,
-            unit=ledger_unit,
-            events=len(events),
-            claimed_rdp=c_rdp,
-            rdp=None if isinstance(eps_rdp, str) else eps_rdp,
-            claimed_pld=c_pld,
-            pld=None if isinstance(eps_pld, str) else eps_pld,
-            ok=len(problems) == before))
+        Row.of(ledger_path, site, ledger_unit, len(events),
+               c_rdp, eps_rdp, c_pld, eps_pld,
+               len(problems) == before))
   if any(isinstance(e, str) for e in recomputed_rdp):
     problems.append(f"FAIL ledger {ledger_path}: {section_path}.epsilon_max "
                     f"cannot be verified (a site's RDP epsilon does not "
@@ -436,22 +447,13 @@ def verify_ledger(ledger: Mapping,
     label = f"FAIL site {site!r}, ledger"
     before = len(problems)
     own = _claimed(ledger["sites"][site], "epsilon", f"ledger.sites.{site}")
-    eps_rdp, eps_pld = figures[site]
-    for what, value in (("RDP epsilon", eps_rdp), ("PLD epsilon", eps_pld)):
-      if isinstance(value, str):
-        problems.append(f"{label}: {what} {value}")
+    eps_rdp, eps_pld = _recomputed(figures, site, label, problems)
     _compare(label, f"ledger's own RDP epsilon (ledger.sites.{site}.epsilon)",
              own, eps_rdp, delta, problems)
     rows.append(
-        Row(ledger="ledger",
-            site=site,
-            unit=unit,
-            events=len(events),
-            claimed_rdp=own,
-            rdp=None if isinstance(eps_rdp, str) else eps_rdp,
-            claimed_pld=None,
-            pld=None if isinstance(eps_pld, str) else eps_pld,
-            ok=len(problems) == before))
+        Row.of("ledger", site, unit, len(events),
+               own, eps_rdp, None, eps_pld,
+               len(problems) == before))
   return VerifyResult(ok=not problems,
                       rows=rows,
                       problems=problems,
@@ -576,15 +578,9 @@ def verify_sweep(workdir: str, workers: int | str = 1) -> SweepResult:
     _compare(label, "claimed PLD epsilon", c_pld, eps_pld, delta,
              release_problems)
     rows.append(
-        Row(ledger="release_all_members",
-            site=site,
-            unit=unit,
-            events=len(got[site]),
-            claimed_rdp=c_rdp,
-            rdp=None if isinstance(eps_rdp, str) else eps_rdp,
-            claimed_pld=c_pld,
-            pld=None if isinstance(eps_pld, str) else eps_pld,
-            ok=not any(site in line for line in release_problems)))
+        Row.of("release_all_members", site, unit, len(got[site]),
+               c_rdp, eps_rdp, c_pld, eps_pld,
+               not any(site in line for line in release_problems)))
   release_result = VerifyResult(ok=not release_problems,
                                 rows=rows,
                                 problems=release_problems,

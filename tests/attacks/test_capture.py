@@ -2,12 +2,11 @@
 
 import jax
 from jax import flatten_util
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fedjax_seg import models
-from fedjax_seg import segmentation_task
+from fedjax_seg.segmentation import task as segmentation_task
 from fedjax_seg.attacks import capture
 from fedjax_seg.attacks import gradient_inversion
 from fedjax_seg.models import unet
@@ -26,6 +25,7 @@ def _flat(tree):
   return np.asarray(flatten_util.ravel_pytree(tree)[0], np.float64)
 
 
+@pytest.mark.slow
 def test_nodp_is_the_mean_gradient():
   loss, params, x, y = _setup()
   got = _flat(capture.capture_update(loss, params, x, y, "nodp"))
@@ -33,6 +33,7 @@ def test_nodp_is_the_mean_gradient():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_clipping_bounds_per_slice_and_per_patient_without_noise():
   loss, params, x, y = _setup(batch=3)
   key = jax.random.key(1)
@@ -57,6 +58,7 @@ def test_clipping_bounds_per_slice_and_per_patient_without_noise():
   assert np.linalg.norm(patient) <= clip * (1 + 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["example", "patient"])
 def test_noise_has_std_sigma_c_over_b(setting):
   loss, params, x, y = _setup(batch=2)

@@ -11,7 +11,7 @@ import pytest
 
 from fedjax_seg import models
 from fedjax_seg import privacy
-from fedjax_seg import segmentation_task
+from fedjax_seg.segmentation import task as segmentation_task
 from fedjax_seg.attacks import gradient_inversion as gi
 from fedjax_seg.attacks import image_metrics
 from fedjax_seg.models import unet
@@ -27,6 +27,7 @@ def _setup(widths=(8, 16), size=16):
   return segmentation_task.example_loss(model), params, image, mask
 
 
+@pytest.mark.slow
 def test_inversion_without_dp_reconstructs_and_dp_stops_it():
   loss, params, image, mask = _setup(size=16)
   grad = gi.gradient_of(loss, params, jnp.asarray(image), jnp.asarray(mask))
@@ -62,6 +63,7 @@ def test_inversion_without_dp_reconstructs_and_dp_stops_it():
       "ssim"][0]) > 0.4
 
 
+@pytest.mark.slow
 def test_restarts_keep_the_best_and_masks_can_be_optimised():
   loss, params, image, mask = _setup(size=16)
   grad = gi.gradient_of(loss, params, jnp.asarray(image), jnp.asarray(mask))

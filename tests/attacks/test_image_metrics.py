@@ -45,6 +45,7 @@ def test_constant_shift_matches_the_closed_form():
   assert float(image_metrics.mse(a, b)[0]) == pytest.approx(c ** 2, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_reconstructions_are_matched_to_their_images():
   targets = np.concatenate([_image(s) for s in range(3)])
   rng = np.random.default_rng(1)

@@ -117,6 +117,7 @@ def test_csv_splits_and_site_names_are_kept(tmp_path):
   assert not (patients[0] & patients[1]) and not (patients[0] & patients[2])
 
 
+@pytest.mark.slow
 def test_cli_as_a_user_runs_it(tmp_path):
   root = fixtures.write_msd(tmp_path / "msd", num_cases=4)
   args = [sys.executable, "-m", "data_prep.prepare", f"--input={root}",

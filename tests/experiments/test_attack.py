@@ -5,6 +5,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--image_size=16", "--num_slices=2", "--patients_scale=0.0625",
@@ -16,6 +17,7 @@ def _attack(*args):
                         cwd=REPO, capture_output=True, text=True, check=False)
 
 
+@pytest.mark.slow
 def test_attack_command_trains_attacks_and_writes_outputs(tmp_path):
   workdir = tmp_path / "run"
   result = _attack(*TINY, f"--workdir={workdir}", "--attack_iterations=3",

@@ -5,9 +5,10 @@ import json
 import pathlib
 import subprocess
 import sys
+import pytest
 
-from fedjax_seg import config_flags
-from fedjax_seg import experiment
+from fedjax_seg.run import config_flags
+from fedjax_seg.run import loop
 from fedjax_seg.privacy import verify
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -20,6 +21,7 @@ AUDIT_FIELDS = {"site", "unit", "claimed_epsilon", "claimed_epsilon_pld",
                 "contradicts_claim", "significance", "delta"}
 
 
+@pytest.mark.slow
 def test_audit_command_writes_audit_json_and_resume_is_identical(tmp_path):
   flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
            for k, v in TINY.items()]
@@ -44,9 +46,9 @@ def test_audit_command_writes_audit_json_and_resume_is_identical(tmp_path):
   # audit state is checkpointed, so every figure is the same.
   values = dict(TINY, audit=True, audit_site="mri_t2_3t")
   killed = config_flags.config_from_values(dict(values, stop_after_rounds=1))
-  assert experiment.train_and_evaluate(killed, tmp_path / "resumed")[
+  assert loop.train_and_evaluate(killed, tmp_path / "resumed")[
       "stopped_reason"] == "interrupted"
-  resumed = experiment.train_and_evaluate(
+  resumed = loop.train_and_evaluate(
       config_flags.config_from_values(values), tmp_path / "resumed")
   got = resumed["privacy"]["audit"]
   for key in AUDIT_FIELDS | {"canary_contributions"}:

@@ -4,10 +4,12 @@ import json
 import pathlib
 import subprocess
 import sys
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_pooled_model_beats_a_model_of_another_modality(tmp_path):
   out = tmp_path / "shift.json"
   result = subprocess.run(
@@ -28,6 +30,7 @@ def test_pooled_model_beats_a_model_of_another_modality(tmp_path):
   assert "pooled" in result.stdout and "XRAY" in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_flag_names_the_flag():
   result = subprocess.run(
       [sys.executable, "-m", "experiments.domain_shift",

@@ -18,6 +18,7 @@ def _run(args, tmp_path):
                         cwd=REPO, capture_output=True, text=True, check=False)
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_a_complete_report(tmp_path):
   workdir = tmp_path / "run"
   result = _run(TINY_FLAGS + [f"--workdir={workdir}"], tmp_path)
@@ -64,6 +65,7 @@ def test_unknown_dataset_in_data_dir(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_every_flagfile_parses():
   """Each flagfile gives a valid config (one process: imports are slow);
   sweep_*.flags are read by experiments.sweep and give their members."""
@@ -71,7 +73,7 @@ def test_every_flagfile_parses():
 import sys, pathlib
 from absl import flags
 from experiments import sweep as sweep_main  # simulate's flags and --sweep*.
-from fedjax_seg import config_flags, sweep
+from fedjax_seg.run import config_flags, sweep
 for flagfile in sorted(pathlib.Path('experiments/flags').glob('*.flags')):
   for flag in flags.FLAGS:  # Back to defaults between flagfiles.
     flags.FLAGS[flag].unparse()

@@ -16,6 +16,7 @@ import pytest
 from fedjax_seg import federated as fed
 from fedjax_seg import privacy
 from fedjax_seg.federated import client as client_lib
+from fedjax_seg.federated import gradients
 from fedjax_seg.federated import sampling
 from fedjax_seg.federated import server as server_lib
 from fedjax_seg.privacy import keys
@@ -45,6 +46,7 @@ def _assert_same_round(a, b):
       np.testing.assert_array_equal(getattr(ma, field), getattr(mb, field))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["loop", "vmap"])
 @pytest.mark.parametrize("unit", ["example", "patient"])
 def test_sample_following_round_equals_full_capacity_round(unit, backend):
@@ -66,6 +68,7 @@ def test_sample_following_round_equals_full_capacity_round(unit, backend):
   assert int(m.num_clipped.sum()) > 0  # Clipping was exercised.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unit", ["example", "patient"])
 def test_sample_following_without_dp_and_with_adaptive_clipping(unit):
   data, cfg = _data(unit)
@@ -89,7 +92,7 @@ def _toy_batch(unit, chunk_size, seed=0):
   take = lambda t: jax.tree.map(lambda x: jnp.asarray(x)[0], t)
   client = dataclasses.replace(BASE, chunk_size=chunk_size)
   dp = fed.LocalDPConfig(unit=unit)
-  batch = client_lib.sample_batch(take(data), take(cfg).sampling_rate,
+  batch = gradients.sample_batch(take(data), take(cfg).sampling_rate,
                                   jax.random.key(seed), client, dp)
   # Plant NaN in every padding slot: it must reach neither loss nor gradient.
   real = batch.mask if batch.slice_mask is None else batch.slice_mask
@@ -106,7 +109,7 @@ def test_nonprivate_gradient_is_the_mean_unit_gradient(unit, chunk_size):
             "norm": {"scale": jnp.array(1.0)}}
   batch, client = _toy_batch(unit, chunk_size, seed=3)
   assert 0 < int(batch.mask.sum()) < 12
-  grad, stats = jax.jit(lambda p, b: client_lib.nonprivate_gradient(
+  grad, stats = jax.jit(lambda p, b: gradients.nonprivate_gradient(
       toy.loss_fn, p, b, client))(params, batch)
   full_batch, _ = _toy_batch(unit, None, seed=3)  # Same draws.
   per_unit = privacy.clipped_grad(
@@ -189,6 +192,7 @@ def test_without_record_level_dp_a_step_computes_no_per_example_gradient(
   assert not any(per_example(s) for s in shapes[False])
 
 
+@pytest.mark.slow
 def test_site_level_round_is_plain_batched_sgd_then_dp_fedavg():
   """Under site-level DP the local steps are plain SGD on fixed-size
   shuffled batches; the round is the server's DP-FedAvg of those deltas."""

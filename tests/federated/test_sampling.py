@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_seg.privacy import plan as privacy_plan
 from fedjax_seg import federated as fed
 from fedjax_seg import privacy
 from fedjax_seg.federated import sampling
@@ -38,10 +39,10 @@ def test_padding_capacity_does_not_change_the_draws():
 
 
 def test_max_batch_size_makes_truncation_negligible():
-  b = fed.max_batch_size_for(1000, 0.016)
+  b = privacy_plan.max_batch_size_for(1000, 0.016)
   assert privacy.truncation_probability(1000, 0.016, b) <= 1e-12
   assert 16 < b < 64
-  assert fed.max_batch_size_for(5, 1.0) == 6
+  assert privacy_plan.max_batch_size_for(5, 1.0) == 6
 
 
 def test_participants_deterministic_with_counts_and_dropouts():
@@ -134,6 +135,7 @@ def test_shuffled_batch_reads_each_epoch_once_without_replacement(
     assert not (epochs == np.arange(num_units)).all(axis=1).any()
 
 
+@pytest.mark.slow
 def test_shuffled_batch_is_a_function_of_the_key_and_ignores_padding():
   same = [sampling.shuffled_batch(jax.random.key(3), 9, cap, 4, step)[0]
           for cap in (9, 30) for step in (1, 2)]

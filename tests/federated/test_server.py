@@ -52,6 +52,7 @@ def test_absent_site_with_nan_delta_changes_nothing(backend):
   chex.assert_trees_all_close(got[0].params, ref[0].params, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_absent_site_with_nan_delta_on_8_sharded_cpu_devices():
   code = """
 import numpy as np, jax, chex

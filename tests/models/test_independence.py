@@ -8,6 +8,7 @@ import pytest
 from fedjax_seg import models
 
 
+@pytest.mark.slow
 def test_our_unets_are_per_example():
   for cfg in (models.preset("tiny"),
               models.preset("tiny", norm="instance", residual=True)):

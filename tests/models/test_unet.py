@@ -24,6 +24,7 @@ def test_preset_param_counts(name, low, high):
   assert low <= models.count_params(shapes) <= high
 
 
+@pytest.mark.slow
 def test_shapes_2d_and_3d():
   params = TINY.init(jax.random.key(0), (1, 8, 8, 1))
   chex.assert_shape(jax.jit(TINY.apply)(params, jnp.ones((3, 8, 8, 1))),
@@ -37,6 +38,7 @@ def test_shapes_2d_and_3d():
   chex.assert_tree_all_finite(out)
 
 
+@pytest.mark.slow
 def test_init_is_deterministic_in_the_key():
   a = TINY.init(jax.random.key(1), (1, 32, 32, 1))
   b = TINY.init(jax.random.key(1), (1, 32, 32, 1))
@@ -45,6 +47,7 @@ def test_init_is_deterministic_in_the_key():
   assert not np.array_equal(a["head"]["kernel"], c["head"]["kernel"])
 
 
+@pytest.mark.slow
 def test_vmap_over_stacked_site_params_equals_per_site_apply():
   sites = 3
   params = jax.tree.map(lambda *p: jnp.stack(p), *[
@@ -58,6 +61,7 @@ def test_vmap_over_stacked_site_params_equals_per_site_apply():
     np.testing.assert_allclose(batched[s], single, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_through_pure_apply():
   params = SMALLEST.init(jax.random.key(0), (1, 8, 8, 1))
   grads = jax.jit(jax.grad(lambda p: jnp.sum(SMALLEST.apply(
@@ -65,6 +69,7 @@ def test_grad_through_pure_apply():
   chex.assert_trees_all_equal_shapes(grads, params)
 
 
+@pytest.mark.slow
 def test_norm_params_are_identifiable():
   params = TINY.init(jax.random.key(0), (1, 16, 16, 1))
   mask = models.norm_param_mask(params)
@@ -75,6 +80,7 @@ def test_norm_params_are_identifiable():
   assert sum(jax.tree.leaves(mask)) == 4 * (2 * 3 - 1)  # 2 norms x 2 per block.
 
 
+@pytest.mark.slow
 def test_dropout_needs_a_key_and_is_off_without_one():
   model = models.SegmentationModel(models.UNetConfig(widths=(4, 8),
                                                      dropout=0.5))
@@ -98,6 +104,7 @@ def test_bad_configs_and_inputs_are_refused():
   assert unet.is_norm_param(("down", 0, "norm1", "scale"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_upsampling_and_pooling_equal_flax_layers(spatial_dims):
   """The matmul upsampling and reshape pooling compute what

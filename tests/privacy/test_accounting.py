@@ -220,6 +220,7 @@ def test_pld_agrees_with_plain_pld_accountant():
   assert ledger.epsilon_pld("a") < ledger.epsilon("a")
 
 
+@pytest.mark.slow
 def test_pld_groups_repeated_events_without_changing_the_figure():
   ledger = accounting.PrivacyLedger(["a"], delta=1e-5)
   for _ in range(20):  # One record per round, as the runner does.
@@ -235,6 +236,7 @@ def test_pld_groups_repeated_events_without_changing_the_figure():
                                                   rel=1e-6)
 
 
+@pytest.mark.slow
 def test_truncated_event_is_built_for_the_larger_neighbour():
   """dp_accounting's truncated PLD takes the size of the dataset holding the
   differing unit; under add/remove-one the worst case is N + 1."""

@@ -64,6 +64,7 @@ def _audit(audit, sites, root):
       auditing.scores(root, audit, observed), included, DELTA)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["random", "dirac"])
 def test_audit_has_power_without_noise(kind):
   audit = auditing.AuditConfig(num_canaries=1000, kind=kind, site=1)
@@ -77,6 +78,7 @@ def test_audit_has_power_without_noise(kind):
   assert int(sites.audit.sampled[1]) == 2 * 5 * result.num_included
 
 
+@pytest.mark.slow
 def test_audit_is_sound_under_dp():
   """At sigma 4 (q = 1, 10 steps) the ledger claims epsilon 3.62 per
   example; no seed's 95% lower bound may exceed it, and every seed's audit
@@ -94,6 +96,7 @@ def test_audit_is_sound_under_dp():
   assert min(bounds) > 0, bounds
 
 
+@pytest.mark.slow
 def test_canaries_change_only_the_audited_site():
   """Round 0 from the same model: the other site's update is identical with
   and without the audit; the audited site's is not."""

@@ -35,6 +35,7 @@ def test_schedule_scale_hits_target_and_matches_ledger_of_applied_sigmas():
       rel=1e-6)
 
 
+@pytest.mark.slow
 def test_pld_calibration_needs_less_noise_than_rdp():
   args = (2.0, 1e-5, 0.02, 500)
   rdp_sigma = calibration.calibrate_noise_multiplier(*args)

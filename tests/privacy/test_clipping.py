@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_seg import xla_cpu
+from fedjax_seg.privacy import chunked as chunked_lib
 from fedjax_seg.privacy import clipping
 from tests import numerics
 
@@ -115,6 +117,7 @@ def test_nonfinite_example_contributes_zero_and_is_counted():
   assert int(stats.num_clipped) == 0
 
 
+@pytest.mark.slow
 def test_microbatched_equals_unchunked():
   key = jax.random.key(3)
   params = {"a": jax.random.normal(key, (6,)), "b": jnp.ones((2, 3))}
@@ -268,6 +271,7 @@ def _assert_same_clipping(got, want, rtol=1e-5):
   np.testing.assert_array_equal(s1.is_real, s2.is_real)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [0, 1, 4, 5, 9, 11, 12])
 @pytest.mark.parametrize("chunk_size", [4, 5])
 def test_chunked_equals_full_capacity_for_every_realised_size(n, chunk_size):
@@ -277,7 +281,7 @@ def test_chunked_equals_full_capacity_for_every_realised_size(n, chunk_size):
   batch, is_padding = _padded_batch(key, capacity, n, nan_in_real=nan_unit)
   params = _smooth_params(key)
   full = clipping.clipped_grad(_smooth_loss, l2_clip_norm=0.8)
-  chunked = clipping.chunked_clipped_grad(_smooth_loss, l2_clip_norm=0.8,
+  chunked = chunked_lib.chunked_clipped_grad(_smooth_loss, l2_clip_norm=0.8,
                                           chunk_size=chunk_size)
   want = full(params, batch, is_padding)
   got = jax.jit(chunked)(params, batch, is_padding)
@@ -298,10 +302,10 @@ def test_chunked_equals_full_capacity_for_every_realised_size(n, chunk_size):
 
 def test_chunked_runs_only_the_chunks_up_to_the_last_real_unit():
   real = jnp.array([True] * 5 + [False] * 11)
-  assert int(clipping.chunks_to_run(real, 4)) == 2
-  assert int(clipping.chunks_to_run(jnp.zeros(16, bool), 4)) == 0
-  assert int(clipping.chunks_to_run(jnp.ones(16, bool), 4)) == 4
-  assert int(clipping.chunks_to_run(real.at[13].set(True), 4)) == 4
+  assert int(chunked_lib.chunks_to_run(real, 4)) == 2
+  assert int(chunked_lib.chunks_to_run(jnp.zeros(16, bool), 4)) == 0
+  assert int(chunked_lib.chunks_to_run(jnp.ones(16, bool), 4)) == 4
+  assert int(chunked_lib.chunks_to_run(real.at[13].set(True), 4)) == 4
   # The loss is evaluated on the computed chunks only: count its calls.
   calls = []
 
@@ -310,7 +314,7 @@ def test_chunked_runs_only_the_chunks_up_to_the_last_real_unit():
     return _smooth_loss(params, example)
 
   key = jax.random.key(0)
-  chunked = jax.jit(clipping.chunked_clipped_grad(
+  chunked = jax.jit(chunked_lib.chunked_clipped_grad(
       counting_loss, l2_clip_norm=1.0, chunk_size=4))
   counts = []
   for n in (16, 5, 0):
@@ -329,7 +333,7 @@ def test_chunked_is_vmappable_over_sites():
   batches = [_padded_batch(jax.random.fold_in(key, n), 12, n) for n in sizes]
   batch = jax.tree.map(lambda *x: jnp.stack(x), *[b for b, _ in batches])
   padding = jnp.stack([p for _, p in batches])
-  chunked = clipping.chunked_clipped_grad(_smooth_loss, l2_clip_norm=0.5,
+  chunked = chunked_lib.chunked_clipped_grad(_smooth_loss, l2_clip_norm=0.5,
                                           chunk_size=4)
   grads, stats = jax.jit(jax.vmap(chunked, in_axes=(None, 0, 0)))(
       params, batch, padding)
@@ -365,6 +369,7 @@ def _ragged_groups(key, sizes, max_slices, nan_slice=None):
   return grouped, jnp.asarray(slice_mask), packed, segment_ids, packed_mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [
     (1, 3, 2, 4, 0, 0),  # Ragged, two empty slots (unsampled patients).
     (0, 0, 0, 0, 0, 0),  # Empty sample.
@@ -378,7 +383,7 @@ def test_packed_groups_equal_group_clipping(sizes, chunk_size):
   grouped, slice_mask, packed, segment_ids, packed_mask = _ragged_groups(
       key, sizes, 4)
   full = clipping.clipped_grad(_smooth_loss, l2_clip_norm=0.3, unit="group")
-  fn = clipping.packed_group_clipped_grad(
+  fn = chunked_lib.packed_group_clipped_grad(
       _smooth_loss, l2_clip_norm=0.3, num_groups=len(sizes),
       chunk_size=chunk_size)
   want = full(params, grouped, jnp.zeros(len(sizes), bool),
@@ -394,13 +399,14 @@ def test_packed_groups_equal_group_clipping(sizes, chunk_size):
   _assert_same_clipping(got, want)
 
 
+@pytest.mark.slow
 def test_packed_group_with_a_nonfinite_slice_contributes_zero():
   key = jax.random.key(7)
   params = _smooth_params(key)
   sizes = (2, 3, 1, 4)
   grouped, slice_mask, packed, segment_ids, packed_mask = _ragged_groups(
       key, sizes, 4, nan_slice=(1, 2))  # Patient 1's last real slice.
-  fn = clipping.packed_group_clipped_grad(
+  fn = chunked_lib.packed_group_clipped_grad(
       _smooth_loss, l2_clip_norm=10.0, num_groups=4, chunk_size=2)
   got = jax.jit(fn)(params, packed, segment_ids, packed_mask)
   full = clipping.clipped_grad(_smooth_loss, l2_clip_norm=10.0, unit="group")
@@ -414,13 +420,14 @@ def test_packed_group_with_a_nonfinite_slice_contributes_zero():
   numerics.assert_trees_close(grad, want, 1e-5)
 
 
+@pytest.mark.slow
 @given(clip=st.floats(0.05, 5.0), seed=st.integers(0, 1000))
 @settings(max_examples=10, deadline=None)
 def test_packed_group_contribution_is_at_most_clip_norm(clip, seed):
   key = jax.random.key(seed)
   sizes = tuple(int(s) for s in jax.random.randint(key, (3,), 1, 5))
   _, _, packed, segment_ids, packed_mask = _ragged_groups(key, sizes, 4)
-  fn = clipping.packed_group_clipped_grad(
+  fn = chunked_lib.packed_group_clipped_grad(
       _linear_loss, l2_clip_norm=clip, num_groups=3, chunk_size=4)
   params = {"x": jnp.zeros(5), "y": jnp.zeros((2, 3))}
   for j in range(3):  # Only group j's slices are real.
@@ -431,37 +438,7 @@ def test_packed_group_contribution_is_at_most_clip_norm(clip, seed):
   assert fn.sensitivity() == clip
 
 
-def test_canonicalize_convs_keeps_values_and_removes_other_layouts():
-  key = jax.random.key(0)
-  x = jax.random.normal(key, (3, 2, 9, 8))  # NCHW
-  w = jax.random.normal(jax.random.fold_in(key, 1), (4, 2, 3, 3))  # OIHW
-
-  def loss(w, x):
-    y = jax.lax.conv_general_dilated(
-        x, w, (2, 1), ((1, 1), (0, 2)), rhs_dilation=(1, 2),
-        dimension_numbers=("NCHW", "OIHW", "NCHW"))
-    z = jax.lax.conv_general_dilated(
-        jnp.tanh(y), jnp.ones((2, 2, 2, 2)), (1, 1), "SAME",
-        dimension_numbers=("NCHW", "OIHW", "NHWC"), feature_group_count=2)
-    return jnp.sum(z ** 2)
-
-  def per_example(w, x):
-    return jax.vmap(jax.value_and_grad(
-        lambda w, xi: loss(w, xi[None]), argnums=(0, 1)), (None, 0))(w, x)
-
-  fast = clipping.canonicalize_convs(jax.jit(per_example))
-  chex.assert_trees_all_close(jax.jit(fast)(w, x), per_example(w, x),
-                              rtol=1e-5, atol=1e-5)
-  canon = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-  convs = [e for e in jax.make_jaxpr(fast)(w, x).eqns
-           if e.primitive is jax.lax.conv_general_dilated_p]
-  assert len(convs) >= 4  # Forward and backward convolutions.
-  for eqn in convs:
-    dn = eqn.params["dimension_numbers"]
-    assert (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == (
-        canon), dn
-
-
+@pytest.mark.slow
 def test_chunked_paths_with_and_without_conv_canonicalization_agree():
   key = jax.random.key(2)
   w = 0.5 * jax.random.normal(key, (3, 3, 1, 2))
@@ -478,25 +455,25 @@ def test_chunked_paths_with_and_without_conv_canonicalization_agree():
            "label": jax.random.normal(jax.random.fold_in(key, 2), (6, 8, 8))}
   padding = jnp.arange(6) >= 4
   want = clipping.clipped_grad(conv_loss, l2_clip_norm=0.1)(w, batch, padding)
-  for canonicalize in (True, False):
-    fn = clipping.chunked_clipped_grad(conv_loss, l2_clip_norm=0.1,
-                                       chunk_size=3, canonicalize=canonicalize)
+  for transform in (xla_cpu.canonicalize_convs, None):
+    fn = chunked_lib.chunked_clipped_grad(conv_loss, l2_clip_norm=0.1,
+                                       chunk_size=3, chunk_transform=transform)
     _assert_same_clipping(jax.jit(fn)(w, batch, padding), want)
-    packed = clipping.packed_group_clipped_grad(
+    packed = chunked_lib.packed_group_clipped_grad(
         conv_loss, l2_clip_norm=0.1, num_groups=6, chunk_size=4,
-        canonicalize=canonicalize)
+        chunk_transform=transform)
     got = jax.jit(packed)(w, batch, jnp.arange(6, dtype=jnp.int32), ~padding)
     _assert_same_clipping(got, want)
 
 
 def test_sample_following_arguments_are_checked():
   with pytest.raises(ValueError, match="chunk_size"):
-    clipping.chunked_clipped_grad(_linear_loss, l2_clip_norm=1.0,
+    chunked_lib.chunked_clipped_grad(_linear_loss, l2_clip_norm=1.0,
                                   chunk_size=0)
   with pytest.raises(ValueError, match="num_groups"):
-    clipping.packed_group_clipped_grad(_linear_loss, l2_clip_norm=1.0,
+    chunked_lib.packed_group_clipped_grad(_linear_loss, l2_clip_norm=1.0,
                                        num_groups=0, chunk_size=2)
-  fn = clipping.packed_group_clipped_grad(_linear_loss, l2_clip_norm=1.0,
+  fn = chunked_lib.packed_group_clipped_grad(_linear_loss, l2_clip_norm=1.0,
                                           num_groups=2, chunk_size=2)
   with pytest.raises(ValueError, match="segment_ids"):
     fn(jnp.zeros(2), jnp.ones((3, 2)), jnp.zeros(4, jnp.int32),

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_seg import segmentation_task
+from fedjax_seg.segmentation import task as segmentation_task
 from fedjax_seg.models import unet
 from fedjax_seg.privacy import layer_gradients
 from tests import numerics
@@ -48,6 +48,7 @@ def test_auto_kernel_method_follows_the_channels():
     layer_gradients.layer_grads("conv", None, None, {}, "fastest")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,kernel_method", [
     ("2d_group_two_channels", "taps"), ("2d_instance_residual", "auto"),
     ("3d_group", "taps")])
@@ -70,16 +71,17 @@ def test_equals_vmap_of_value_and_grad(case, kernel_method):
                                 jax.tree.map(lambda x: x[i], want), 1e-5)
 
 
+@pytest.mark.slow
 def test_each_example_gets_only_its_own_gradient():
   model, params, batch = _setup("2d_group_two_channels", n=2)
-  fn = jax.jit(segmentation_task.example_loss(model)
-               .per_example_value_and_grad)
+  fn = jax.jit(segmentation_task.task(model).per_example_value_and_grad)
   _, both = fn(params, batch)
   _, first = fn(params, jax.tree.map(lambda x: x[:1], batch))
   chex.assert_trees_all_close(jax.tree.map(lambda x: x[:1], both), first,
                               rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_taps_and_vjp_kernel_gradients_agree_in_3d():
   a = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 3))
   b = jax.random.normal(jax.random.key(1), (2, 4, 4, 4, 5))
@@ -96,6 +98,7 @@ def test_normalized_matches_groupnorm_before_its_affine():
                               atol=1e-5)
 
 
+@pytest.mark.slow
 def test_unrecorded_parameters_are_refused():
   model, params, batch = _setup("2d_group_two_channels", n=1)
   params = dict(params, extra={"kernel": jnp.zeros((2, 2))})
@@ -252,6 +255,7 @@ def test_clipping_holds_when_contractions_round_as_on_a_gpu(norm_method):
     assert np.sqrt(np.sum(kernel ** 2)) <= clip * (1 + 1e-6), i
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,norm_method", [
     ("2d_instance_residual", "ghost"), ("3d_group", "auto"),
     ("2d_group_two_channels", "materialize")])

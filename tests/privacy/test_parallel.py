@@ -1,6 +1,7 @@
 """Accounting spread over worker processes gives the one-by-one figures."""
 
 import json
+import pytest
 
 from fedjax_seg.privacy import parallel
 from fedjax_seg.verifier import epsilons
@@ -36,6 +37,7 @@ def test_small_work_runs_in_this_process():
                               workers="auto") == [2, 12]
 
 
+@pytest.mark.slow
 def test_ledger_pld_in_workers_equals_one_by_one():
   ledger = _ledger()
   one_by_one = {s: ledger.epsilon_pld(s, 1e-3) for s in ledger.site_names}
@@ -45,6 +47,7 @@ def test_ledger_pld_in_workers_equals_one_by_one():
   assert ledger.epsilons_pld(1e-3, workers="auto") == one_by_one
 
 
+@pytest.mark.slow
 def test_verifier_in_workers_equals_one_by_one(caplog):
   dump = json.loads(json.dumps(_ledger().to_dict()))
   sites, orders = epsilons.parse_ledger(dump, "ledger")

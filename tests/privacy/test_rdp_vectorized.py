@@ -75,6 +75,7 @@ def assert_same_epsilons(ours, reference):
   assert np.max(np.where(both_inf, 0.0, rel)) < 1e-9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("part", range(4))
 def test_one_thousand_random_schedules_match_dp_accounting(part):
   # 1,000 schedules in four parts of 250 (so that test workers share them).

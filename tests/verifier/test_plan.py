@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from fedjax_seg import config as C
-from fedjax_seg import experiment
+from fedjax_seg.run import config as C
+from fedjax_seg.run import loop
+from fedjax_seg.run import setup as setup_lib
 from fedjax_seg import privacy
 from fedjax_seg import verifier
 from fedjax_seg.privacy import PrivacyLedger
@@ -27,7 +28,7 @@ TINY = C.ExperimentConfig(
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
   """A run at target epsilon 8 with a cosine schedule (a sigma per round)."""
-  return experiment.train_and_evaluate(
+  return loop.train_and_evaluate(
       TINY, tmp_path_factory.mktemp("verifier") / "run")
 
 
@@ -38,7 +39,7 @@ def cohorts(tmp_path_factory):
       TINY, privacy=C.PrivacyConfig(target_epsilon=None,
                                     noise_multiplier=1.2),
       federated=dataclasses.replace(TINY.federated, sites_per_round=3))
-  return experiment.train_and_evaluate(
+  return loop.train_and_evaluate(
       config, tmp_path_factory.mktemp("verifier") / "cohorts")
 
 
@@ -61,6 +62,7 @@ def _problems(report):
   return result.problems
 
 
+@pytest.mark.slow
 def test_honest_runs_verify_with_the_plan_rederived(calibrated, cohorts):
   for report in (calibrated, cohorts):
     assert report["privacy"]["verified"]["ok"] is True
@@ -70,6 +72,7 @@ def test_honest_runs_verify_with_the_plan_rederived(calibrated, cohorts):
   assert len({round(v, 6) for v in next(iter(sigmas.values()))}) == 3
 
 
+@pytest.mark.slow
 def test_a_round_dropped_from_plan_and_ledger_fails(calibrated):
   forged = copy.deepcopy(calibrated)
   site = next(iter(forged["sites"]))
@@ -85,6 +88,7 @@ def test_a_round_dropped_from_plan_and_ledger_fails(calibrated):
       _reclaimed(forged)).problems)
 
 
+@pytest.mark.slow
 def test_a_sigma_changed_in_plan_and_ledger_fails(calibrated):
   forged = copy.deepcopy(calibrated)
   site = next(iter(forged["sites"]))
@@ -99,6 +103,7 @@ def test_a_sigma_changed_in_plan_and_ledger_fails(calibrated):
              for p in problems)
 
 
+@pytest.mark.slow
 def test_a_base_sigma_not_the_calibrated_one_fails(calibrated):
   # Every sigma of one site scaled together, consistently everywhere: the
   # schedule holds, the target is met (more noise), but the calibration
@@ -117,6 +122,7 @@ def test_a_base_sigma_not_the_calibrated_one_fails(calibrated):
     assert any(message in line for line in problems), (factor, problems)
 
 
+@pytest.mark.slow
 def test_published_participants_must_match_the_ledger(cohorts):
   assert all(len(row["participants"]) == 3 for row in cohorts["history"])
   forged = copy.deepcopy(cohorts)
@@ -129,6 +135,7 @@ def test_published_participants_must_match_the_ledger(cohorts):
              for p in _problems(forged))
 
 
+@pytest.mark.slow
 def test_a_sampled_round_with_an_extra_site_fails(cohorts):
   forged = copy.deepcopy(cohorts)
   row = forged["history"][0]
@@ -137,6 +144,7 @@ def test_a_sampled_round_with_an_extra_site_fails(cohorts):
   assert any("--sites_per_round gives 3" in p for p in _problems(forged))
 
 
+@pytest.mark.slow
 def test_the_header_must_be_the_configs(calibrated):
   # Relabelled reports: a config that says --nodp (which would skip the
   # derivation), another delta or unit than the config's.
@@ -151,6 +159,7 @@ def test_the_header_must_be_the_configs(calibrated):
     assert any(field in p for p in _problems(forged)), field
 
 
+@pytest.mark.slow
 def test_a_budget_stop_must_be_justified(cohorts):
   # Rounds dropped everywhere and the stop blamed on a budget there is not.
   forged = copy.deepcopy(cohorts)
@@ -166,6 +175,7 @@ def test_a_budget_stop_must_be_justified(cohorts):
   assert any("unknown stopped_reason" in p for p in _problems(forged))
 
 
+@pytest.mark.slow
 def test_the_derived_schedule_is_the_devices_over_many_rounds(calibrated):
   # float32 like the device (a float32 decay rate drifts from its float64
   # value by 2e-8 per round, 1e-6 after 50 rounds), within the few units in
@@ -178,12 +188,13 @@ def test_the_derived_schedule_is_the_devices_over_many_rounds(calibrated):
       privacy_config = C.PrivacyConfig(noise_schedule=name,
                                        schedule_end_factor=end)
       want = privacy.schedules.evaluate(
-          experiment.noise_shape(privacy_config, 1000), 1000)
+          setup_lib.named_shape(privacy_config, 1000), 1000)
       got = plan.round_shape(setting).astype(np.float64)
       assert np.all(np.abs(got - want) <= 1e-6 * want + plan.SHAPE_ATOL), (
           name, end, np.max(np.abs(got - want)))
 
 
+@pytest.mark.slow
 def test_held_out_sites_with_cohorts_verify(tmp_path):
   # The cohort is drawn among all sites, held-out ones then dropped: fewer
   # sites than --sites_per_round may train, and that is the honest plan.
@@ -191,11 +202,12 @@ def test_held_out_sites_with_cohorts_verify(tmp_path):
       TINY, data=dataclasses.replace(TINY.data, held_out_sites=(
           "ct_scanner_a", "mri_t2_3t", "xray_film")),
       federated=dataclasses.replace(TINY.federated, sites_per_round=3))
-  report = experiment.train_and_evaluate(config, tmp_path)
+  report = loop.train_and_evaluate(config, tmp_path)
   assert report["privacy"]["verified"]["ok"] is True
   assert min(len(row["participants"]) for row in report["history"]) <= 3
 
 
+@pytest.mark.slow
 def test_schedules_follow_optax(calibrated):
   import optax  # pylint: disable=g-import-not-at-top
   base = plan.read_setting(calibrated["config"])

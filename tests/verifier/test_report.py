@@ -140,6 +140,7 @@ def test_honest_report_main_prints_table(tmp_path, honest, capsys):
                               "PLD) from 23 events; plan NOT re-derived")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["fedjax_seg.verifier",
                                     "fedjax_seg.privacy.verify"])
 def test_cli_subprocess_on_workdir(tmp_path, honest, module):
@@ -327,6 +328,7 @@ def test_site_level_held_out_site_has_no_events():
   assert any("site 'y'" in p and "0 events recorded" in p for p in problems)
 
 
+@pytest.mark.slow
 def test_the_verifier_imports_no_project_code_and_no_jax():
   allowed = {"dp_accounting", "numpy", "scipy"} | set(
       sys.stdlib_module_names)
