@@ -16,12 +16,12 @@ your own JAX code"):
   ledger.record(site, sigma, q, steps=1)
 """
 
-from fedjax_seg.privacy.accounting import event_from_dict
-from fedjax_seg.privacy.accounting import event_to_dict
-from fedjax_seg.privacy.accounting import grouped_composition
-from fedjax_seg.privacy.accounting import poisson_gaussian_event
 from fedjax_seg.privacy.accounting import PrivacyLedger
-from fedjax_seg.privacy.accounting import truncation_probability
+from fedjax_seg.privacy.events import event_from_dict
+from fedjax_seg.privacy.events import event_to_dict
+from fedjax_seg.privacy.events import grouped_composition
+from fedjax_seg.privacy.events import poisson_gaussian_event
+from fedjax_seg.privacy.events import truncation_probability
 from fedjax_seg.privacy.adaptive_clipping import AdaptiveClipping
 from fedjax_seg.privacy.adaptive_clipping import AdaptiveClipState
 from fedjax_seg.privacy.calibration import calibrate_noise_multiplier

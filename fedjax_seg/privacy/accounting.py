@@ -6,21 +6,20 @@ and noise multiplier sigma_k. The ledger keeps, per site, the list of
 dp_accounting events (for reports, JSON and PLD) and the running RDP vector
 (for online epsilons): the RDP of a composition is the sum of the RDPs, so a
 round costs one RDP evaluation per distinct (sigma, q, steps), however many
-rounds came before.
+rounds came before. The events themselves (their construction, truncation
+and JSON form) are in `events.py`.
 """
 
-import collections
 import json
 import math
 from typing import Iterable, Mapping, Sequence
 
 import dp_accounting
-from dp_accounting import dp_event
 from dp_accounting import pld
 from dp_accounting import rdp
 import numpy as np
-from scipy import stats
 
+from fedjax_seg.privacy import events as events_lib
 from fedjax_seg.privacy import parallel
 from fedjax_seg.privacy import rdp_vectorized
 from fedjax_seg.privacy import units as units_lib
@@ -28,111 +27,6 @@ from fedjax_seg.privacy import units as units_lib
 LEDGER_FORMAT = "fedjax_seg.PrivacyLedger/2"
 ACCOUNTANTS = ("rdp",)
 _ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-
-
-def poisson_gaussian_event(
-    noise_multiplier: float,
-    sampling_rate: float,
-    steps: int,
-    *,
-    dataset_size: int | None = None,
-    max_batch_size: int | None = None,
-) -> dp_accounting.DpEvent:
-  """The dp_accounting event of `steps` Poisson-sampled Gaussian steps.
-
-  Args:
-    noise_multiplier: sigma (noise std / L2 sensitivity), >= 0. 0 means no
-      noise: a `NonPrivateDpEvent` (epsilon = inf).
-    sampling_rate: Poisson sampling probability q in [0, 1]; 1 means the whole
-      dataset each step (plain `GaussianDpEvent`).
-    steps: number of steps (>= 0; 0 gives a `NoOpDpEvent`).
-    dataset_size: N, the site's number of units, with `max_batch_size`: the
-      sample is truncated to at most `max_batch_size` units, giving
-      `TruncatedSubsampledGaussianDpEvent`. The event is built for the larger
-      of the two neighbouring datasets, N + 1 units (dp_accounting's
-      `dataset_size` is the size of the dataset that holds the differing unit,
-      and the truncation tail grows with it), so its `dataset_size` is N + 1.
-    max_batch_size: see `dataset_size`.
-  """
-  _check_event_args(noise_multiplier, sampling_rate, steps)
-  if (dataset_size is None) != (max_batch_size is None):
-    raise ValueError("give both dataset_size and max_batch_size, or neither.")
-  if steps == 0:
-    return dp_accounting.NoOpDpEvent()
-  if noise_multiplier == 0:
-    return dp_accounting.NonPrivateDpEvent()
-  if max_batch_size is not None and sampling_rate < 1:
-    if dataset_size < 1 or max_batch_size < 1:
-      raise ValueError(
-          f"dataset_size ({dataset_size}) and max_batch_size "
-          f"({max_batch_size}) must be >= 1."
-      )
-    step = dp_accounting.TruncatedSubsampledGaussianDpEvent(
-        # The neighbouring dataset that holds the differing unit: N + 1.
-        dataset_size=int(dataset_size) + 1,
-        sampling_probability=float(sampling_rate),
-        truncated_batch_size=int(max_batch_size),
-        noise_multiplier=float(noise_multiplier),
-    )
-  elif sampling_rate < 1:
-    step = dp_accounting.PoissonSampledDpEvent(
-        float(sampling_rate), dp_accounting.GaussianDpEvent(
-            float(noise_multiplier))
-    )
-  else:
-    step = dp_accounting.GaussianDpEvent(float(noise_multiplier))
-  return dp_accounting.SelfComposedDpEvent(step, int(steps))
-
-
-def _check_event_args(noise_multiplier, sampling_rate, steps):
-  if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-    raise ValueError(
-        f"noise_multiplier must be finite and >= 0, got {noise_multiplier}."
-    )
-  if not 0 <= sampling_rate <= 1:
-    raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate}.")
-  if int(steps) != steps or steps < 0:
-    raise ValueError(f"steps must be an integer >= 0, got {steps}.")
-
-
-def truncation_probability(
-    dataset_size: int, sampling_rate: float, max_batch_size: int
-) -> float:
-  """P[a Poisson(q) sample of N+1 units has more than `max_batch_size`].
-
-  The probability, per step, that truncating the sample to a fixed maximum
-  batch changes anything, for the larger of two neighbouring datasets
-  (N + 1 units; the tail is increasing in N).
-  """
-  return float(stats.binom.sf(max_batch_size, dataset_size + 1, sampling_rate))
-
-
-def poisson_equivalent(
-    event: dp_accounting.DpEvent,
-) -> tuple[dp_accounting.DpEvent, float]:
-  """Replaces truncated-sampling steps by untruncated ones for RDP.
-
-  Returns the untruncated event and the summed truncation probability P_T of
-  all its steps (coupling: the truncated and untruncated mechanisms differ
-  with probability at most P_T on any dataset).
-  """
-  if isinstance(event, dp_accounting.TruncatedSubsampledGaussianDpEvent):
-    untruncated = dp_accounting.PoissonSampledDpEvent(
-        event.sampling_probability,
-        dp_accounting.GaussianDpEvent(event.noise_multiplier),
-    )
-    # The event's dataset_size is already the larger neighbour's (N + 1).
-    return untruncated, truncation_probability(
-        event.dataset_size - 1, event.sampling_probability,
-        event.truncated_batch_size)
-  if isinstance(event, dp_accounting.SelfComposedDpEvent):
-    inner, p = poisson_equivalent(event.event)
-    return dp_accounting.SelfComposedDpEvent(inner, event.count), p * event.count
-  if isinstance(event, dp_accounting.ComposedDpEvent):
-    parts = [poisson_equivalent(e) for e in event.events]
-    return (dp_accounting.ComposedDpEvent([e for e, _ in parts]),
-            sum(p for _, p in parts))
-  return event, 0.0
 
 
 def _gaussian_parts(event: dp_accounting.DpEvent, count: int = 1):
@@ -184,7 +78,7 @@ def events_rdp(events: Sequence[dp_accounting.DpEvent],
       counts.append(n)
   if owner:
     for q, sigma in zip(qs, sigmas):
-      _check_event_args(sigma, q, 0)
+      events_lib.check_event_args(sigma, q, 0)
     rdp_each = rdp_vectorized.poisson_gaussian_rdp(
         np.asarray(qs), np.asarray(sigmas), orders)  # [P, O]
     counts = np.asarray(counts, np.float64)[:, None]  # All >= 1.
@@ -274,73 +168,13 @@ class VectorizedRdpAccountant(dp_accounting.PrivacyAccountant):
         self._orders, rdp_vector, target_delta)[0])
 
 
-def event_to_dict(event: dp_accounting.DpEvent) -> dict:
-  """A JSON-ready dict of `event.to_named_tuple()` (field names kept)."""
-
-  def convert(value):
-    if isinstance(value, dp_event.DpEventNamedTuple):
-      return {f: convert(getattr(value, f)) for f in value._fields}
-    if isinstance(value, (list, tuple)):
-      return [convert(v) for v in value]
-    return value
-
-  return convert(event.to_named_tuple())
-
-
-def event_from_dict(data: Mapping) -> dp_accounting.DpEvent:
-  """Inverse of `event_to_dict`, through `DpEvent.from_named_tuple`.
-
-  Only classes of `dp_accounting.dp_event` are accepted (the JSON may come from
-  anywhere; it must not name a module to import).
-  """
-
-  def convert(value):
-    if isinstance(value, Mapping) and "class_name" in value:
-      if value.get("module_name") != "dp_accounting.dp_event":
-        raise ValueError(
-            f"not a dp_accounting event: module {value.get('module_name')!r}."
-        )
-      fields = list(value)
-      wrapper = collections.namedtuple(
-          f"_{value['class_name']}NamedTupleWrapper", fields)
-      return wrapper(**{k: convert(v) for k, v in value.items()})
-    if isinstance(value, list):
-      return [convert(v) for v in value]
-    return value
-
-  return dp_accounting.DpEvent.from_named_tuple(convert(dict(data)))
-
-
-def grouped_composition(
-    events: Sequence[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
-  """The composition of `events` with equal events counted together.
-
-  Composition is commutative, so `[SelfComposed(e, 2), SelfComposed(e, 2),
-  e']` equals `Composed([SelfComposed(e, 4), e'])`; a PLD accountant then
-  builds one distribution per distinct event and self-composes it (fast),
-  instead of one per round.
-  """
-  grouped: dict = {}
-  unhashable = []
-  for event in events:
-    base, count = ((event.event, event.count) if isinstance(
-        event, dp_accounting.SelfComposedDpEvent) else (event, 1))
-    try:
-      grouped[base] = grouped.get(base, 0) + count
-    except TypeError:  # Unhashable (e.g. a ComposedDpEvent): keep as is.
-      unhashable.append(event)
-  return dp_accounting.ComposedDpEvent(
-      [dp_accounting.SelfComposedDpEvent(base, n)
-       for base, n in grouped.items()] + unhashable)
-
-
 def _pld_epsilon(events: Sequence[dp_accounting.DpEvent], delta: float,
                  value_discretization_interval: float) -> float:
   """PLD epsilon of composing `events` (grouped; 0 for none)."""
   if not events:
     return 0.0
   accountant = pld.PLDAccountant(_ADD_REMOVE, value_discretization_interval)
-  accountant.compose(grouped_composition(events))
+  accountant.compose(events_lib.grouped_composition(events))
   return float(accountant.get_epsilon(delta))
 
 
@@ -421,7 +255,7 @@ class PrivacyLedger:
   def record_event(self, site: str, event: dp_accounting.DpEvent) -> None:
     """Composes any RDP-supported dp_accounting event into `site`'s ledger."""
     site = self._check_site(site)
-    untruncated, p_trunc = poisson_equivalent(event)
+    untruncated, p_trunc = events_lib.poisson_equivalent(event)
     self._rdp[site] = self._rdp[site] + _event_rdp(untruncated, self.orders)
     self._truncation[site] += p_trunc
     self._events[site].append(event)
@@ -432,7 +266,7 @@ class PrivacyLedger:
     them evaluated in one vectorised pass (a round of a per-round schedule:
     one new (sigma, q) per site)."""
     sites = [self._check_site(s) for s in events]
-    untruncated = [poisson_equivalent(events[s]) for s in events]
+    untruncated = [events_lib.poisson_equivalent(events[s]) for s in events]
     vectors = _cached_rdp([e for e, _ in untruncated], self.orders)
     for site, event, (_, p_trunc), vector in zip(
         sites, events.values(), untruncated, vectors):
@@ -462,7 +296,7 @@ class PrivacyLedger:
       dataset_size, max_batch_size: give both if the Poisson sample was
         truncated to a fixed maximum batch.
     """
-    self.record_event(site, poisson_gaussian_event(
+    self.record_event(site, events_lib.poisson_gaussian_event(
         noise_multiplier, sampling_rate, steps,
         dataset_size=dataset_size, max_batch_size=max_batch_size))
 
@@ -527,7 +361,8 @@ class PrivacyLedger:
     """
     items = [(self._events[s], self.delta, value_discretization_interval)
              for s in self.site_names]
-    work = sum(len(grouped_composition(e).events) for e, _, _ in items)
+    work = sum(len(events_lib.grouped_composition(e).events)
+               for e, _, _ in items)
     return dict(zip(self.site_names, parallel.process_map(
         _pld_epsilon, items, work=work, workers=workers)))
 
@@ -548,7 +383,7 @@ class PrivacyLedger:
       planned = [planned]
     rdp_vector, p_trunc = self._rdp[site], self._truncation[site]
     for event in planned:
-      untruncated, p = poisson_equivalent(event)
+      untruncated, p = events_lib.poisson_equivalent(event)
       rdp_vector = rdp_vector + _event_rdp(untruncated, self.orders)
       p_trunc += p
     return self._epsilon_from_rdp(rdp_vector, p_trunc, site)
@@ -572,7 +407,8 @@ class PrivacyLedger:
         "orders": list(self.orders),
         "sites": {
             s: {
-                "events": [event_to_dict(e) for e in self._events[s]],
+                "events": [events_lib.event_to_dict(e)
+                           for e in self._events[s]],
                 "epsilon": self.epsilon(s),
             }
             for s in self.site_names
@@ -593,7 +429,7 @@ class PrivacyLedger:
                  accountant=data["accountant"], orders=data["orders"])
     for site, entry in data["sites"].items():
       for event in entry["events"]:
-        ledger.record_event(site, event_from_dict(event))
+        ledger.record_event(site, events_lib.event_from_dict(event))
     return ledger
 
   @classmethod

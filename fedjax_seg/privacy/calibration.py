@@ -12,6 +12,7 @@ from dp_accounting import pld
 import numpy as np
 
 from fedjax_seg.privacy import accounting
+from fedjax_seg.privacy import events as events_lib
 from fedjax_seg.privacy import schedules as schedules_lib
 
 _ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -42,7 +43,7 @@ def _shape_groups(schedule, steps) -> list[tuple[float, int]]:
 
 
 def _grouped_event(scale, sampling_rate, groups) -> dp_accounting.DpEvent:
-  events = [accounting.poisson_gaussian_event(scale * value, sampling_rate, n)
+  events = [events_lib.poisson_gaussian_event(scale * value, sampling_rate, n)
             for value, n in groups]
   return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
 
@@ -108,7 +109,7 @@ def calibrate_noise_multiplier(
   else:
     raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}.")
   groups = _shape_groups(schedule, steps)  # Once, not once per trial.
-  prior = [accounting.poisson_equivalent(e)[0] for e in prior_events]
+  prior = [events_lib.poisson_equivalent(e)[0] for e in prior_events]
   if prior:
     spent = _epsilon(make_accountant, dp_accounting.ComposedDpEvent(prior),
                      delta)
@@ -254,7 +255,7 @@ def planned_events(
       raise ValueError(f"the schedule changes within the event of steps "
                        f"{first}..{first + steps_per_event - 1}.")
     sigma = float(np.float32(scale * float(block[0])))
-    events.append(accounting.poisson_gaussian_event(
+    events.append(events_lib.poisson_gaussian_event(
         sigma, sampling_rate, steps_per_event, dataset_size=dataset_size,
         max_batch_size=max_batch_size))
   return events

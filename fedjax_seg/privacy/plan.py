@@ -39,6 +39,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fedjax_seg.privacy import accounting
+from fedjax_seg.privacy import events as events_lib
 from fedjax_seg.privacy import adaptive_clipping
 from fedjax_seg.privacy import calibration
 from fedjax_seg.privacy import schedules
@@ -60,7 +61,7 @@ def max_batch_size_for(num_units: int, sampling_rate: float,
     raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate}.")
   mean = num_units * sampling_rate
   b = max(1, int(np.ceil(mean)))
-  while b < num_units + 1 and accounting.truncation_probability(
+  while b < num_units + 1 and events_lib.truncation_probability(
       num_units, sampling_rate, b) > tail:
     b += max(1, b // 16)
   return min(b, num_units + 1) if num_units > 0 else 1
@@ -139,14 +140,14 @@ class NoisePlan:
 
   def record_level_event(self, round_index: int, k: int):
     """The record-level ledger's event of site k in a round."""
-    return accounting.poisson_gaussian_event(
+    return events_lib.poisson_gaussian_event(
         float(self.recorded_sigma[round_index, k]),
         float(self.sampling_rates[k]), self.local_steps,
         dataset_size=int(self.units[k]), max_batch_size=self.max_batch_size)
 
   def site_level_event(self):
     """The site-level ledger's event of one round (every training site)."""
-    return accounting.poisson_gaussian_event(
+    return events_lib.poisson_gaussian_event(
         self.site_recorded_sigma, self.site_sampling_rate, 1)
 
   def charged_sites(self, participating: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import pytest
 from scipy import stats
 
 from fedjax_seg.privacy import accounting
+from fedjax_seg.privacy import events as events_lib
 
 MNIST = dict(noise_multiplier=1.1, sampling_rate=256 / 60000, steps=14062)
 
@@ -73,7 +74,7 @@ def test_cached_epsilons_follow_every_new_event():
   # epsilon is cached per event count: reading, recording (one site, or a
   # round's events at once) and reading again gives the fresh figures.
   ledger = accounting.PrivacyLedger(["a", "b", "c"], delta=1e-5)
-  event = accounting.poisson_gaussian_event(1.0, 0.1, 5)
+  event = events_lib.poisson_gaussian_event(1.0, 0.1, 5)
   for _ in range(3):
     before = ledger.epsilons()
     ledger.record_events({"a": event, "b": event})
@@ -153,7 +154,7 @@ def test_would_exceed_plans_without_recording():
   ledger = accounting.PrivacyLedger(["a"], delta=1e-5)
   ledger.record("a", 1.0, 0.05, 100)
   now = ledger.epsilon("a")
-  plan = accounting.poisson_gaussian_event(1.0, 0.05, 100)
+  plan = events_lib.poisson_gaussian_event(1.0, 0.05, 100)
   after = ledger.epsilon_if("a", plan)
   assert after > now
   assert ledger.would_exceed("a", budget=(now + after) / 2, planned=plan)
@@ -166,7 +167,7 @@ def test_would_exceed_plans_without_recording():
 def test_truncation_is_accounted():
   # A max batch far in the tail: same epsilon (to 1e-6) as plain Poisson.
   n, q = 1000, 0.032
-  p = accounting.truncation_probability(n, q, max_batch_size=100)
+  p = events_lib.truncation_probability(n, q, max_batch_size=100)
   assert 0 < p < 1e-20
   plain = accounting.PrivacyLedger(["a"], delta=1e-5)
   plain.record("a", 1.0, q, 200)
@@ -226,7 +227,7 @@ def test_pld_groups_repeated_events_without_changing_the_figure():
   for _ in range(20):  # One record per round, as the runner does.
     ledger.record("a", 1.0, 0.05, 2, dataset_size=200, max_batch_size=40)
   ledger.record("a", 1.3, 0.05, 3)
-  grouped = accounting.grouped_composition(ledger.events("a"))
+  grouped = events_lib.grouped_composition(ledger.events("a"))
   assert len(grouped.events) == 2
   acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
   for e in ledger.events("a")[-1:] + [dp_accounting.SelfComposedDpEvent(
@@ -241,7 +242,7 @@ def test_truncated_event_is_built_for_the_larger_neighbour():
   """dp_accounting's truncated PLD takes the size of the dataset holding the
   differing unit; under add/remove-one the worst case is N + 1."""
   n, q, b = 50, 0.2, 16
-  event = accounting.poisson_gaussian_event(0.8, q, 3, dataset_size=n,
+  event = events_lib.poisson_gaussian_event(0.8, q, 3, dataset_size=n,
                                             max_batch_size=b)
   assert event.event.dataset_size == n + 1
   ledger = accounting.PrivacyLedger(["a"], delta=1e-5)
@@ -255,6 +256,6 @@ def test_truncated_event_is_built_for_the_larger_neighbour():
   assert ledger.epsilon_pld("a") == pytest.approx(direct.get_epsilon(1e-5),
                                                   rel=1e-9)
   # The RDP coupling uses the same neighbour: P[Binomial(N + 1, q) > B].
-  untruncated, p_trunc = accounting.poisson_equivalent(event)
+  untruncated, p_trunc = events_lib.poisson_equivalent(event)
   assert p_trunc == pytest.approx(3 * stats.binom.sf(b, n + 1, q), rel=1e-12)
   assert isinstance(untruncated.event, dp_accounting.PoissonSampledDpEvent)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedjax_seg.privacy import accounting
+from fedjax_seg.privacy import events as events_lib
 from fedjax_seg.privacy import calibration
 from fedjax_seg.privacy import rdp_vectorized
 
@@ -144,7 +145,7 @@ def test_ledger_batch_record_equals_one_by_one():
   batch = accounting.PrivacyLedger(names, delta=1e-5)
   single = accounting.PrivacyLedger(names, delta=1e-5)
   for r in range(3):
-    events = {n: accounting.poisson_gaussian_event(
+    events = {n: events_lib.poisson_gaussian_event(
         1.3 * 0.9 ** r + 0.01 * k, 0.05 * (k + 1), 2, dataset_size=40 * (k + 1),
         max_batch_size=40 * (k + 1)) for k, n in enumerate(names)}
     batch.record_events(events)
