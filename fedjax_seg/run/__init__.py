@@ -2,6 +2,7 @@
 
 Where things are:
   config, config_flags  settings (pure dataclasses) and their absl flags
+  config_syntax         the flags' vocabularies and entry grammar, ConfigError
   data                  the run's splits, cohorts, data that change by round
   setup                 settings resolved once into the run's fixed pieces
   state                 what a run carries from round to round; resume

@@ -5,116 +5,33 @@ Privacy settings (`PrivacyConfig`) are kept apart from performance settings
 names the command-line flag of the offending field (flags are named like the
 fields). DP is on unless `PrivacyConfig(enabled=False)` (`--nodp`).
 
-This module imports nothing of the library (as flax examples' configs): the
-vocabularies below are the library's, written out (a test checks they
-agree), and the flags' syntax (scenario entries, augmentation by modality)
-is parsed here.
+This module imports nothing of the library (as flax examples' configs). The
+choice flags' vocabularies, the grammar of the list flags' entries and
+`ConfigError` are in `config_syntax.py`; a config checks that syntax when it
+is built.
 """
 
 import dataclasses
-import math
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedbn")
-PRIVACY_UNITS = ("example", "patient", "site")  # privacy.units.UNITS
-NOISE_SCHEDULES = ("constant", "linear", "exponential", "cosine", "step")
-ADAPTIVE_MODES = ("off", "geometric", "percentile")
-AUDIT_CANARY_KINDS = ("random", "dirac")
-# models.unet's PRESETS, NORMS and PARAM_GROUPS.
-UNET_PRESETS = ("tiny", "small", "base")
-NORMS = ("group", "instance")
-PARAM_GROUPS = ("encoder", "decoder", "head", "norm")
-# data.AUGMENTATIONS.
-AUGMENTATIONS = ("flip", "affine", "intensity", "gamma", "noise")
-# The federated engine's choices (federated.client and federated.rounds).
-LOCAL_OPTIMIZERS = ("sgd", "momentum", "adam")
-LOCAL_LOOPS = ("auto", "scan", "unroll")
-PER_EXAMPLE_GRADS = ("vmap", "layers", "ghost")
-BACKENDS = ("auto", "vmap", "map", "shard", "loop")
-
-
-class ConfigError(ValueError):
-  """An invalid setting; the message names the flag."""
-
-
-def _check(condition: bool, flag: str, message: str) -> None:
-  if not condition:
-    raise ConfigError(f"--{flag}: {message}")
-
-
-def scenario_fields(entry: str, flag: str, count: int) -> list[str]:
-  """The `count` ':'-separated fields of a scenario entry."""
-  parts = [p.strip() for p in entry.split(":")]
-  if len(parts) != count or not all(parts):
-    raise ConfigError(
-        f"--{flag}: entry {entry!r} must have {count} fields separated by "
-        "':'.")
-  return parts
-
-
-def scenario_round(text: str, flag: str, entry: str) -> int:
-  """A scenario entry's round (1-based)."""
-  try:
-    value = int(text)
-  except ValueError as e:
-    raise ConfigError(
-        f"--{flag}: entry {entry!r}: round {text!r} is not an integer.") from e
-  if value < 1:
-    raise ConfigError(
-        f"--{flag}: entry {entry!r}: rounds count from 1.")
-  return value
-
-
-def drift_rates(entry: str) -> tuple[str, float, float]:
-  """(site, gain rate, offset rate) of an --intensity_drift entry."""
-  count = 3 if entry.count(":") == 2 else 2
-  parts = scenario_fields(entry, "intensity_drift", count)
-  rates = []
-  for text in parts[1:] + ["0"] * (3 - count):
-    try:
-      rates.append(float(text))
-    except ValueError as e:
-      raise ConfigError(
-          f"--intensity_drift: entry {entry!r}: rate {text!r} is not a "
-          "number.") from e
-    if not math.isfinite(rates[-1]):
-      raise ConfigError(
-          f"--intensity_drift: entry {entry!r}: rate {text!r} is not "
-          "finite.")
-  return parts[0], rates[0], rates[1]
-
-
-def parse_by_modality(entries) -> dict[str, tuple[str, ...]]:
-  """{MODALITY: ops} from entries "MODALITY:op+op" ("XRAY:intensity+noise";
-  "MRI:" for none). Raises ValueError naming a bad entry."""
-  out = {}
-  for entry in entries:
-    modality, sep, ops = entry.partition(":")
-    names = tuple(o for o in ops.split("+") if o)
-    unknown = [o for o in names if o not in AUGMENTATIONS]
-    if not sep or not modality.strip() or unknown:
-      raise ValueError(f"{entry!r}: expected MODALITY:op+op with ops from "
-                       f"{AUGMENTATIONS}.")
-    out[modality.strip().upper()] = names
-  return out
-
-
-def any_scenario(data) -> bool:
-  """Whether any flag of a scenario that changes over rounds is set."""
-  return bool(data.scanner_changes or data.intensity_drift or data.site_joins
-              or data.site_leaves)
-
-
-def check_scenario_entries(data) -> None:
-  """Checks the scenario flags' syntax (sites and rounds are checked
-  against the run by `scenarios.Scenario.build`)."""
-  for entry in data.scanner_changes:
-    scenario_round(scenario_fields(entry, "scanner_changes", 3)[1],
-                   "scanner_changes", entry)
-  for entry in data.intensity_drift:
-    drift_rates(entry)
-  for flag in ("site_joins", "site_leaves"):
-    for entry in getattr(data, flag):
-      scenario_round(scenario_fields(entry, flag, 2)[1], flag, entry)
+# The vocabularies, ConfigError and the entries' grammar (config_syntax.py).
+from fedjax_seg.run.config_syntax import ADAPTIVE_MODES
+from fedjax_seg.run.config_syntax import ALGORITHMS
+from fedjax_seg.run.config_syntax import any_scenario
+from fedjax_seg.run.config_syntax import AUDIT_CANARY_KINDS
+from fedjax_seg.run.config_syntax import AUGMENTATIONS
+from fedjax_seg.run.config_syntax import BACKENDS
+from fedjax_seg.run.config_syntax import check as _check
+from fedjax_seg.run.config_syntax import check_scenario_entries
+from fedjax_seg.run.config_syntax import ConfigError
+from fedjax_seg.run.config_syntax import LOCAL_LOOPS
+from fedjax_seg.run.config_syntax import LOCAL_OPTIMIZERS
+from fedjax_seg.run.config_syntax import NOISE_SCHEDULES
+from fedjax_seg.run.config_syntax import NORMS
+from fedjax_seg.run.config_syntax import PARAM_GROUPS
+from fedjax_seg.run.config_syntax import parse_by_modality
+from fedjax_seg.run.config_syntax import PER_EXAMPLE_GRADS
+from fedjax_seg.run.config_syntax import PRIVACY_UNITS
+from fedjax_seg.run.config_syntax import UNET_PRESETS
 
 
 @dataclasses.dataclass(frozen=True)

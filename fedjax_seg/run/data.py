@@ -18,6 +18,7 @@ from fedjax_seg.data import consortium as consortium_lib
 from fedjax_seg.data import sites as sites_lib
 from fedjax_seg.data import synthetic
 from fedjax_seg.run import config as config_lib
+from fedjax_seg.run import config_syntax
 from fedjax_seg.run import many_sites
 from fedjax_seg.run import scenarios as scenarios_lib
 from fedjax_seg.segmentation import task as segmentation_task
@@ -130,7 +131,7 @@ def prepare(config: config_lib.ExperimentConfig, splits=None) -> RunData:
   val = sites_lib.stack_sites(splits["val"])
   test = sites_lib.stack_sites(splits["test"])
   scenario = scenario_data = None
-  if config_lib.any_scenario(d):
+  if config_syntax.any_scenario(d):
     scenario = scenarios_lib.Scenario.build(
         d, train.site_names, train.site_modalities, config.federated.rounds)
   if scenario is not None and scenario.has_data_changes:

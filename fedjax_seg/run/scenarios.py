@@ -39,6 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from fedjax_seg.run import config as config_lib
+from fedjax_seg.run import config_syntax
 from fedjax_seg.data import sites as sites_lib
 from fedjax_seg.data import synthetic
 
@@ -101,10 +102,10 @@ class Scenario:
     profile = [None] * num
     profiles = {s.name: s for s in synthetic.DEFAULT_SITES}
     for entry in data.scanner_changes:
-      name, r, new = config_lib.scenario_fields(entry, "scanner_changes", 3)
+      name, r, new = config_syntax.scenario_fields(entry, "scanner_changes", 3)
       k = site("scanner_changes", entry, name)
       r = within("scanner_changes", entry,
-                 config_lib.scenario_round(r, "scanner_changes", entry))
+                 config_syntax.scenario_round(r, "scanner_changes", entry))
       if data.dataset != "synthetic":
         raise config_lib.ConfigError(
             "--scanner_changes: re-acquiring patients with another scanner "
@@ -126,7 +127,7 @@ class Scenario:
       events.append((r, name, f"scanner replaced by {new}"))
     drift, offset = np.zeros(num), np.zeros(num)
     for entry in data.intensity_drift:
-      name, rate, shift = config_lib.drift_rates(entry)
+      name, rate, shift = config_syntax.drift_rates(entry)
       k = site("intensity_drift", entry, name)
       if 1.0 + rate * (rounds - 1) <= 0:
         raise config_lib.ConfigError(
@@ -139,9 +140,9 @@ class Scenario:
     for flag, bound in (("site_joins", first), ("site_leaves", last)):
       seen = set()
       for entry in getattr(data, flag):
-        name, r = config_lib.scenario_fields(entry, flag, 2)
+        name, r = config_syntax.scenario_fields(entry, flag, 2)
         k = site(flag, entry, name)
-        r = within(flag, entry, config_lib.scenario_round(r, flag, entry))
+        r = within(flag, entry, config_syntax.scenario_round(r, flag, entry))
         if k in seen:
           raise config_lib.ConfigError(f"--{flag}: site {name!r} given "
                                        "twice.")

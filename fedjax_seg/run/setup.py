@@ -25,6 +25,7 @@ from fedjax_seg.privacy import plan as privacy_plan
 from fedjax_seg.privacy import schedules
 from fedjax_seg.run import artifacts
 from fedjax_seg.run import config as config_lib
+from fedjax_seg.run import config_syntax
 from fedjax_seg.run import data as data_lib
 from fedjax_seg.run import init_source as init_source_lib
 from fedjax_seg.run import many_sites
@@ -156,7 +157,7 @@ def make_plan(config: config_lib.ExperimentConfig, counts, spatial_shape,
     raise config_lib.ConfigError(f"--held_out_sites: unknown sites "
                                  f"{sorted(unknown)}.")
   training = np.array([s not in set(d.held_out_sites) for s in names])
-  by_modality = config_lib.parse_by_modality(f.augment_by_modality)
+  by_modality = config_syntax.parse_by_modality(f.augment_by_modality)
   unknown = set(by_modality) - {m.upper() for m in counts.site_modalities}
   if unknown:
     raise config_lib.ConfigError(
@@ -233,7 +234,7 @@ def make_task(config, model, plan: RunPlan):
   (--augmult with --augmentations, per modality with
   --augment_by_modality)."""
   f = config.federated
-  by_modality = config_lib.parse_by_modality(f.augment_by_modality)
+  by_modality = config_syntax.parse_by_modality(f.augment_by_modality)
   augment = augment_lib.AugmentConfig(augmentations=f.augmentations)
   table = None
   if by_modality:

@@ -8,7 +8,7 @@ import pytest
 
 from fedjax_seg import privacy
 from fedjax_seg.data import augment
-from fedjax_seg.run import config as config_lib
+from fedjax_seg.run import config_syntax
 
 
 def _blob(size=24):
@@ -102,11 +102,11 @@ def test_transforms_chosen_per_site_by_modality():
   none, _ = augment.augment_slice(image, label, key, augment.AugmentConfig(),
                                   jnp.zeros(len(augment.AUGMENTATIONS), bool))
   np.testing.assert_array_equal(none, image)
-  by = config_lib.parse_by_modality(["xray:intensity+noise", "MRI:"])
+  by = config_syntax.parse_by_modality(["xray:intensity+noise", "MRI:"])
   assert by == {"XRAY": ("intensity", "noise"), "MRI": ()}
   table = augment.ops_table(("CT", "XRAY", "MRI"), ("flip", "noise"), by)
   assert table == ((True, False, False, False, True),
                    (False, False, True, False, True),
                    (False,) * 5)
   with pytest.raises(ValueError, match="MODALITY:op"):
-    config_lib.parse_by_modality(["XRAY=flip"])
+    config_syntax.parse_by_modality(["XRAY=flip"])

@@ -8,6 +8,7 @@ from absl import flags
 import pytest
 
 from fedjax_seg.run import config as config_lib
+from fedjax_seg.run import config_syntax
 from fedjax_seg.run import config_flags
 
 from tests.experiments.test_simulate import REPO
@@ -106,13 +107,13 @@ def test_the_configs_vocabularies_are_the_librarys():
   from fedjax_seg.federated import rounds  # pylint: disable=g-import-not-at-top
   from fedjax_seg.models import unet  # pylint: disable=g-import-not-at-top
   from fedjax_seg.privacy import schedules  # pylint: disable=g-import-not-at-top
-  assert config_lib.PRIVACY_UNITS == privacy.units.UNITS
-  assert config_lib.UNET_PRESETS == tuple(unet.PRESETS)
-  assert config_lib.NORMS == tuple(unet.NORMS)
-  assert config_lib.PARAM_GROUPS == tuple(unet.PARAM_GROUPS)
-  assert config_lib.AUGMENTATIONS == augment.AUGMENTATIONS
-  assert config_lib.LOCAL_OPTIMIZERS == client.LOCAL_OPTIMIZERS
-  assert config_lib.LOCAL_LOOPS == client.LOCAL_LOOPS
-  assert config_lib.PER_EXAMPLE_GRADS == client.PER_EXAMPLE_GRADS
-  assert config_lib.BACKENDS == rounds.BACKENDS
-  assert config_lib.NOISE_SCHEDULES == schedules.SHAPES
+  assert config_syntax.PRIVACY_UNITS == privacy.units.UNITS
+  assert config_syntax.UNET_PRESETS == tuple(unet.PRESETS)
+  assert config_syntax.NORMS == tuple(unet.NORMS)
+  assert config_syntax.PARAM_GROUPS == tuple(unet.PARAM_GROUPS)
+  assert config_syntax.AUGMENTATIONS == augment.AUGMENTATIONS
+  assert config_syntax.LOCAL_OPTIMIZERS == client.LOCAL_OPTIMIZERS
+  assert config_syntax.LOCAL_LOOPS == client.LOCAL_LOOPS
+  assert config_syntax.PER_EXAMPLE_GRADS == client.PER_EXAMPLE_GRADS
+  assert config_syntax.BACKENDS == rounds.BACKENDS
+  assert config_syntax.NOISE_SCHEDULES == schedules.SHAPES
