@@ -5,15 +5,10 @@ import struct
 
 import pytest
 
-from fedjax_seg.run import config as C
 from fedjax_seg.run import loop
+from tests.run import tiny
 
-TINY = C.ExperimentConfig(
-    data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.0625),
-    model=C.ModelConfig(widths=(4,)),
-    federated=C.FederatedConfig(rounds=2, local_steps=1, batch_size=4,
-                                learning_rate=0.5, ema_decay=0.0),
-    eval_every=1, checkpoint_every=2, noise_seed=0)
+TINY = tiny.config(rounds=2, eval_every=1, checkpoint_every=2, noise_seed=0)
 
 
 def _scalars(path):

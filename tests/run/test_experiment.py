@@ -13,13 +13,9 @@ from fedjax_seg.run import report as report_lib
 from fedjax_seg.run import setup as setup_lib
 from fedjax_seg.run import state as state_lib
 from fedjax_seg import privacy
+from tests.run import tiny
 
-TINY = C.ExperimentConfig(
-    data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.0625),
-    model=C.ModelConfig(widths=(4,)),
-    federated=C.FederatedConfig(rounds=4, local_steps=1, batch_size=4,
-                                learning_rate=0.5, ema_decay=0.0),
-    eval_every=2, checkpoint_every=1, noise_seed=0)
+TINY = tiny.config(rounds=4, eval_every=2, checkpoint_every=1, noise_seed=0)
 
 
 TIMING = {"wall_seconds", "device_seconds", "host_seconds",

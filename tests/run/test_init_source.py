@@ -11,14 +11,10 @@ from fedjax_seg.run import artifacts
 from fedjax_seg.run import loop
 from fedjax_seg import privacy
 from fedjax_seg.privacy import verify
+from tests.run import tiny
 
-TINY = C.ExperimentConfig(
-    data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.0625),
-    model=C.ModelConfig(widths=(4,)),
-    privacy=C.PrivacyConfig(target_epsilon=4.0),
-    federated=C.FederatedConfig(rounds=2, local_steps=1, batch_size=4,
-                                learning_rate=0.5, ema_decay=0.0),
-    eval_every=2, checkpoint_every=2)
+TINY = tiny.config(rounds=2, eval_every=2, checkpoint_every=2,
+                   privacy=C.PrivacyConfig(target_epsilon=4.0))
 
 
 def _from(config, source, **model):

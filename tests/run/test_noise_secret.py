@@ -20,14 +20,11 @@ from fedjax_seg.run import config_flags
 from fedjax_seg.run import artifacts
 from fedjax_seg.run import loop
 from fedjax_seg.run import noise_secret
+from tests.run import tiny
 
-TINY = C.ExperimentConfig(
-    data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.0625),
-    model=C.ModelConfig(widths=(4,)),
-    privacy=C.PrivacyConfig(target_epsilon=None, noise_multiplier=1.0),
-    federated=C.FederatedConfig(rounds=1, local_steps=1, batch_size=4,
-                                learning_rate=0.5, ema_decay=0.0),
-    eval_every=1, checkpoint_every=1)
+TINY = tiny.config(
+    rounds=1, eval_every=1, checkpoint_every=1,
+    privacy=C.PrivacyConfig(target_epsilon=None, noise_multiplier=1.0))
 
 
 def _one_round_update(config, workdir) -> np.ndarray:

@@ -15,14 +15,10 @@ from fedjax_seg import privacy
 from fedjax_seg import verifier
 from fedjax_seg.privacy import PrivacyLedger
 from fedjax_seg.verifier import plan
+from tests.run import tiny
 
-TINY = C.ExperimentConfig(
-    data=C.DataConfig(image_size=16, num_slices=2, patients_scale=0.0625),
-    model=C.ModelConfig(widths=(4,)),
-    privacy=C.PrivacyConfig(noise_schedule="cosine"),
-    federated=C.FederatedConfig(rounds=3, local_steps=1, batch_size=4,
-                                learning_rate=0.5, ema_decay=0.0),
-    eval_every=3, checkpoint_every=3, noise_seed=0)
+TINY = tiny.config(rounds=3, eval_every=3, checkpoint_every=3, noise_seed=0,
+                   privacy=C.PrivacyConfig(noise_schedule="cosine"))
 
 
 @pytest.fixture(scope="module")
