@@ -5,7 +5,10 @@ temporary folder next to the output and renamed into place only when every
 case has been read, checked and written, so a crash or a bad file leaves no
 half-written dataset. A fingerprint of the inputs (paths, sizes, modification
 times) and of the settings is stored in the stats file; preparing again with
-the same inputs and settings does nothing.
+the same inputs and settings does nothing. The stats file also holds a
+random `preparation_id`, drawn when the dataset is written: runs' reports
+publish it to name the preparation they trained on (it is no function of the
+data, unlike the fingerprint, which stays in the data directory).
 """
 
 import collections
@@ -17,6 +20,7 @@ import pathlib
 import shutil
 import tempfile
 from typing import Sequence
+import uuid
 
 from absl import logging
 import numpy as np
@@ -274,6 +278,7 @@ def prepare_dataset(
                        "in the labels.")
     stats = {
         "name": name, "fingerprint": fingerprint, "settings": settings,
+        "preparation_id": uuid.uuid4().hex,
         "input": str(input_path), "site_names": site_names,
         "site_modalities": [site_modality[s] for s in site_names],
         "class_names": names,

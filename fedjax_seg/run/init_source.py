@@ -112,11 +112,12 @@ def main_unit(config: config_lib.ExperimentConfig) -> str:
   return p.unit if p.record_level else privacy.PrivacyUnit.SITE.value
 
 
-def read(config: config_lib.ExperimentConfig,
-         site_names) -> InitSource | None:
+def read(config: config_lib.ExperimentConfig, site_names,
+         preparation: str | None = None) -> InitSource | None:
   """The --init_from source of `config` (None without --init_from), its
   relation to this run's patients and, when composed, its events for
-  `site_names`. Raises ConfigError naming --init_from."""
+  `site_names`; `preparation` is this run's `dataset_preparation`. Raises
+  ConfigError naming --init_from."""
   from fedjax_seg.run import config_flags  # pylint: disable=g-import-not-at-top
   model = config.model
   if not model.init_from:
@@ -131,8 +132,8 @@ def read(config: config_lib.ExperimentConfig,
   report = json.loads(raw)
   other = config_flags.config_from_dict(report["config"])
   dp = other.privacy.enabled
-  relation = _relation(config, other, flag,
-                       report.get("dataset", {}).get("fingerprint"))
+  relation = _relation(config, other, flag, preparation,
+                       report.get("dataset", {}).get("preparation_id"))
   section = report.get("privacy", {}) if dp else {}
   prior, prior_site = {}, {}
   both_ledgers = config.privacy.use_site_level and config.privacy.record_level
@@ -167,31 +168,32 @@ def read(config: config_lib.ExperimentConfig,
       composes_site_level=relation == "composed" and both_ledgers)
 
 
-def dataset_fingerprint(data: config_lib.DataConfig) -> str | None:
-  """The prepared dataset's fingerprint (of its input files and settings,
-  `data_prep.prepare`), or None for the built-in data or a dataset without
-  one."""
+def dataset_preparation(data: config_lib.DataConfig) -> str | None:
+  """The prepared dataset's `preparation_id` (random, drawn when
+  `data_prep.prepare` wrote it: public), or None for the built-in data or a
+  dataset without one."""
   if data.dataset == "synthetic":
     return None
   from fedjax_seg.data import tfds_io  # pylint: disable=g-import-not-at-top
   try:
-    return tfds_io.read_stats(data.dataset, data.data_dir).get("fingerprint")
+    return tfds_io.read_stats(data.dataset,
+                              data.data_dir).get("preparation_id")
   except (FileNotFoundError, json.JSONDecodeError):
     return None
 
 
-def _relation(config, other, flag: str,
-              source_fingerprint: str | None = None) -> str:
+def _relation(config, other, flag: str, preparation: str | None = None,
+              source_preparation: str | None = None) -> str:
   """One of RELATIONS, or ConfigError (module docstring)."""
   model, mine, theirs = config.model, config.data, other.data
   same_patients = theirs.dataset == mine.dataset and (
       mine.dataset != "synthetic" or other.data_seed == config.data_seed)
-  fingerprint = dataset_fingerprint(mine) if same_patients else None
-  if source_fingerprint and fingerprint and source_fingerprint != fingerprint:
+  if (same_patients and preparation and source_preparation
+      and source_preparation != preparation):
     if not (model.init_from_disjoint or model.init_from_public):
       raise config_lib.ConfigError(
           f"{flag}: dataset {mine.dataset!r} was prepared again since that "
-          "run (another fingerprint), so its patients may now be at other "
+          "run (another preparation id), so its patients may now be at other "
           "sites and composing per site would miss them. Pass "
           "--init_from_disjoint if its patients are none of this run's, or "
           "use a source trained on this preparation.")

@@ -24,7 +24,6 @@ import numpy as np
 from fedjax_seg import privacy
 from fedjax_seg.privacy import auditing
 from fedjax_seg.run import artifacts
-from fedjax_seg.run import init_source as init_source_lib
 from fedjax_seg.run import many_sites
 from fedjax_seg.run import noise_secret
 from fedjax_seg.run import scenarios as scenarios_lib
@@ -186,6 +185,9 @@ def assumptions(config, plan: setup_lib.RunPlan,
   ]
   if diagnostics_released:
     not_covered.append(DIAGNOSTICS_WARNING)
+  if plan.dataset_preparation is not None:
+    public.append("the prepared dataset's preparation id: random, drawn when "
+                  "it was prepared, no function of the data")
   if plan.init_source is not None:
     public.append(plan.init_source.assumption())
   covered = ("the trained parameters and everything computed from them "
@@ -359,10 +361,10 @@ def build(run: setup_lib.Run, state: state_lib.RunState, result,
       },
       "history": state.history,
       "config": config.to_dict(),
-      # Which preparation of the dataset (a composed --init_from compares).
+      # Which preparation of the dataset (a composed --init_from compares):
+      # a random id drawn when it was prepared, public.
       "dataset": {"name": config.data.dataset,
-                  "fingerprint": init_source_lib.dataset_fingerprint(
-                      config.data)},
+                  "preparation_id": plan.dataset_preparation},
       "sites": {s: {"modality": m, "train_units": int(n)} for s, m, n in
                 zip(names, plan.site_modalities, plan.noise.units)},
       "versions": versions(),

@@ -60,6 +60,9 @@ class RunPlan:
   site_modalities: tuple
   chunk_size: int | None  # --chunk_size resolved (performance only).
   init_source: init_source_lib.InitSource | None = None
+  # The prepared dataset's random preparation id (None for the built-in
+  # data), read once at setup; the report names it.
+  dataset_preparation: str | None = None
 
   @property
   def site_names(self) -> tuple:
@@ -133,7 +136,8 @@ def _adaptive(p: config_lib.PrivacyConfig):
 
 def make_plan(config: config_lib.ExperimentConfig, counts, spatial_shape,
               scenario=None,
-              source: init_source_lib.InitSource | None = None) -> RunPlan:
+              source: init_source_lib.InitSource | None = None,
+              dataset_preparation: str | None = None) -> RunPlan:
   """The run's plan from the sites' public counts (`SiteArrays` or
   `SiteCounts`) and the examples' spatial shape; raises ConfigError naming
   the flag."""
@@ -206,7 +210,7 @@ def make_plan(config: config_lib.ExperimentConfig, counts, spatial_shape,
   return RunPlan(noise, tuple(counts.site_modalities),
                  chunk_size=resolve_chunk_size(config.performance.chunk_size,
                                                spatial_shape),
-                 init_source=source)
+                 init_source=source, dataset_preparation=dataset_preparation)
 
 
 def audit_config(config: config_lib.ExperimentConfig,
@@ -345,9 +349,12 @@ def setup(config, workdir: pathlib.Path, splits=None,
   settings are checked. Returns (run, initial params)."""
   data = data_lib.prepare(config, splits)
   train = data.train
+  preparation = init_source_lib.dataset_preparation(config.data)
   plan = make_plan(config, data.counts, train.image.shape[2:-1],
                    data.scenario,
-                   init_source_lib.read(config, data.counts.site_names))
+                   init_source_lib.read(config, data.counts.site_names,
+                                        preparation),
+                   preparation)
   model = models.SegmentationModel(unet_config(
       config.model, in_channels=train.image.shape[-1],
       num_classes=len(train.class_names), spatial_dims=train.image.ndim - 3))

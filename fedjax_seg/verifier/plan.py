@@ -210,8 +210,8 @@ def composition_required(s: Setting, report: Mapping, source: Mapping,
                                   "object"), "the --init_from run's config")
   same = other.dataset == s.dataset and (
       s.dataset != "synthetic" or other.data_seed == s.data_seed)
-  mine = (report.get("dataset") or {}).get("fingerprint")
-  theirs = (source.get("dataset") or {}).get("fingerprint")
+  mine = (report.get("dataset") or {}).get("preparation_id")
+  theirs = (source.get("dataset") or {}).get("preparation_id")
   if same and mine and theirs and mine != theirs:
     same = False  # Prepared again: the runner asks for a statement.
     if not (s.init_from_disjoint or s.init_from_public):

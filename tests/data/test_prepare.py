@@ -52,13 +52,23 @@ def test_rerun_is_a_no_op_and_changes_need_overwrite(tmp_path):
   data = tmp_path / "data"
   prepare.prepare_dataset(csv_path, data, "hosp", CONFIG)
   stamp = os.stat(data / "hosp" / tfds_io.STATS_FILE).st_mtime_ns
+  first_id = tfds_io.read_stats("hosp", data)["preparation_id"]
   prepare.prepare_dataset(csv_path, data, "hosp", CONFIG)
   assert os.stat(data / "hosp" / tfds_io.STATS_FILE).st_mtime_ns == stamp
+  assert tfds_io.read_stats("hosp", data)["preparation_id"] == first_id
   other = nifti.PreprocessConfig(image_size=(24, 24))
   with pytest.raises(FileExistsError, match="--overwrite"):
     prepare.prepare_dataset(csv_path, data, "hosp", other)
   prepare.prepare_dataset(csv_path, data, "hosp", other, overwrite=True)
   assert tfds_io.load("hosp", data)["train"].image.shape[1:3] == (24, 24)
+  # Each preparation gets its own random id (reports publish it; it is no
+  # function of the data): the first settings again get a new one.
+  second_id = tfds_io.read_stats("hosp", data)["preparation_id"]
+  prepare.prepare_dataset(csv_path, data, "hosp", CONFIG, overwrite=True)
+  ids = [first_id, second_id,
+         tfds_io.read_stats("hosp", data)["preparation_id"]]
+  assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+  assert len(set(ids)) == 3
   assert _tree(data) == _tree(data)  # Listing is stable ...
   assert not [p for p in os.listdir(data) if p.startswith(".")]  # no temp.
 

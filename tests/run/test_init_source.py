@@ -8,6 +8,7 @@ import pytest
 
 from fedjax_seg.run import config as C
 from fedjax_seg.run import artifacts
+from fedjax_seg.run import init_source
 from fedjax_seg.run import loop
 from fedjax_seg import privacy
 from fedjax_seg.privacy import verify
@@ -20,6 +21,24 @@ TINY = tiny.config(rounds=2, eval_every=2, checkpoint_every=2,
 def _from(config, source, **model):
   return dataclasses.replace(config, model=dataclasses.replace(
       config.model, init_from=str(source), **model))
+
+
+def test_a_source_from_another_preparation_needs_a_stated_relation():
+  """Reports name the dataset's preparation by its random id; a DP source
+  trained on another preparation of this dataset is not composed blindly."""
+  prepared = dataclasses.replace(
+      TINY, data=dataclasses.replace(TINY.data, dataset="hosp",
+                                     data_dir="data"))
+  source = dataclasses.replace(prepared, noise_seed=7)
+  flag = "--init_from=a"
+  assert init_source._relation(prepared, source, flag, "1f", "1f") == (
+      "composed")
+  with pytest.raises(C.ConfigError, match=f"{flag}: dataset 'hosp' was "
+                     "prepared again since that run"):
+    init_source._relation(prepared, source, flag, "1f", "2e")
+  disjoint = _from(prepared, "a", init_from_disjoint=True)
+  assert init_source._relation(disjoint, source, flag, "1f", "2e") == (
+      "disjoint")
 
 
 @pytest.fixture(scope="module")
