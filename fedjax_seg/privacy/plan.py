@@ -23,7 +23,7 @@ Example:
   >>> import numpy as np
   >>> plan = plan_noise(
   ...     site_names=("a", "b"), units=np.array([40, 400]), batch_size=8,
-  ...     local_steps=1, shape=np.ones(10), target_epsilon=4.0, delta=1e-5)
+  ...     local_steps=1, rounds=10, target_epsilon=4.0, delta=1e-5)
   >>> bool(plan.base_sigma[0] > plan.base_sigma[1])  # The small site.
   True
   >>> ledger, site_ledger = plan.new_ledgers()
@@ -289,13 +289,13 @@ def plan_noise(
     units: np.ndarray,
     batch_size: int,
     local_steps: int,
-    shape: np.ndarray,
+    rounds: int,
     delta: float,
     unit: str = "example",
     record_level: bool = True,
     noise_multiplier: float = 1.0,
     target_epsilon: float | None = None,
-    schedule_shape=None,
+    schedule_shape: schedules.Schedule | None = None,
     windows: np.ndarray | None = None,
     training_sites: np.ndarray | None = None,
     active: np.ndarray | None = None,
@@ -316,14 +316,15 @@ def plan_noise(
     units: [S] training units per site (N_k >= 1).
     batch_size: expected units per step B (q_k = min(1, B / N_k)).
     local_steps: steps per round (one ledger event per round and site).
-    shape: [R] the schedule's relative sigma per round (R = rounds).
+    rounds: R, the rounds planned.
     delta: the ledgers' delta.
     unit: "example", "patient" or "site" (the main ledger's unit).
     record_level: DP-SGD in every site.
     noise_multiplier: the base sigma when `target_epsilon` is None.
     target_epsilon: calibrate each site's base sigma to end its window here.
-    schedule_shape: `round -> relative sigma` (for calibration; `shape` is
-      its values over rounds 0..R-1); None: constant.
+    schedule_shape: `round -> relative sigma` (1 at round 0; e.g.
+      `schedules.named_shape`); None: constant. Each round's sigma is the
+      site's base sigma times its value.
     windows: [S, 2] (first round, end round) each site is in the federation
       (calibration covers those rounds); None: all rounds.
     training_sites: [S] bool, False for held-out sites; None: all.
@@ -350,8 +351,8 @@ def plan_noise(
   if np.any(units < 1):
     raise ValueError(f"sites {[names[k] for k in np.flatnonzero(units < 1)]}"
                      " have no training units.")
-  rounds = len(shape)
-  shape = np.asarray(shape, np.float64)
+  schedule_shape = schedule_shape or schedules.constant_schedule(1.0)
+  shape = schedules.evaluate(schedule_shape, rounds)  # [R], float64.
   rates = np.minimum(1.0, batch_size / units)
   max_batch = max(max_batch_size_for(int(n), float(q))
                   for n, q in zip(units, rates))
@@ -408,7 +409,7 @@ def _calibrate(names, units, batch_size, local_steps, schedule_shape, windows,
                target_epsilon, delta, max_batch, prior) -> np.ndarray:
   """[S] base sigmas: each site calibrated for the rounds of its window
   (with the schedule's values of those rounds) after its prior events."""
-  shape = schedule_shape or schedules.constant_schedule(1.0)
+  shape = schedule_shape
   sigmas = {}
   for first, end in sorted({tuple(w) for w in np.asarray(windows).tolist()}):
     members = [k for k in range(len(units)) if tuple(windows[k]) == (first,

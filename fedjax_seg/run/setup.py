@@ -179,8 +179,8 @@ def make_plan(config: config_lib.ExperimentConfig, counts, spatial_shape,
   try:
     noise = privacy_plan.plan_noise(
         site_names=names, units=units, batch_size=f.batch_size,
-        local_steps=f.local_steps, shape=schedules.evaluate(shape, f.rounds),
-        schedule_shape=shape, delta=p.delta, unit=p.unit,
+        local_steps=f.local_steps, rounds=f.rounds, schedule_shape=shape,
+        delta=p.delta, unit=p.unit,
         record_level=p.record_level, noise_multiplier=p.noise_multiplier,
         target_epsilon=p.target_epsilon if p.enabled else None,
         windows=None if scenario is None else scenario.active_windows(),

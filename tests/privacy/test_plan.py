@@ -15,7 +15,7 @@ UNITS = np.array([40, 400, 100])
 
 def _plan(**kwargs):
   args = dict(site_names=NAMES, units=UNITS, batch_size=8, local_steps=2,
-              shape=np.ones(6), delta=1e-5, target_epsilon=4.0,
+              rounds=6, delta=1e-5, target_epsilon=4.0,
               training_sites=np.array([True, True, False]))
   args.update(kwargs)
   return plan_lib.plan_noise(**args)
@@ -43,7 +43,7 @@ def test_a_schedule_and_windows_shape_each_sites_rounds():
   shape = schedules.named_shape("linear", 6, end_factor=0.5)
   values = schedules.evaluate(shape, 6)
   windows = np.array([[0, 6], [2, 6], [0, 6]])  # "large" joins at round 3.
-  plan = _plan(shape=values, schedule_shape=shape, windows=windows)
+  plan = _plan(schedule_shape=shape, windows=windows)
   np.testing.assert_allclose(plan.accounted_sigma[:, 0],
                              values * plan.base_sigma[0])
   ledger, site_ledger = plan.new_ledgers()
@@ -101,7 +101,7 @@ def test_prior_events_are_composed_first_and_the_calibration_aims_at_the_total()
 def test_a_changed_plan_is_detected_for_the_rounds_both_planned():
   plan = _plan(target_epsilon=None, noise_multiplier=1.0)
   longer = _plan(target_epsilon=None, noise_multiplier=1.0,
-                 shape=np.ones(9))
+                 rounds=9)
   assert longer.same_planned_noise(plan.to_meta())
   louder = _plan(target_epsilon=None, noise_multiplier=1.1)
   assert not louder.same_planned_noise(plan.to_meta())
