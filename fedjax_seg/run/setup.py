@@ -195,11 +195,13 @@ def make_plan(config: config_lib.ExperimentConfig, counts, spatial_shape,
         prior_site_level_events=(source.prior_site_level_events
                                  if source is not None else {}))
   except ValueError as e:
-    if not prior:
-      raise
+    if prior:
+      raise config_lib.ConfigError(
+          f"--init_from/--target_epsilon: {e} (spent by the --init_from run "
+          "on this run's patients); raise --target_epsilon.") from e
     raise config_lib.ConfigError(
-        f"--init_from/--target_epsilon: {e} (spent by the --init_from run on "
-        "this run's patients); raise --target_epsilon.") from e
+        f"--target_epsilon/--delta/--noise_schedule: cannot plan the noise: "
+        f"{e}") from e
   if prior and p.enabled and p.epsilon_budget is not None:
     spent = noise.prior_epsilon_at_least(p.epsilon_budget)
     if spent is not None:
@@ -311,12 +313,13 @@ def trainer_signature(config, plan: RunPlan, params) -> tuple:
 
 
 def _trainer(config, model, plan: RunPlan, params):
-  """The federated trainer; an engine refusal (e.g. --per_example_grads
-  that the task or --chunk_size do not allow) names the flag."""
+  """The federated trainer; an engine refusal of a setting (e.g.
+  --per_example_grads that the task or --chunk_size do not allow) names the
+  flag, which is named like the engine's setting."""
   try:
     return fed.FederatedTrainer(make_task(config, model, plan),
                                 **trainer_settings(config, plan, params))
-  except ValueError as e:
+  except fed.SettingError as e:
     raise config_lib.ConfigError(f"--{e}") from e
 
 
