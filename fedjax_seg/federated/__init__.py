@@ -22,4 +22,5 @@ from fedjax_seg.federated.sampling import sample_participants
 from fedjax_seg.federated.server import ServerConfig
 from fedjax_seg.federated.server import ServerState
 from fedjax_seg.federated.server import SiteLevelDPConfig
+from fedjax_seg.federated.task import SettingError
 from fedjax_seg.federated.task import Task

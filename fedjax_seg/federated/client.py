@@ -191,8 +191,9 @@ class ClientConfig:
       raise ValueError(f"per_example_grads must be one of "
                        f"{PER_EXAMPLE_GRADS}, got {self.per_example_grads!r}.")
     if self.per_example_grads != "vmap" and self.chunk_size is None:
-      raise ValueError(f"per_example_grads={self.per_example_grads!r} "
-                       "needs chunk_size set (not none).")
+      raise task_lib.SettingError(
+          "per_example_grads", f"per_example_grads={self.per_example_grads!r}"
+          " needs chunk_size set (not none).")
     if self.batch_sampling not in BATCH_SAMPLINGS:
       raise ValueError(f"batch_sampling must be one of {BATCH_SAMPLINGS}, "
                        f"got {self.batch_sampling!r}.")
@@ -457,18 +458,13 @@ def make_client_update(task: task_lib.Task | Callable,
   shuffle = gradients.resolve_batch_sampling(client, dp) == "shuffle"
   layered = (gradients.layer_value_and_grad(task, trainable_mask)
              if dp.enabled and client.per_example_grads == "layers" else None)
-  ghost = None
-  if dp.enabled and client.per_example_grads == "ghost":
-    if task.ghost_clipped_grad is None:
-      raise ValueError("per_example_grads='ghost' needs a task with "
-                       "`ghost_clipped_grad` (the segmentation task has one "
-                       "without augmentation multiplicity).")
-    ghost = task.ghost_clipped_grad(trainable_mask)
+  ghost = (gradients.ghost_clipped_grad(task, trainable_mask)
+           if dp.enabled and client.per_example_grads == "ghost" else None)
   loss_fn = task.loss
   if trainable_mask is not None:
     loss_fn = _frozen_outside(loss_fn, trainable_mask)
-  private_gradient = (gradients.make_private_gradient(loss_fn, client, dp, layered,
-                                            ghost)
+  private_gradient = (gradients.make_private_gradient(loss_fn, client, dp,
+                                                     layered, ghost)
                       if dp.enabled else None)
 
   def client_update(global_params, site_state: SiteState, data: SiteData,

@@ -117,18 +117,13 @@ def make_private_gradient(
   only) each chunk's clipped sum comes from it.
   """
   unit = "group" if dp.unit == "patient" else "example"
-  if ghost_clipped_grad is not None:
-    if unit == "group" or client.chunk_size is None:
-      raise ValueError("per_example_grads='ghost' clips single slices "
-                       "(unit 'example') in chunks (chunk_size set); a "
-                       "patient's norm needs cross-slice terms: use 'vmap' "
-                       "or 'layers'.")
-    ghost = privacy.chunked_clipped_grad(
-        loss_fn, l2_clip_norm=dp.l2_clip_norm, chunk_size=client.chunk_size,
-        chunk_transform=xla_cpu.chunk_transform(client.canonicalize_convs),
-        chunk_clipped_grad=ghost_clipped_grad)
-    return lambda params, batch, clip: ghost(params, batch.examples,
-                                             ~batch.mask, l2_clip_norm=clip)
+  if ghost_clipped_grad is not None and (unit == "group"
+                                         or client.chunk_size is None):
+    raise task_lib.SettingError(
+        "per_example_grads", "per_example_grads='ghost' clips single slices "
+        "(unit 'example') in chunks (chunk_size set); a patient's norm needs "
+        "cross-slice terms: use 'vmap' or 'layers'.")
+  transform = xla_cpu.chunk_transform(client.canonicalize_convs)
   if client.chunk_size is None:
     full = privacy.clipped_grad(loss_fn, l2_clip_norm=dp.l2_clip_norm,
                                 unit=unit,
@@ -140,7 +135,7 @@ def make_private_gradient(
     packed = privacy.packed_group_clipped_grad(
         loss_fn, l2_clip_norm=dp.l2_clip_norm,
         num_groups=client.max_batch_size, chunk_size=client.chunk_size,
-        chunk_transform=xla_cpu.chunk_transform(client.canonicalize_convs),
+        chunk_transform=transform,
         per_example_value_and_grad=per_example_value_and_grad)
     if unit == "group":
       return lambda params, batch, clip: packed(
@@ -151,9 +146,11 @@ def make_private_gradient(
         params, batch.examples,
         jnp.arange(client.max_batch_size, dtype=jnp.int32), batch.mask,
         l2_clip_norm=clip)
+  # Single slices; with ghost_clipped_grad each chunk's clipped sum comes
+  # from it.
   chunked = privacy.chunked_clipped_grad(
       loss_fn, l2_clip_norm=dp.l2_clip_norm, chunk_size=client.chunk_size,
-      chunk_transform=xla_cpu.chunk_transform(client.canonicalize_convs))
+      chunk_transform=transform, chunk_clipped_grad=ghost_clipped_grad)
   return lambda params, batch, clip: chunked(params, batch.examples,
                                              ~batch.mask, l2_clip_norm=clip)
 
@@ -169,10 +166,11 @@ def layer_value_and_grad(task: task_lib.Task, trainable_mask):
   leaves' gradients 0 (as `_frozen_outside` gives them)."""
   fn = task.per_example_value_and_grad
   if fn is None:
-    raise ValueError("per_example_grads='layers' needs a task with "
-                     "`per_example_value_and_grad` (the segmentation task "
-                     "has one without augmentation multiplicity, which "
-                     "averages a unit's copies inside its loss).")
+    raise task_lib.SettingError(
+        "per_example_grads", "per_example_grads='layers' needs a task with "
+        "`per_example_value_and_grad` (the segmentation task has one without "
+        "augmentation multiplicity, which averages a unit's copies inside its "
+        "loss).")
   if trainable_mask is None:
     return fn
 
@@ -181,6 +179,17 @@ def layer_value_and_grad(task: task_lib.Task, trainable_mask):
     return losses, zero_frozen(grads, trainable_mask)
 
   return frozen
+
+
+def ghost_clipped_grad(task: task_lib.Task, trainable_mask):
+  """The task's ghost-norm clipped sum of a chunk of single examples, for
+  the trainable leaves (`trainable_mask`, or all when None)."""
+  if task.ghost_clipped_grad is None:
+    raise task_lib.SettingError(
+        "per_example_grads", "per_example_grads='ghost' needs a task with "
+        "`ghost_clipped_grad` (the segmentation task has one without "
+        "augmentation multiplicity).")
+  return task.ghost_clipped_grad(trainable_mask)
 
 
 class UnitLossStats(NamedTuple):

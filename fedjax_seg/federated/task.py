@@ -21,6 +21,18 @@ import jax
 PyTree = Any
 
 
+class SettingError(ValueError):
+  """An engine setting that this task or the other settings do not allow.
+
+  `str(error)` starts with the setting as `name=value`; a front end names
+  its own option for it (the runner: `--name`).
+  """
+
+  def __init__(self, setting: str, message: str):
+    super().__init__(message)
+    self.setting = setting
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """The engine's view of a learning task.

@@ -242,3 +242,37 @@ def test_shuffled_batches_are_refused_with_record_level_dp():
     client_lib.make_client_update(toy.loss_fn, client, fed.LocalDPConfig())
   with pytest.raises(ValueError, match="batch_sampling"):
     fed.ClientConfig(batch_sampling="random")
+
+
+def _never_called(*args, **kwargs):
+  raise AssertionError("a refused path was built")
+
+
+def test_per_example_gradient_paths_the_task_or_settings_do_not_allow():
+  """The engine's refusals name the setting (`SettingError`), which the
+  runner turns into its flag."""
+  chunked = dataclasses.replace(BASE, chunk_size=4)
+  cases = [
+      # A bare loss offers neither layer-wise gradients nor ghost norms.
+      (lambda: client_lib.make_client_update(
+          toy.loss_fn, dataclasses.replace(chunked, per_example_grads="layers"),
+          fed.LocalDPConfig()), "per_example_grads='layers' needs a task"),
+      (lambda: client_lib.make_client_update(
+          toy.loss_fn, dataclasses.replace(chunked, per_example_grads="ghost"),
+          fed.LocalDPConfig()), "per_example_grads='ghost' needs a task"),
+      # Ghost norms clip single slices, never a patient's.
+      (lambda: client_lib.make_client_update(
+          fed.Task(toy.loss_fn, ghost_clipped_grad=lambda mask: _never_called),
+          dataclasses.replace(chunked, per_example_grads="ghost"),
+          fed.LocalDPConfig(unit="patient")),
+       "per_example_grads='ghost' clips single slices"),
+      # Both paths work in chunks.
+      (lambda: dataclasses.replace(BASE, per_example_grads="layers",
+                                   chunk_size=None),
+       "per_example_grads='layers' needs chunk_size"),
+  ]
+  for build, message in cases:
+    with pytest.raises(fed.SettingError, match=message) as raised:
+      build()
+    assert raised.value.setting == "per_example_grads"
+    assert str(raised.value).startswith("per_example_grads=")
