@@ -37,6 +37,7 @@ sigma (the runner checks the applied value at run time).
 import dataclasses
 import math
 import os
+import pathlib
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -285,6 +286,22 @@ def _charged_rounds(s: Setting, report: Mapping, names, training, wins,
   return charged
 
 
+def same_directory(recorded: str, given: str) -> bool:
+  """Whether `recorded` (the absolute path the runner resolved) can be the
+  directory `given` on its command line: equal if `given` is absolute, else
+  ending in `given`'s components (whole names: "pre" is not "/runs/xpre";
+  leading "." and ".." cannot be resolved without the run's working
+  directory, so a `given` of only those cannot be contradicted)."""
+  mine = pathlib.PurePath(os.path.normpath(recorded)).parts
+  theirs = pathlib.PurePath(os.path.normpath(given))
+  if theirs.is_absolute():
+    return mine == theirs.parts
+  tail = list(theirs.parts)
+  while tail and tail[0] in (os.curdir, os.pardir):
+    tail.pop(0)
+  return not tail or list(mine[-len(tail):]) == tail
+
+
 def _load_source(s: Setting, report: Mapping, privacy: Mapping,
                  problems: list, verify_source) -> tuple[Mapping | None, bool]:
   """(the --init_from run's report, whether its events must be composed):
@@ -299,8 +316,7 @@ def _load_source(s: Setting, report: Mapping, privacy: Mapping,
                       "the config has none")
     return None, False
   where = recorded.get("workdir") or s.init_from
-  if recorded.get("workdir") and not os.path.normpath(where).endswith(
-      os.path.normpath(s.init_from).lstrip(os.sep)):
+  if recorded.get("workdir") and not same_directory(where, s.init_from):
     problems.append(f"FAIL plan: privacy.init_from.workdir {where!r} is not "
                     f"the config's --init_from {s.init_from!r}")
   try:

@@ -218,3 +218,13 @@ def test_schedules_follow_optax(calibrated):
   for name, values in want.items():
     setting = dataclasses.replace(base, schedule=name, rounds=7)
     np.testing.assert_allclose(plan.round_shape(setting), values, rtol=1e-6)
+
+
+def test_the_recorded_source_must_be_the_configs_directory_by_whole_names():
+  assert plan.same_directory("/runs/pre", "pre")
+  assert plan.same_directory("/runs/pre", "runs/pre/")
+  assert plan.same_directory("/home/me/runs/pre", "../runs/pre")
+  assert plan.same_directory("/runs/pre", "/runs/pre")
+  assert not plan.same_directory("/runs/xpre", "pre")  # Not a suffix match.
+  assert not plan.same_directory("/runs/pre", "/other/pre")
+  assert not plan.same_directory("/runs/pre", "old/pre")
