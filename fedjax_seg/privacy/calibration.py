@@ -5,6 +5,7 @@ with a fresh accountant per trial) on exactly the events `PrivacyLedger`
 records, so a calibrated run lands on its target in the ledger.
 """
 
+import json
 from typing import Mapping, Sequence
 
 import dp_accounting
@@ -204,8 +205,10 @@ def calibrate_site_noise_multipliers(
     prior = tuple((prior_events or {}).get(site, ()))
     # Sites of the same size, batch and prior spending get the same sigma:
     # calibrate once (a consortium of 10,000 sites has a few hundred
-    # distinct sizes).
-    key = (size, b, prior)
+    # distinct sizes). The prior events by their JSON form: a composed
+    # event holds a list and cannot be hashed.
+    key = (size, b, json.dumps([events_lib.event_to_dict(e) for e in prior],
+                               sort_keys=True))
     if key in by_size:
       result[site] = by_size[key]
       continue
@@ -290,13 +293,15 @@ def meet_target_in_ledger(
   Raises:
     ValueError: if no such sigma is found within `max_tries` steps.
   """
+  spent = accounting.PrivacyLedger(["site"], delta=delta)
+  for event in prior_events:  # Once: every try adds its plan to them.
+    spent.record_event("site", event)
   for _ in range(max_tries):
     planned = planned_events(
         sigma, sampling_rate, steps, schedule=schedule,
         steps_per_event=steps_per_event, dataset_size=dataset_size,
         max_batch_size=max_batch_size)
-    scratch = accounting.PrivacyLedger(["site"], delta=delta)
-    if scratch.epsilon_if("site", list(prior_events) + planned) <= target_epsilon * (
+    if spent.epsilon_if("site", planned) <= target_epsilon * (
         1 - relative_margin):
       return sigma
     sigma *= growth

@@ -1,10 +1,12 @@
 """Tests for fedjax_seg.privacy.calibration."""
 
+import dp_accounting
 import numpy as np
 import pytest
 
 from fedjax_seg.privacy import accounting
 from fedjax_seg.privacy import calibration
+from fedjax_seg.privacy import events
 from fedjax_seg.privacy import schedules
 
 
@@ -95,3 +97,22 @@ def test_site_calibration_with_truncation_meets_the_target_in_the_ledger():
       float(shape(1)), rel=1e-7)
   with pytest.raises(ValueError, match="changes within the event"):
     calibration.planned_events(1.0, 0.5, 4, schedule=shape, steps_per_event=2)
+
+
+def test_sites_with_composed_prior_events_calibrate_once_after_them():
+  # A composed prior event holds a list (unhashable): sites with the same
+  # size, batch and prior still share one calibration.
+  spent = dp_accounting.ComposedDpEvent([
+      events.poisson_gaussian_event(2.0, 0.1, 10),
+      events.poisson_gaussian_event(3.0, 0.1, 10)])
+  sigmas = calibration.calibrate_site_noise_multipliers(
+      4.0, 1e-5, site_sizes={"a": 100, "b": 100, "c": 100}, batch_size=10,
+      steps=30, max_batch_size=40,
+      prior_events={"a": [spent], "b": [spent]})
+  assert sigmas["a"] == sigmas["b"] > sigmas["c"]  # The prior costs noise.
+  ledger = accounting.PrivacyLedger(["a"], delta=1e-5)
+  ledger.record_event("a", spent)
+  for event in calibration.planned_events(
+      sigmas["a"], 0.1, 30, dataset_size=100, max_batch_size=40):
+    ledger.record_event("a", event)
+  assert 0.99 * 4.0 <= ledger.epsilon("a") <= 4.0
