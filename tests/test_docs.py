@@ -109,7 +109,17 @@ def test_every_code_block_is_known_and_the_pages_link_to_each_other():
     assert f"(docs/{page.name})" in readme, page.name
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+# README.md's one python block (the privacy transforms in the user's own JAX
+# code) is executed, its figures checked, by tests/privacy/test_public_api.py.
+README_BLOCKS_RUN_ELSEWHERE = 1
+
+
+def test_the_readme_has_only_the_python_block_run_elsewhere():
+  python = [b for b in blocks(REPO / "README.md") if b[0] == "python"]
+  assert len(python) == README_BLOCKS_RUN_ELSEWHERE
+
+
+@pytest.mark.parametrize("page", PAGES[1:], ids=lambda p: p.name)
 def test_python_blocks_run(page, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   for language, code, line in blocks(page):

@@ -9,9 +9,7 @@ and only forwards.
 import sys
 
 from fedjax_seg.verifier import __main__ as _cli
-from fedjax_seg.verifier.epsilons import parse_ledger as _parse_ledger
 from fedjax_seg.verifier.epsilons import recompute_epsilons
-from fedjax_seg.verifier.epsilons import recompute_sites as _recompute_sites
 from fedjax_seg.verifier.fields import load_report
 from fedjax_seg.verifier.fields import ReportError
 from fedjax_seg.verifier.report import format_table

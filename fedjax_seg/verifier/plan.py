@@ -229,17 +229,6 @@ def composition_required(s: Setting, report: Mapping, source: Mapping,
   return other.enabled and not (s.init_from_public or s.init_from_disjoint)
 
 
-@dataclasses.dataclass
-class _Site:
-  """What the derivation says of one site."""
-  name: str
-  units: int
-  rate: float
-  training: bool
-  window: tuple
-  rounds: list  # Rounds charged, 0-based.
-
-
 def _charged_rounds(s: Setting, report: Mapping, names, training, wins,
                     done: int, problems: list) -> dict:
   """{site: [rounds charged]} (module docstring)."""

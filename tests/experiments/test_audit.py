@@ -9,7 +9,7 @@ import pytest
 
 from fedjax_seg.run import config_flags
 from fedjax_seg.run import loop
-from fedjax_seg.privacy import verify
+from fedjax_seg import verifier
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = dict(image_size=16, num_slices=2, patients_scale=0.0625, widths=(4,),
@@ -39,7 +39,7 @@ def test_audit_command_writes_audit_json_and_resume_is_identical(tmp_path):
   assert not audit["contradicts_claim"]
   assert audit["canary_contributions"] > 0
   report = json.loads((tmp_path / "cli" / "report.json").read_text())
-  assert verify.verify_report(report).ok
+  assert verifier.verify_report(report).ok
   assert report["privacy"]["audit"]["epsilon_lower_bound"] == \
       audit["epsilon_lower_bound"]
   # The same run with --audit, killed after round 1 and resumed: the

@@ -117,3 +117,5 @@ def test_the_configs_vocabularies_are_the_librarys():
   assert config_syntax.PER_EXAMPLE_GRADS == client.PER_EXAMPLE_GRADS
   assert config_syntax.BACKENDS == rounds.BACKENDS
   assert config_syntax.NOISE_SCHEDULES == schedules.SHAPES
+  assert config_syntax.ADAPTIVE_MODES == ("off",) + privacy.adaptive_clipping.MODES
+  assert config_syntax.AUDIT_CANARY_KINDS == privacy.auditing.KINDS

@@ -1,4 +1,5 @@
-"""Tests for fedjax_seg.run.experiment: resume, budget stop, non-private runs."""
+"""Tests for the run loop (fedjax_seg.run.loop and its setup, state and
+report): resume, budget stop, non-private runs."""
 
 import dataclasses
 import json

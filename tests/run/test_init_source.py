@@ -11,7 +11,7 @@ from fedjax_seg.run import artifacts
 from fedjax_seg.run import init_source
 from fedjax_seg.run import loop
 from fedjax_seg import privacy
-from fedjax_seg.privacy import verify
+from fedjax_seg import verifier
 from tests.run import tiny
 
 TINY = tiny.config(rounds=2, eval_every=2, checkpoint_every=2,
@@ -69,7 +69,7 @@ def test_a_dp_run_on_the_same_patients_is_composed(source_run, tmp_path):
   # The composed epsilon, at most the target, verified.
   assert 0.98 * 8 <= b["privacy"]["epsilon_max"] <= 8.0
   assert b["privacy"]["verified"]["ok"] is True
-  assert verify.verify_report(b).ok
+  assert verifier.verify_report(b).ok
   assert any("composed into this run's ledgers" in line
              for line in b["privacy"]["assumptions"]["public"])
   # The budget stop counts A's events: B's first round would already take

@@ -1,4 +1,7 @@
-"""Tests for fedjax_seg.privacy.verify: epsilons recomputed from the ledger.
+"""Tests for fedjax_seg.verifier: epsilons recomputed from the ledger.
+
+The command is run under its former name, `python -m
+fedjax_seg.privacy.verify` (`verify.main`), which forwards to the package.
 
 Reports use a PLD discretisation interval of 1e-2 (read from the report) so
 that the tests stay fast: at 1e-4 dp_accounting needs seconds per distinct
@@ -22,6 +25,8 @@ from scipy import stats
 
 from fedjax_seg.privacy import PrivacyLedger
 from fedjax_seg.privacy import verify
+from fedjax_seg import verifier
+from fedjax_seg.verifier import epsilons
 
 DELTA = 1e-5
 INTERVAL = 1e-2
@@ -112,7 +117,7 @@ def _run_main(tmp_path, report, capsys):
 def test_honest_report_verifies_in_process(honest):
   # The honest report exercises the truncation coupling (P_T > 0).
   assert stats.binom.sf(MAX_BATCH, SIZES["a"] + 1, BATCH / SIZES["a"]) > 0
-  result = verify.verify_report(honest, rederive=False)
+  result = verifier.verify_report(honest, rederive=False)
   assert result.ok and result.private, result.problems
   assert result.problems == []
   assert [(r.ledger, r.site) for r in result.rows] == (
@@ -223,14 +228,14 @@ def test_tampering_fails_naming_the_site(tmp_path, honest, capsys, tamper,
   fails = [l for l in out.splitlines() if l.startswith("FAIL")]
   assert any(f"site {site!r}" in l and expect in l for l in fails), out
   rows = {(r.ledger, r.site): r
-          for r in verify.verify_report(report, rederive=False).rows}
+          for r in verifier.verify_report(report, rederive=False).rows}
   assert any(not r.ok for (_, s), r in rows.items() if s == site)
 
 
 def test_raised_sigma_changes_the_recomputed_epsilon(honest):
   report = copy.deepcopy(honest)
   _raise_sigma(report["privacy"])
-  result = verify.verify_report(report, rederive=False)
+  result = verifier.verify_report(report, rederive=False)
   row = next(r for r in result.rows if r.site == "a"
              and r.ledger == "privacy.ledger")
   assert row.rdp < row.claimed_rdp and row.pld < row.claimed_pld
@@ -241,7 +246,7 @@ def test_raised_sigma_changes_the_recomputed_epsilon(honest):
 def test_wrong_delta_also_flags_the_ledger_header(honest):
   report = copy.deepcopy(honest)
   _wrong_delta(report["privacy"])
-  problems = verify.verify_report(report, rederive=False).problems
+  problems = verifier.verify_report(report, rederive=False).problems
   assert any(p.startswith("FAIL ledger privacy.ledger: delta") for p in
              problems)
   assert any(p.startswith("FAIL ledger privacy.site_level.ledger: delta")
@@ -264,8 +269,8 @@ def test_missing_field_exits_2_naming_it(tmp_path, honest, capsys, field,
   code, out, err = _run_main(tmp_path, report, capsys)
   assert code == 2, out + err
   assert path in err
-  with pytest.raises(verify.ReportError, match=path.replace(".", r"\.")):
-    verify.verify_report(report, rederive=False)
+  with pytest.raises(verifier.ReportError, match=path.replace(".", r"\.")):
+    verifier.verify_report(report, rederive=False)
 
 
 def test_unreadable_input_exits_2(tmp_path, honest, capsys):
@@ -290,7 +295,7 @@ def test_not_private_exits_0_loudly(tmp_path, capsys):
   code, out, _ = _run_main(tmp_path, report, capsys)
   assert code == 0
   assert out.startswith("NOT PRIVATE: nothing to verify")
-  result = verify.verify_report(report, rederive=False)
+  result = verifier.verify_report(report, rederive=False)
   assert result.ok and not result.private and result.rows == []
 
 
@@ -300,12 +305,12 @@ def test_site_unit_report_with_default_interval():
   section = _site_level_section(["x", "y"], 1.2, 0.3, [0, 1, 3], 1e-4)
   report = json.loads(json.dumps({"privacy": {
       "enabled": True, "unit": "site", "delta": DELTA, **section}}))
-  result = verify.verify_report(report, rederive=False)
+  result = verifier.verify_report(report, rederive=False)
   assert result.ok, result.problems
   assert [r.unit for r in result.rows] == ["site", "site"]
   assert [r.events for r in result.rows] == [3, 3]
   report["privacy"]["plan"]["rounds"] = [0, 1]
-  problems = verify.verify_report(report, rederive=False).problems
+  problems = verifier.verify_report(report, rederive=False).problems
   assert any("site 'x'" in p and "3 events recorded" in p for p in problems)
 
 
@@ -320,11 +325,11 @@ def test_site_level_held_out_site_has_no_events():
   report = json.loads(json.dumps({"privacy": {
       "enabled": True, "unit": "site", "delta": DELTA,
       "pld_value_discretization_interval": INTERVAL, **section}}))
-  result = verify.verify_report(report, rederive=False)
+  result = verifier.verify_report(report, rederive=False)
   assert result.ok, result.problems
   assert [(r.site, r.events, r.rdp) for r in result.rows][1] == ("y", 0, 0.0)
   report["privacy"]["plan"]["charged_sites"] = ["x", "y"]
-  problems = verify.verify_report(report, rederive=False).problems
+  problems = verifier.verify_report(report, rederive=False).problems
   assert any("site 'y'" in p and "0 events recorded" in p for p in problems)
 
 
@@ -359,7 +364,7 @@ def test_golden_tf_privacy_mnist_matches_plain_dp_accounting():
   q, sigma, steps = 256 / 60000, 1.1, 14062
   ledger = PrivacyLedger(["a"], delta=DELTA)
   ledger.record("a", sigma, q, steps)
-  got_rdp, got_pld = verify.recompute_epsilons(
+  got_rdp, got_pld = epsilons.recompute_epsilons(
       json.loads(json.dumps(ledger.to_dict())), DELTA)["a"]
   event = dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(
