@@ -225,6 +225,12 @@ class NoisePlan:
         site_ledger.record_event(self.site_names[k], event)
     return np.array([k for which, k, _ in charges if which == "record"], int)
 
+  def main_ledger(self, ledger, site_ledger):
+    """Of the (record-level, site-level) ledgers, the one of the run's
+    unit: the record-level one if DP-SGD runs in the sites, else the
+    site-level one."""
+    return ledger if self.record_level else site_ledger
+
   def new_ledgers(self, orders: Sequence[float] | None = None):
     """(record-level, site-level) ledgers holding the prior events."""
     kwargs = {} if orders is None else {"orders": orders}
@@ -233,8 +239,8 @@ class NoisePlan:
     site_ledger = accounting.PrivacyLedger(
         self.site_names, delta=self.delta, unit=units_lib.PrivacyUnit.SITE,
         **kwargs)
-    main = ledger if self.record_level else site_ledger
-    for target, prior in ((main, self.prior_events),
+    for target, prior in ((self.main_ledger(ledger, site_ledger),
+                           self.prior_events),
                           (site_ledger, self.prior_site_level_events)):
       for site, events in prior.items():
         for event in events:
@@ -245,7 +251,7 @@ class NoisePlan:
     """(site, epsilon) of a site whose prior events alone spend `budget` or
     more, or None."""
     ledger, site_ledger = self.new_ledgers()
-    for target, prior in (((ledger if self.record_level else site_ledger),
+    for target, prior in ((self.main_ledger(ledger, site_ledger),
                            self.prior_events),
                           (site_ledger, self.prior_site_level_events)):
       for site in prior:
@@ -281,6 +287,14 @@ class NoisePlan:
             saved.get(key) == now[key] for key in (
                 "site_recorded_sigma", "site_applied_sigma",
                 "count_noise_multiplier", "site_count_noise_multiplier"))
+
+
+def sampling_for(units: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
+  """([S] Poisson sampling rates q_k = min(1, B / N_k), the maximum batch
+  every site's sample is truncated to) of sites with `units` N_k."""
+  rates = np.minimum(1.0, batch_size / np.asarray(units))
+  return rates, max(max_batch_size_for(int(n), float(q))
+                    for n, q in zip(units, rates))
 
 
 def plan_noise(
@@ -353,9 +367,7 @@ def plan_noise(
                      " have no training units.")
   schedule_shape = schedule_shape or schedules.constant_schedule(1.0)
   shape = schedules.evaluate(schedule_shape, rounds)  # [R], float64.
-  rates = np.minimum(1.0, batch_size / units)
-  max_batch = max(max_batch_size_for(int(n), float(q))
-                  for n, q in zip(units, rates))
+  rates, max_batch = sampling_for(units, batch_size)
   if windows is None:
     windows = np.tile([0, rounds], (len(units), 1))
   training = (np.ones(len(units), bool) if training_sites is None

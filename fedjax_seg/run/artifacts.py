@@ -68,6 +68,15 @@ def debiased_average(averaged, decay: float, rounds: int):
                       averaged)
 
 
+def evaluated_model(last, averaged, decay: float, rounds: int):
+  """The global model a run evaluates and reports: the debiased EMA of its
+  global models (`averaged`) with --ema_decay after at least one round,
+  else the last global model."""
+  if decay and rounds:
+    return debiased_average(averaged, decay, rounds)
+  return last
+
+
 class _Quiet:
   """Orbax logs every file operation at INFO: keep the round log readable."""
 
@@ -189,10 +198,10 @@ def evaluated_from_checkpoint(state, meta, ema_decay: float, template,
   if ema_decay and rounds and "averaged" not in state:
     raise RunDirError(f"{what}: the run averages its models (--ema_decay="
                       f"{ema_decay}) but the checkpoint holds no average.")
-  if ema_decay and rounds:
-    return debiased_average(shaped_like(template, state["averaged"], what),
-                            ema_decay, rounds), rounds
-  return shaped_like(template, state["server"]["params"], what), rounds
+  averaged = (shaped_like(template, state["averaged"], what)
+              if ema_decay and rounds else None)
+  last = shaped_like(template, state["server"]["params"], what)
+  return evaluated_model(last, averaged, ema_decay, rounds), rounds
 
 
 def restore_evaluated(workdir: pathlib.Path, ema_decay: float, like):

@@ -186,16 +186,15 @@ def setting_epsilon(sim, train: sites_lib.SiteArrays, site: int,
     return float(state.ledger.epsilon(name)), unit.epsilon_label
   counts = np.asarray(train.num_patients if unit is privacy.PrivacyUnit.PATIENT
                       else train.num_examples, np.int64)
-  rates = np.minimum(1.0, config.federated.batch_size / counts)
-  max_batch = max(privacy_plan.max_batch_size_for(int(n), float(q))
-                  for n, q in zip(counts, rates))
+  # The run's noise, as the plan of that unit's sampling would account it.
+  rates, max_batch = privacy_plan.sampling_for(counts,
+                                               config.federated.batch_size)
+  other = dataclasses.replace(plan.noise, unit=unit, units=counts,
+                              sampling_rates=rates, max_batch_size=max_batch)
   ledger = privacy.PrivacyLedger([name], delta=config.privacy.delta,
                                  unit=unit)
   for r in state.charged_rounds[name]:
-    ledger.record_event(name, privacy.poisson_gaussian_event(
-        float(plan.noise.recorded_sigma[r, site]), float(rates[site]),
-        config.federated.local_steps, dataset_size=int(counts[site]),
-        max_batch_size=max_batch))
+    ledger.record_event(name, other.record_level_event(r, site))
   return float(ledger.epsilon(name)), unit.epsilon_label
 
 

@@ -10,11 +10,9 @@ simulation (`sim.run`, `sim.state`) and writes only what its name says.
 import time
 
 from absl import logging
-import jax
 import numpy as np
 
 from fedjax_seg import privacy
-from fedjax_seg.federated import client as client_lib
 from fedjax_seg.run import config as config_lib
 from fedjax_seg.run import report as report_lib
 from fedjax_seg.run import state as state_lib
@@ -34,20 +32,9 @@ class Callback:
     """After the round is accounted; `row` is its history row."""
     del sim, row
 
-
-def site_params(run, state, evaluated: bool = False, ids=None):
-  """The params each site uses (FedBN: a function of the site index, or of
-  the position in `ids` when given): the training model, or with `evaluated`
-  the reported one (`state.evaluated_params`)."""
-  params = (state_lib.evaluated_params(run.config, state) if evaluated
-            else state.server_state.params)
-  if run.trainer.norm_mask is None:
-    return params
-  site = (lambda k: k) if ids is None else (lambda k: int(ids[k]))
-  return lambda k: client_lib.merge_local(
-      params, jax.tree.map(lambda x: x[site(k)],
-                           state.site_states.local_params),
-      run.trainer.norm_mask)
+  def close(self) -> None:
+    """When this process's part of the run ends (finished, stopped or
+    --stop_after_rounds): releases what the callback holds open."""
 
 
 class BudgetStop(Callback):
@@ -77,7 +64,7 @@ class Validation(Callback):
       return
     start = time.perf_counter()
     result = evaluation.evaluate(
-        run.model, site_params(run, state, True, run.data.val_ids),
+        run.model, state_lib.site_params(run, state, True, run.data.val_ids),
         run.data.split_at("val", done - 1))
     fg = report_lib.nanmean(result["dice_per_site"][:, 1:], axis=-1)
     state.evals.append({"round": done, "dice_per_site": dict(zip(

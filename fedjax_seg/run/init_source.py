@@ -29,10 +29,10 @@ import hashlib
 import json
 import pathlib
 
+from fedjax_seg.run import artifacts
 from fedjax_seg.run import config as config_lib
 from fedjax_seg import privacy
 
-REPORT = "report.json"
 RELATIONS = ("public", "disjoint", "composed")
 
 
@@ -124,10 +124,10 @@ def read(config: config_lib.ExperimentConfig, site_names,
     return None
   path = pathlib.Path(model.init_from).absolute()
   flag = f"--init_from={model.init_from}"
-  report_path = path / REPORT
+  report_path = path / artifacts.REPORT
   if not report_path.is_file():
     raise config_lib.ConfigError(
-        f"{flag}: no {REPORT} there (give the --workdir of a finished run).")
+        f"{flag}: no {artifacts.REPORT} there (give the --workdir of a finished run).")
   raw = report_path.read_bytes()
   report = json.loads(raw)
   other = config_flags.config_from_dict(report["config"])

@@ -130,7 +130,7 @@ class Simulation:
   def site_params(self, site: int):
     """The parameters site `site` trains from now: the server's, with its
     own normalisation parameters under FedBN."""
-    params = callbacks_lib.site_params(self.run, self.state)
+    params = state_lib.site_params(self.run, self.state)
     return params(site) if callable(params) else params
 
   def begin_round(self) -> np.ndarray | None:
@@ -175,19 +175,19 @@ class Simulation:
       callback.on_round_end(self, row)
     if r + 1 >= rounds:
       self.stopped = True
+    rounds_this_run = state.rounds_completed - self.first_round
     if (config.stop_after_rounds is not None
-        and len(self.round_times) >= config.stop_after_rounds
+        and rounds_this_run >= config.stop_after_rounds
         and r + 1 < rounds):
       logging.warning("stopping after %d rounds of this run (as if killed)",
-                      len(self.round_times))
+                      rounds_this_run)
       self._close()
       return False
     return True
 
   def _close(self) -> None:
     for callback in self.callbacks:
-      if hasattr(callback, "close"):
-        callback.close()
+      callback.close()
 
   def finish(self) -> dict:
     """Test evaluation, the verified report and every output file."""
@@ -206,7 +206,7 @@ class Simulation:
                  f"--target_epsilon={p.target_epsilon}")
         logging.warning("%s", above)
         stopped_reason += f" ({above})"
-    params = callbacks_lib.site_params(run, state, True)
+    params = state_lib.site_params(run, state, True)
     if run.data.cohorts is None:
       test_result = evaluation.evaluate(
           run.model, params,
@@ -241,8 +241,7 @@ class Simulation:
         logging.error("privacy verification FAILED: %s", result.problems)
     if distributed.is_writer():  # Host 0 alone writes (several hosts).
       report_lib.write_outputs(self.workdir, report, state.history, run.plan,
-                               report_lib.rounds_charged(config, state,
-                                                         run.plan))
+                               report_lib.rounds_charged(state, run.plan))
     return report
 
 

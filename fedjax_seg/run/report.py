@@ -91,7 +91,7 @@ def round_row(run: setup_lib.Run, state: state_lib.RunState, round_index: int,
   config, plan = run.config, run.plan
   p = config.privacy
   names = plan.site_names
-  epsilon = (state.main_ledger(config).epsilons() if p.enabled
+  epsilon = (state.main_ledger(plan).epsilons() if p.enabled
              else {s: None for s in names})
   row = {
       "round": round_index + 1, "device_seconds": seconds,
@@ -135,12 +135,12 @@ def round_row(run: setup_lib.Run, state: state_lib.RunState, round_index: int,
   return row
 
 
-def rounds_charged(config, state: state_lib.RunState,
+def rounds_charged(state: state_lib.RunState,
                    plan: setup_lib.RunPlan) -> dict:
   """{site: rounds charged in the main ledger}: the rounds a site trained,
   or every round under site-level DP (one event per charged round, after
   the events a composed --init_from source brought)."""
-  ledger = state.main_ledger(config)
+  ledger = state.main_ledger(plan)
   prior = plan.init_source.prior_events if plan.init_source else {}
   return {s: len(ledger.events(s)) - len(prior.get(s, ()))
           for s in ledger.site_names}
@@ -266,10 +266,13 @@ def privacy_section(run: setup_lib.Run, state: state_lib.RunState) -> dict:
     section["init_from"] = {"workdir": source.workdir,
                             "report_sha256": source.report_sha256,
                             "relation": source.relation}
-  if source is not None and source.report_section() is not None:
-    section["composed_from"] = source.report_section()
-  if source is not None and source.report_section(site_level=True):
-    section["site_level"]["composed_from"] = source.report_section(True)
+  composed = None if source is None else source.report_section()
+  if composed is not None:
+    section["composed_from"] = composed
+  composed_site_level = (None if source is None
+                         else source.report_section(site_level=True))
+  if composed_site_level:
+    section["site_level"]["composed_from"] = composed_site_level
   section.update(sampling_rate_per_site=dict(zip(
       names, map(float, plan.noise.sampling_rates))),
                  max_batch_size=plan.noise.max_batch_size,
@@ -391,7 +394,7 @@ def build(run: setup_lib.Run, state: state_lib.RunState, result,
   if run.many:
     report["sites_summary"] = many_sites.summary(
         report, names, plan.site_modalities, plan.noise.units,
-        rounds_charged(config, state, run.plan))
+        rounds_charged(state, run.plan))
   if diagnostics_released(config, state.history):
     report["training_diagnostics"] = {
         "warning": DIAGNOSTICS_WARNING,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_seg import privacy
+from fedjax_seg.federated import client as client_lib
 from fedjax_seg.run import artifacts
 from fedjax_seg.run import config as config_lib
 
@@ -69,9 +70,9 @@ class RunState:
             "noise_plan": plan.to_meta(),
             "config": config.to_dict()}
 
-  def main_ledger(self, config) -> privacy.PrivacyLedger:
-    """The ledger of the run's unit: record-level if any, else site-level."""
-    return self.ledger if config.privacy.record_level else self.site_ledger
+  def main_ledger(self, plan) -> privacy.PrivacyLedger:
+    """The ledger of the run's unit (`NoisePlan.main_ledger`)."""
+    return plan.noise.main_ledger(self.ledger, self.site_ledger)
 
   def tree(self) -> dict:
     """The arrays a checkpoint holds."""
@@ -93,10 +94,24 @@ def average(config, state: RunState) -> None:
 def evaluated_params(config, state: RunState):
   """The global model evaluated and reported: the debiased EMA with
   --ema_decay (after at least one round), else the last model."""
-  decay, t = config.federated.ema_decay, state.rounds_completed
-  if not decay or t == 0:
-    return state.server_state.params
-  return artifacts.debiased_average(state.averaged_params, decay, t)
+  return artifacts.evaluated_model(
+      state.server_state.params, state.averaged_params,
+      config.federated.ema_decay, state.rounds_completed)
+
+
+def site_params(run, state, evaluated: bool = False, ids=None):
+  """The params each site uses (FedBN: a function of the site index, or of
+  the position in `ids` when given): the training model, or with `evaluated`
+  the reported one (`state.evaluated_params`)."""
+  params = (evaluated_params(run.config, state) if evaluated
+            else state.server_state.params)
+  if run.trainer.norm_mask is None:
+    return params
+  site = (lambda k: k) if ids is None else (lambda k: int(ids[k]))
+  return lambda k: client_lib.merge_local(
+      params, jax.tree.map(lambda x: x[site(k)],
+                           state.site_states.local_params),
+      run.trainer.norm_mask)
 
 
 def comparable(config_dict: dict) -> dict:
@@ -127,16 +142,24 @@ def check_same_run(stored: dict | None, plan, config, workdir) -> None:
   """Refuses to reuse the noise secret of a run that stopped before its
   first checkpoint for a run with other settings (it would draw the same
   noise at another scale, or under another plan)."""
-  if stored is None or comparable(stored["config"]) != comparable(
-      config.to_dict()):
-    raise config_lib.ConfigError(
-        f"--workdir={workdir} holds the noise secret of a run with other "
-        "settings (stopped before its first checkpoint); reusing it would "
-        "add the same noise under other settings. Use a new --workdir, or "
-        "the same flags.")
-  check_noise_plan_unchanged({"noise_plan": stored["noise_plan"],
-                              "config": stored["config"],
-                              "rounds_completed": 0}, plan, config)
+  refusal = (f"--workdir={workdir} holds the noise secret of a run with "
+             "other settings (stopped before its first checkpoint); reusing "
+             "it would add the same noise under other settings. Use a new "
+             "--workdir, or the same flags.")
+  if stored is None:
+    raise config_lib.ConfigError(refusal)
+  check_resumable({"noise_plan": stored["noise_plan"],
+                   "config": stored["config"], "rounds_completed": 0},
+                  plan, config, refusal)
+
+
+def check_resumable(meta, plan, config, refusal: str) -> None:
+  """Refuses to continue the run `meta` records (a checkpoint's, or a noise
+  secret's record) with `config`: other settings (ConfigError `refusal`),
+  or other noise for the rounds it planned."""
+  if comparable(meta["config"]) != comparable(config.to_dict()):
+    raise config_lib.ConfigError(refusal)
+  check_noise_plan_unchanged(meta, plan, config)
 
 
 def check_noise_plan_unchanged(meta, plan, config) -> None:
@@ -186,12 +209,11 @@ def restore_or_init(run, params) -> RunState:
         f"into this run's state ({type(e).__name__}: {e}); it was made with "
         "other settings (e.g. --ema_decay) or is damaged. Use a new "
         "--workdir, or the run's flags.") from e
-  if comparable(meta["config"]) != comparable(config.to_dict()):
-    raise config_lib.ConfigError(
-        f"--workdir={run.workdir} holds a run with other settings; resuming "
-        "it with these would make its privacy ledger wrong. Use a new "
-        "--workdir, or the same flags.")
-  check_noise_plan_unchanged(meta, plan, config)
+  check_resumable(
+      meta, plan, config,
+      f"--workdir={run.workdir} holds a run with other settings; resuming "
+      "it with these would make its privacy ledger wrong. Use a new "
+      "--workdir, or the same flags.")
   state = RunState(
       restored["server"], restored["sites"],
       privacy.PrivacyLedger.from_dict(meta["ledger"]),

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from fedjax_seg.run import config as C
-from fedjax_seg.run import callbacks as callbacks_lib
 from fedjax_seg.run import loop
 from fedjax_seg import models
 from fedjax_seg.run import predict
+from fedjax_seg.run import state as state_lib
 from fedjax_seg.data import export
 from fedjax_seg.data import nifti
 from fedjax_seg.data import prepare
@@ -276,7 +276,7 @@ def test_fedbn_site_choice_and_synthetic_preprocessing(tmp_path):
   for k, chosen in ((0, a), (3, b)):
     jax.tree.map(lambda m, got, want: np.testing.assert_allclose(
         got, want, rtol=1e-6), mask, chosen.params,
-                 callbacks_lib.site_params(sim.run, sim.state, True)(k))
+                 state_lib.site_params(sim.run, sim.state, True)(k))
   outputs = [predict.segment(t, np.random.default_rng(0).normal(
       size=(2, 16, 16, 1)).astype(np.float32)) for t in (a, b)]
   assert not np.allclose(outputs[0], outputs[1])
