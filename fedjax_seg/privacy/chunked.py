@@ -83,21 +83,6 @@ def _chunk(tree: PyTree, index: jax.Array, chunk_size: int) -> PyTree:
       x, index * chunk_size, chunk_size), tree)
 
 
-def _clip_stats(real, raw_norms, losses, clip_norm) -> ClipStats:
-  """ClipStats from per-unit pre-clipping norms (non-finite: any NaN/inf)."""
-  finite = jnp.isfinite(raw_norms)
-  norms = jnp.where(real, jnp.where(finite, raw_norms, jnp.inf), 0.0)
-  return ClipStats(
-      per_example_norms=norms,
-      per_example_loss=jnp.nan_to_num(jnp.where(real, losses, 0.0)),
-      num_clipped=jnp.sum(real & finite & (raw_norms > clip_norm)).astype(
-          jnp.int32),
-      num_real=jnp.sum(real).astype(jnp.int32),
-      num_nonfinite=jnp.sum(real & ~finite).astype(jnp.int32),
-      is_real=real,
-  )
-
-
 def _check_chunk_size(chunk_size: int):
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}.")
@@ -186,7 +171,6 @@ class ChunkedClippedGrad(clipping.ClipNormSensitivity):
         is_real=real,
     )
     return grad_sum, stats
-
 
 
 def chunked_clipped_grad(
@@ -350,7 +334,7 @@ class PackedGroupClippedGrad(clipping.ClipNormSensitivity):
     sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(g, -1), axis=1)
              for x in jax.tree.leaves(group_grads))
     raw_norms = jnp.where(bad > 0, jnp.inf, jnp.sqrt(sq))
-    stats = _clip_stats(real, raw_norms, loss, clip_norm)
+    stats = clipping.clip_stats(real, raw_norms, loss, clip_norm)
     scale = jnp.nan_to_num(jnp.minimum(1.0, clip_norm / raw_norms), nan=0.0,
                            posinf=0.0)
     keep = real & jnp.isfinite(raw_norms)
@@ -362,7 +346,6 @@ class PackedGroupClippedGrad(clipping.ClipNormSensitivity):
                      axis=0).astype(dtype)
 
     return jax.tree.map(clip_and_sum, group_grads), stats
-
 
 
 def packed_group_clipped_grad(

@@ -196,24 +196,25 @@ class ClippedGrad(ClipNormSensitivity):
     )
     grad_sum, aux = grad_fn(params, data, is_padding_example=is_padding)
 
-    real = ~is_padding
-    raw_norms = aux.grad_norms.astype(jnp.float32)
-    finite = jnp.isfinite(raw_norms)
-    norms = jnp.where(finite, raw_norms, jnp.inf)
-    norms = jnp.where(real, norms, 0.0)
-    losses = jnp.where(real, aux.values.astype(jnp.float32), 0.0)
-    stats = ClipStats(
-        per_example_norms=norms,
-        per_example_loss=jnp.nan_to_num(losses),
-        num_clipped=jnp.sum(real & finite & (raw_norms > clip_norm)).astype(
-            jnp.int32
-        ),
-        num_real=jnp.sum(real).astype(jnp.int32),
-        num_nonfinite=jnp.sum(real & ~finite).astype(jnp.int32),
-        is_real=real,
-    )
+    stats = clip_stats(~is_padding, aux.grad_norms.astype(jnp.float32),
+                       aux.values.astype(jnp.float32), clip_norm)
     return grad_sum, stats
 
+
+def clip_stats(real, raw_norms, losses, clip_norm) -> ClipStats:
+  """ClipStats from [B] per-unit pre-clipping norms and losses, `real` [B]
+  bool marking the units that are not padding (non-finite: any NaN/inf)."""
+  finite = jnp.isfinite(raw_norms)
+  norms = jnp.where(real, jnp.where(finite, raw_norms, jnp.inf), 0.0)
+  return ClipStats(
+      per_example_norms=norms,
+      per_example_loss=jnp.nan_to_num(jnp.where(real, losses, 0.0)),
+      num_clipped=jnp.sum(real & finite & (raw_norms > clip_norm)).astype(
+          jnp.int32),
+      num_real=jnp.sum(real).astype(jnp.int32),
+      num_nonfinite=jnp.sum(real & ~finite).astype(jnp.int32),
+      is_real=real,
+  )
 
 
 def clipped_grad(
