@@ -49,6 +49,7 @@ from fedjax_seg import xla_cpu
 from fedjax_seg.federated import gradients
 from fedjax_seg.federated import task as task_lib
 from fedjax_seg.privacy import auditing
+from fedjax_seg.privacy import correlated
 from fedjax_seg.privacy import keys as keys_lib
 from fedjax_seg.privacy import units as units_lib
 
@@ -108,6 +109,10 @@ class LocalDPConfig:
     audit: optional `auditing.AuditConfig`: gradient canaries in the
       clipped sums of one site, and that site's released gradients summed
       in its state (`privacy.auditing`).
+    noise_strategy: optional `correlated.Strategy` C: the noise of a site's
+      steps is correlated over all its steps (`correlated_noise`, state in
+      `SiteState.noise`), and each step samples only the units of group
+      (stream step mod `SiteConfig.cycle`). None: independent noise.
   """
 
   enabled: bool = True
@@ -115,12 +120,18 @@ class LocalDPConfig:
   l2_clip_norm: float = 1.0
   adaptive_clipping: privacy.AdaptiveClipping | None = None
   audit: auditing.AuditConfig | None = None
+  noise_strategy: correlated.Strategy | None = None
 
   def __post_init__(self):
     if self.unit not in UNITS:
       raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}.")
     if not self.l2_clip_norm > 0:
       raise ValueError(f"l2_clip_norm must be > 0, got {self.l2_clip_norm}.")
+    if self.noise_strategy is not None and (
+        self.adaptive_clipping is not None or self.audit is not None):
+      raise ValueError("correlated noise needs a fixed clip norm and no "
+                       "audit (its analyses assume one noise scale and "
+                       "cyclic sampling of the units only).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +238,9 @@ class SiteConfig(NamedTuple):
       state holds C).
     learning_rate: [] local learning rate, or None for
       `ClientConfig.learning_rate`.
+    cycle: [] int32 b_k, with correlated noise: unit i is in group i mod
+      b_k, and stream step t samples group t mod b_k only; None: every
+      unit every step.
     As arrays, C and the learning rate can differ between the members of a
     sweep that share one compiled program.
   """
@@ -235,6 +249,7 @@ class SiteConfig(NamedTuple):
   noise_multiplier: jax.Array
   l2_clip_norm: jax.Array | None = None
   learning_rate: jax.Array | None = None
+  cycle: jax.Array | None = None
 
 
 class SiteState(NamedTuple):
@@ -245,11 +260,15 @@ class SiteState(NamedTuple):
     clip: adaptive clipping state, or () without adaptive clipping.
     audit: `auditing.AuditState` with an audit (zeros except at the audited
       site), else ().
+    noise: with correlated noise, the site's `CorrelatedNoiseState` (the
+      stream's step and C^{-1}'s state, carried over all its rounds), else
+      ().
   """
 
   local_params: Any
   clip: Any
   audit: Any = ()
+  noise: Any = ()
 
 
 class ClientMetrics(NamedTuple):
@@ -309,7 +328,17 @@ def init_site_state(params: PyTree, dp: LocalDPConfig,
   local = params if norm_mask is not None else ()
   audit = auditing.init_state(params) if (
       dp.enabled and dp.audit is not None) else ()
-  return SiteState(local_params=local, clip=clip, audit=audit)
+  noise = _noise_transform(dp, 0.0, 1).init(params) if (
+      dp.enabled and dp.noise_strategy is not None) else ()
+  return SiteState(local_params=local, clip=clip, audit=audit, noise=noise)
+
+
+def _noise_transform(dp: LocalDPConfig, noise_multiplier, expected_batch_size):
+  """The record-level noise: `gaussian_noise`, or `correlated_noise` with
+  `dp.noise_strategy`."""
+  return correlated.noise_transform(
+      dp.noise_strategy, noise_multiplier, l2_clip_norm=None,
+      expected_batch_size=float(expected_batch_size))
 
 
 # The pieces of a step (its batch and gradient) are in `gradients`.
@@ -319,7 +348,7 @@ class LocalState(NamedTuple):
 
   params: PyTree
   opt_state: Any
-  noise_state: privacy.GaussianNoiseState
+  noise_state: Any  # GaussianNoiseState or CorrelatedNoiseState.
   clip_state: Any
   metrics: ClientMetrics
   audit_state: Any = ()
@@ -332,7 +361,12 @@ def client_init(start: PyTree, site_state: SiteState,
   zero = jnp.zeros([], jnp.float32)
   izero = jnp.zeros([], jnp.int32)
   metrics = ClientMetrics(zero, izero, izero, zero, zero, zero, izero)
-  return LocalState(start, local_opt.init(start), noise_tx.init(start),
+  # Correlated noise continues the site's stream; independent noise starts
+  # afresh (it has no state but its counters).
+  noise_state = (site_state.noise if isinstance(
+      site_state.noise, correlated.CorrelatedNoiseState)
+                 else noise_tx.init(start))
+  return LocalState(start, local_opt.init(start), noise_state,
                     site_state.clip, metrics, site_state.audit)
 
 
@@ -421,8 +455,10 @@ def final_output(state: LocalState, start: PyTree, site_state: SiteState,
                          norm_mask, delta)
     local = jax.tree.map(lambda m, p, l: p if m else l, norm_mask,
                          state.params, local)
+  noise = (state.noise_state if isinstance(
+      site_state.noise, correlated.CorrelatedNoiseState) else ())
   return ClientOutput(delta, SiteState(local, state.clip_state,
-                                      state.audit_state), state.metrics)
+                                      state.audit_state, noise), state.metrics)
 
 
 def _frozen_outside(loss_fn, trainable_mask):
@@ -472,9 +508,8 @@ def make_client_update(task: task_lib.Task | Callable,
                     root_key) -> ClientOutput:
     local_opt = _local_optimizer(client, site_config.learning_rate)
     start = merge_local(global_params, site_state.local_params, norm_mask)
-    noise_tx = privacy.gaussian_noise(
-        site_config.noise_multiplier, l2_clip_norm=None,
-        expected_batch_size=float(client.expected_batch_size))
+    noise_tx = _noise_transform(dp, site_config.noise_multiplier,
+                                client.expected_batch_size)
 
     def key_for(step, purpose):
       return keys_lib.derive_key(root_key, round_index=round_index,
@@ -493,8 +528,11 @@ def make_client_update(task: task_lib.Task | Callable,
     def step_fn(state, step):
       key = epoch_key if shuffle else key_for(step,
                                               keys_lib.Purpose.SAMPLE_BATCH)
-      batch = gradients.sample_batch(data, site_config.sampling_rate, key, client, dp,
-                           step)
+      # Cyclic groups follow the site's stream step, over all its rounds.
+      group = None if site_config.cycle is None else (
+          site_config.cycle, state.noise_state.count % site_config.cycle)
+      batch = gradients.sample_batch(data, site_config.sampling_rate, key,
+                                     client, dp, step, group=group)
       if task.batch_transform is not None:  # E.g. fresh augmentation keys.
         batch = batch._replace(examples=task.batch_transform(
             batch.examples, key_for(step, keys_lib.Purpose.AUGMENT),

@@ -56,7 +56,8 @@ def resolve_batch_sampling(client, dp) -> str:
 
 def sample_batch(data, sampling_rate: jax.Array, key: jax.Array,
                  client, dp,
-                 step: jax.Array | int = 0) -> Batch:
+                 step: jax.Array | int = 0,
+                 group: tuple | None = None) -> Batch:
   """A local step's batch of the site's units as a `Batch`.
 
   Poisson (`resolve_batch_sampling`): each unit with rate q, B_max slots,
@@ -64,6 +65,9 @@ def sample_batch(data, sampling_rate: jax.Array, key: jax.Array,
   only on `key`, N_k, q and B_max, never on the layout: packing the patients'
   slices (chunk_size set) reorders work, it does not change which patients
   are sampled, nor truncate any of their slices.
+
+  `group` = (cycle b, phase): only units i with i mod b == phase can be
+  sampled (cyclic Poisson sampling for correlated noise).
 
   Shuffle: the `step`-th B units of the round's epoch order
   (`sampling.shuffled_batch`), `key` the round's `Purpose.LOCAL_EPOCH_ORDER`
@@ -80,7 +84,7 @@ def sample_batch(data, sampling_rate: jax.Array, key: jax.Array,
     else:
       idx, mask = sampling.poisson_sample(
           key, data.num_groups, data.groups.shape[0], sampling_rate,
-          client.max_batch_size)
+          client.max_batch_size, group=group)
     if client.chunk_size is None:
       slice_mask = data.group_mask[idx] & mask[:, None]
       return Batch(gather(data.groups[idx]), mask, slice_mask)
@@ -93,7 +97,8 @@ def sample_batch(data, sampling_rate: jax.Array, key: jax.Array,
                                         client.expected_batch_size, step)
   else:
     idx, mask = sampling.poisson_sample(key, data.num_examples, capacity,
-                                        sampling_rate, client.max_batch_size)
+                                        sampling_rate, client.max_batch_size,
+                                        group=group)
   return Batch(gather(idx), mask)
 
 

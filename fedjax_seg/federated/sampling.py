@@ -26,7 +26,8 @@ from fedjax_seg.privacy import keys as keys_lib
 
 def poisson_sample(key: jax.Array, num_units: jax.Array, capacity: int,
                    sampling_rate: jax.Array,
-                   max_batch_size: int) -> tuple[jax.Array, jax.Array]:
+                   max_batch_size: int,
+                   group: tuple | None = None) -> tuple[jax.Array, jax.Array]:
   """One Poisson sample of a site's units as a padded batch.
 
   Args:
@@ -36,6 +37,9 @@ def poisson_sample(key: jax.Array, num_units: jax.Array, capacity: int,
     capacity: static size of the site's unit axis (>= N_k).
     sampling_rate: [] float, q_k.
     max_batch_size: static batch size B_max.
+    group: (b, phase) [] ints: only units at positions i with i mod b ==
+      phase can be taken (cyclic Poisson sampling: b fixed, public groups,
+      one per step in turn); None: all units.
 
   Returns:
     (indices [B_max] int32 into the unit axis, mask [B_max] bool). Masked
@@ -47,6 +51,9 @@ def poisson_sample(key: jax.Array, num_units: jax.Array, capacity: int,
   draws = jax.vmap(lambda i: jax.random.uniform(
       jax.random.fold_in(key, i), (2,)))(positions)
   taken = (draws[:, 0] < sampling_rate) & (positions < num_units)
+  if group is not None:
+    cycle, phase = group
+    taken = taken & (positions % cycle == phase)
   # Sampled units first, in random order, so truncation keeps a uniformly
   # random subset of them.
   priority = jnp.where(taken, draws[:, 1], 2.0)

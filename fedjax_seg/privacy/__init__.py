@@ -32,6 +32,9 @@ from fedjax_seg.privacy.chunked import ChunkedClippedGrad
 from fedjax_seg.privacy.clipping import ClippedGrad
 from fedjax_seg.privacy.clipping import clipped_grad
 from fedjax_seg.privacy.clipping import ClipStats
+from fedjax_seg.privacy.correlated import correlated_noise
+from fedjax_seg.privacy.correlated import CorrelatedNoiseState
+from fedjax_seg.privacy.correlated import Strategy
 from fedjax_seg.privacy.chunked import packed_group_clipped_grad
 from fedjax_seg.privacy.chunked import PackedGroupClippedGrad
 from fedjax_seg.privacy import layer_gradients

@@ -308,3 +308,60 @@ def meet_target_in_ledger(
   raise ValueError(f"could not meet target epsilon {target_epsilon} with "
                    f"truncation at {max_batch_size} units; raise the maximum "
                    "batch size.")
+
+
+def calibrate_events(
+    make_events,
+    target_epsilon: float,
+    delta: float,
+    *,
+    prior_events: Sequence[dp_accounting.DpEvent] = (),
+    relative_tol: float = 1e-6,
+    relative_margin: float = 1e-6,
+) -> float:
+  """The smallest float32 sigma whose events meet a target in a ledger.
+
+  For mechanisms whose events are not a fixed Poisson-Gaussian shape (e.g.
+  the matrix mechanism's per-round Gaussians, `privacy.plan`):
+  `make_events(sigma)` gives the list of events a `PrivacyLedger` will
+  record; the result is the smallest sigma (float32, to `relative_tol`)
+  with ledger epsilon <= target * (1 - `relative_margin`) after
+  `prior_events`, found by bisection (epsilon decreases in sigma).
+
+  Raises:
+    ValueError: if the prior events alone reach the target.
+  """
+  ledger = accounting.PrivacyLedger(["site"], delta=delta)
+  for event in prior_events:
+    ledger.record_event("site", event)
+  goal = target_epsilon * (1 - relative_margin)
+  if prior_events and not ledger.epsilon("site") < goal:
+    raise ValueError(f"the prior events alone reach epsilon "
+                     f"{ledger.epsilon('site'):.4g} >= the target "
+                     f"{target_epsilon}.")
+
+  def meets(sigma: float) -> bool:
+    try:
+      return ledger.epsilon_if("site", make_events(sigma)) <= goal
+    except ValueError:  # E.g. truncation that costs delta at a large eps.
+      return False
+
+  high = 1.0
+  while not meets(high):
+    high *= 2
+    if high > 1e6:
+      raise ValueError(f"no noise multiplier up to 1e6 meets epsilon "
+                       f"{target_epsilon}.")
+  low = high / 2
+  while meets(low) and low > 1e-3:
+    high, low = low, low / 2
+  while high - low > relative_tol * high:
+    mid = (low + high) / 2
+    if meets(mid):
+      high = mid
+    else:
+      low = mid
+  sigma = float(np.float32(high))
+  while not meets(sigma):  # float32 rounding down.
+    sigma = float(np.nextafter(np.float32(sigma), np.float32(np.inf)))
+  return sigma

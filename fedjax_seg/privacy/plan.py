@@ -11,7 +11,10 @@ numbers only, what every round applies and accounts:
   * per round, sigma = schedule shape(round) x base: what the device applies
     (raised to pay for a noised clip count under adaptive clipping) and what
     the ledger records (float32, as the device reports it);
-  * under site-level DP (DP-FedAvg), the server's noise multiplier.
+  * under site-level DP (DP-FedAvg), the server's noise multiplier;
+  * with correlated noise (`privacy.correlated`), the strategy matrix C, the
+    cyclic groups of each site's units and the events of the matrix
+    mechanism (`correlated_plan.MechanismPlan`).
 
 `plan_noise` builds it from plain numbers (site sizes, batch, rounds,
 windows, target, schedule shape): it reads no configuration object and no
@@ -41,30 +44,17 @@ import numpy as np
 from fedjax_seg.privacy import accounting
 from fedjax_seg.privacy import events as events_lib
 from fedjax_seg.privacy import adaptive_clipping
+from fedjax_seg.privacy import batch_sizes
 from fedjax_seg.privacy import calibration
+from fedjax_seg.privacy import correlated_plan
 from fedjax_seg.privacy import schedules
 from fedjax_seg.privacy import units as units_lib
 
-# Per-step probability that truncating a Poisson sample changes anything.
-TRUNCATION_TAIL = 1e-12
-
-
-def f32(x) -> float:
-  """The float32 value a device applies and reports back, as a float."""
-  return float(np.float32(x))
-
-
-def max_batch_size_for(num_units: int, sampling_rate: float,
-                       tail: float = TRUNCATION_TAIL) -> int:
-  """Smallest B_max whose per-step truncation probability is <= `tail`."""
-  if not 0 <= sampling_rate <= 1:
-    raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate}.")
-  mean = num_units * sampling_rate
-  b = max(1, int(np.ceil(mean)))
-  while b < num_units + 1 and events_lib.truncation_probability(
-      num_units, sampling_rate, b) > tail:
-    b += max(1, b // 16)
-  return min(b, num_units + 1) if num_units > 0 else 1
+# The batch numbers (re-exported: `plan.f32`, `plan.sampling_for`, ...).
+f32 = batch_sizes.f32
+max_batch_size_for = batch_sizes.max_batch_size_for
+sampling_for = batch_sizes.sampling_for
+TRUNCATION_TAIL = batch_sizes.TRUNCATION_TAIL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +125,17 @@ class NoisePlan:
   active: np.ndarray | None = None  # [R, S] bool: in the federation.
   prior_events: Mapping = dataclasses.field(default_factory=dict)
   prior_site_level_events: Mapping = dataclasses.field(default_factory=dict)
+  mechanism: correlated_plan.MechanismPlan | None = None  # Independent: None
 
   # -- what a round charges ---------------------------------------------------
 
   def record_level_event(self, round_index: int, k: int):
     """The record-level ledger's event of site k in a round."""
+    if self.mechanism is not None:
+      return self.mechanism.event(float(self.recorded_sigma[round_index, k]),
+                                  round_index, k,
+                                  float(self.sampling_rates[k]),
+                                  self.max_batch_size)
     return events_lib.poisson_gaussian_event(
         float(self.recorded_sigma[round_index, k]),
         float(self.sampling_rates[k]), self.local_steps,
@@ -289,14 +285,6 @@ class NoisePlan:
                 "count_noise_multiplier", "site_count_noise_multiplier"))
 
 
-def sampling_for(units: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
-  """([S] Poisson sampling rates q_k = min(1, B / N_k), the maximum batch
-  every site's sample is truncated to) of sites with `units` N_k."""
-  rates = np.minimum(1.0, batch_size / np.asarray(units))
-  return rates, max(max_batch_size_for(int(n), float(q))
-                    for n, q in zip(units, rates))
-
-
 def plan_noise(
     *,
     site_names: Sequence[str],
@@ -322,6 +310,9 @@ def plan_noise(
     site_adaptive: AdaptiveSettings | None = None,
     prior_events: Mapping | None = None,
     prior_site_level_events: Mapping | None = None,
+    mechanism: str = "independent",
+    mf_bands: int = 1,
+    blt_max_buffers: int = 4,
 ) -> NoisePlan:
   """The plan of a run, from plain numbers.
 
@@ -355,6 +346,11 @@ def plan_noise(
       same patients this one starts from): composed first, and the
       calibration aims at the total.
     prior_site_level_events: the same for the site-level ledger.
+    mechanism: the record-level noise: "independent" (DP-SGD), "banded"
+      (banded MF with `mf_bands` cyclic groups per site) or "blt" (a BLT
+      of at most `blt_max_buffers` buffers; site k's units in N_k // B
+      groups). Correlated noise needs a constant schedule, no adaptive
+      clipping and every site in every round (`correlated_plan`).
 
   Raises:
     ValueError: a site without units, or a calibration that cannot meet
@@ -373,6 +369,41 @@ def plan_noise(
   training = (np.ones(len(units), bool) if training_sites is None
               else np.asarray(training_sites, bool))
   prior = dict(prior_events or {})
+  mech = None
+  if record_level and mechanism != "independent":
+    mech = correlated_plan.plan_mechanism(
+        mechanism, names, units, training, batch_size, local_steps, rounds,
+        mf_bands, blt_max_buffers)
+    if np.any(shape != 1.0) or adaptive is not None or active is not None:
+      raise ValueError(
+          f"the {mechanism} mechanism needs a constant noise schedule, no "
+          "adaptive clipping and every site in every round (its analyses "
+          "assume one noise scale and a fixed participation pattern).")
+    rates, max_batch = correlated_plan.sampling(mech, batch_size)
+  if mech is not None:
+    base, recorded = correlated_plan.calibrate(
+        mech, names, rates, max_batch, rounds, target_epsilon, delta,
+        noise_multiplier, prior)
+    return NoisePlan(
+        site_names=names, unit=units_lib.PrivacyUnit(unit), units=units,
+        sampling_rates=rates, max_batch_size=max_batch,
+        local_steps=local_steps, delta=delta, record_level=True,
+        use_site_level=use_site_level, base_sigma=base,
+        accounted_sigma=np.tile(base, (rounds, 1)),
+        applied_sigma=np.tile(np.vectorize(f32)(base), (rounds, 1)),
+        recorded_sigma=recorded, adaptive=None, site_adaptive=None,
+        site_applied_sigma=f32(site_noise_multiplier) if use_site_level
+        else 0.0,
+        site_recorded_sigma=f32(site_noise_multiplier) if use_site_level
+        else 0.0,
+        site_sampling_rate=site_sampling_rate, training_sites=training,
+        active=None, prior_events=prior,
+        prior_site_level_events=dict(prior_site_level_events or {}),
+        mechanism=dataclasses.replace(mech, independent_sigma=(
+            _calibrate(names, units, batch_size, local_steps, schedule_shape,
+                       windows, target_epsilon, delta,
+                       sampling_for(units, batch_size)[1], prior)
+            if target_epsilon is not None else base)))
   if record_level and target_epsilon is not None:
     base = _calibrate(names, units, batch_size, local_steps, schedule_shape,
                       windows, target_epsilon, delta, max_batch, prior)

@@ -25,6 +25,7 @@ from fedjax_seg.run.config_syntax import check_scenario_entries
 from fedjax_seg.run.config_syntax import ConfigError
 from fedjax_seg.run.config_syntax import LOCAL_LOOPS
 from fedjax_seg.run.config_syntax import LOCAL_OPTIMIZERS
+from fedjax_seg.run.config_syntax import NOISE_MECHANISMS
 from fedjax_seg.run.config_syntax import NOISE_SCHEDULES
 from fedjax_seg.run.config_syntax import NORMS
 from fedjax_seg.run.config_syntax import PARAM_GROUPS
@@ -231,6 +232,14 @@ class PrivacyConfig:
     audit_canary_kind: "random" (Gaussian unit directions) or "dirac" (one
       parameter each).
     audit_site: the audited site's name (none = the first training site).
+    noise_mechanism: record-level noise: independent (DP-SGD), banded
+      (banded matrix factorisation, DP-FTRL: noise correlated over each
+      site's steps, units in mf_bands cyclic groups, Poisson-sampled in
+      turn) or blt (a buffered linear Toeplitz factorisation: each step
+      trains one of N_k // batch_size groups of the site's units).
+    mf_bands: bands b of the banded factorisation (and its cyclic groups).
+    blt_max_buffers: most buffers of the BLT (its state is this many
+      copies of the parameters per site).
   """
 
   enabled: bool = True
@@ -255,6 +264,9 @@ class PrivacyConfig:
   audit_canaries: int = 1000
   audit_canary_kind: str = "random"
   audit_site: str | None = None
+  noise_mechanism: str = "independent"
+  mf_bands: int = 4
+  blt_max_buffers: int = 4
 
   def __post_init__(self):
     _check(self.unit in PRIVACY_UNITS, "unit",
@@ -299,6 +311,22 @@ class PrivacyConfig:
            "which clip norm adapts, and a per-site adaptive clip norm would "
            "reveal which sites were sampled; use it with --unit=site (site "
            "clip norm) or without --site_level (record-level clip norm).")
+
+    _check(self.noise_mechanism in NOISE_MECHANISMS, "noise_mechanism",
+           f"must be one of {NOISE_MECHANISMS}.")
+    _check(self.mf_bands >= 1, "mf_bands", "must be >= 1.")
+    _check(self.blt_max_buffers >= 1, "blt_max_buffers", "must be >= 1.")
+    if self.noise_mechanism != "independent":
+      for ok, flag, why in (
+          (self.enabled and self.unit != "site", "unit",
+           "is record-level (in the sites): use --unit=patient or example"),
+          (self.noise_schedule == "constant", "noise_schedule",
+           "assumes one noise scale over the stream: use constant"),
+          (self.adaptive_clipping == "off", "adaptive_clipping",
+           "assumes one clip norm over the stream: use off"),
+          (not self.audit, "audit", "samples the units in cyclic groups, "
+           "which the canary audit does not model")):
+        _check(ok, flag, f"--noise_mechanism={self.noise_mechanism} {why}.")
 
   @property
   def record_level(self) -> bool:
@@ -511,6 +539,19 @@ class ExperimentConfig:
       raise ConfigError("--site_joins/--site_leaves: not with site-level DP "
                         "(its server noise is scaled by a fixed expected "
                         "number of sites); use record-level DP.")
+    correlated = (self.privacy.noise_mechanism != "independent"
+                  and self.privacy.enabled)
+    for used, flag in ((self.federated.sites_per_round, "sites_per_round"),
+                       (self.federated.dropout_rate, "dropout_rate"),
+                       (self.data.site_joins or self.data.site_leaves,
+                        "site_joins/--site_leaves"),
+                       (self.data.cohorts, "num_sites/--stream_sites")):
+      if correlated and used:
+        raise ConfigError(
+            f"--{flag}: not with --noise_mechanism="
+            f"{self.privacy.noise_mechanism}: its accounting assumes every "
+            "site trains in every round (the stream of each site is its "
+            "rounds' steps).")
     if self.privacy.use_site_level and self.federated.sites_per_round:
       raise ConfigError("--sites_per_round: with site-level DP, sites are "
                         "Poisson-sampled with --site_sampling_rate; leave "

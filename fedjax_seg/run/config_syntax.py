@@ -14,6 +14,7 @@ import math
 ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedbn")
 PRIVACY_UNITS = ("example", "patient", "site")  # privacy.units.UNITS
 NOISE_SCHEDULES = ("constant", "linear", "exponential", "cosine", "step")
+NOISE_MECHANISMS = ("independent", "banded", "blt")  # privacy.correlated
 ADAPTIVE_MODES = ("off", "geometric", "percentile")
 AUDIT_CANARY_KINDS = ("random", "dirac")
 # models.unet's PRESETS, NORMS and PARAM_GROUPS.

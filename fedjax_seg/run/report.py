@@ -218,6 +218,27 @@ def _ledger_section(ledger: privacy.PrivacyLedger, names) -> dict:
           "epsilon_label": privacy.PrivacyUnit(ledger.unit).epsilon_label}
 
 
+def mechanism_section(mech, rounds: int, sigma, names) -> dict:
+  """`privacy.noise_mechanism`: the correlated noise's strategy and what it
+  buys (public: functions of the settings and site sizes)."""
+  ratio = mech.model_noise_ratio(rounds, sigma)
+  return {
+      "kind": mech.kind,
+      "strategy": mech.strategy.to_dict(),
+      "state_copies_of_parameters_per_site": mech.strategy.state_copies,
+      "cycles_per_site": dict(zip(names, map(int, mech.cycles))),
+      "noise_multiplier_per_site": dict(zip(names, map(float, sigma))),
+      "independent_noise_multiplier_per_site": dict(zip(
+          names, map(float, mech.independent_sigma))),
+      "model_noise_vs_independent_per_site": dict(zip(
+          names, map(float, ratio))),
+      "note": ("noise_multiplier is the fresh noise z's; the ledger's "
+               "events carry the matrix mechanism's (see docs/privacy.md)."
+               " model_noise_vs_independent: RMS noise accumulated in the "
+               "model over DP-SGD's at the same target (< 1: less)."),
+  }
+
+
 def privacy_section(run: setup_lib.Run, state: state_lib.RunState) -> dict:
   config, plan = run.config, run.plan
   p, f = config.privacy, config.federated
@@ -255,6 +276,12 @@ def privacy_section(run: setup_lib.Run, state: state_lib.RunState) -> dict:
     }
     section["noise_multiplier_per_site"] = dict(zip(names, map(
         float, plan.noise.base_sigma)))
+    mech = plan.noise.mechanism
+    if mech is not None:
+      section["plan"]["noise_mechanism"] = mech.to_dict()
+      section["noise_mechanism"] = mechanism_section(mech, f.rounds,
+                                                     plan.noise.base_sigma,
+                                                     names)
     if p.use_site_level:
       section["site_level"] = dict(_ledger_section(state.site_ledger, names),
                                    plan=site_plan)

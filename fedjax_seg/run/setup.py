@@ -193,15 +193,19 @@ def make_plan(config: config_lib.ExperimentConfig, counts, spatial_shape,
         site_adaptive=None if p.record_level else _adaptive(p),
         prior_events=prior,
         prior_site_level_events=(source.prior_site_level_events
-                                 if source is not None else {}))
+                                 if source is not None else {}),
+        mechanism=p.noise_mechanism if p.record_level else "independent",
+        mf_bands=p.mf_bands, blt_max_buffers=p.blt_max_buffers)
   except ValueError as e:
     if prior:
       raise config_lib.ConfigError(
           f"--init_from/--target_epsilon: {e} (spent by the --init_from run "
           "on this run's patients); raise --target_epsilon.") from e
+    if str(e).startswith("--"):  # The plan named the flag.
+      raise config_lib.ConfigError(str(e)) from e
     raise config_lib.ConfigError(
-        f"--target_epsilon/--delta/--noise_schedule: cannot plan the noise: "
-        f"{e}") from e
+        f"--target_epsilon/--delta/--noise_schedule/--noise_mechanism: cannot "
+        f"plan the noise: {e}") from e
   if prior and p.enabled and p.epsilon_budget is not None:
     spent = noise.prior_epsilon_at_least(p.epsilon_budget)
     if spent is not None:
@@ -262,7 +266,8 @@ def trainer_settings(config, plan: RunPlan, params) -> dict:
       unit=(plan.unit.value if plan.unit is not privacy.PrivacyUnit.SITE
             else privacy.PrivacyUnit.EXAMPLE.value),
       l2_clip_norm=p.l2_clip_norm, adaptive_clipping=noise.adaptive,
-      audit=audit_config(config, plan))
+      audit=audit_config(config, plan),
+      noise_strategy=(noise.mechanism.strategy if noise.mechanism else None))
   client = fed.ClientConfig(
       local_steps=f.local_steps, expected_batch_size=f.batch_size,
       max_batch_size=noise.max_batch_size, learning_rate=f.learning_rate,

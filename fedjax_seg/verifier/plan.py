@@ -43,6 +43,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from fedjax_seg.verifier import correlated
 from fedjax_seg.verifier import epsilons
 from fedjax_seg.verifier import fields
 
@@ -85,6 +86,9 @@ class Setting:
   init_from: str | None
   init_from_public: bool
   init_from_disjoint: bool
+  noise_mechanism: str = "independent"
+  mf_bands: int = 1
+  blt_max_buffers: int = 1
 
   @property
   def record_level(self) -> bool:
@@ -136,7 +140,15 @@ def read_setting(config: Mapping, path: str = "config") -> Setting:
       data_seed=seed if data_seed is None else data_seed,
       init_from=g(m, "init_from", "model", "str", None),
       init_from_public=g(m, "init_from_public", "model", "bool", False),
-      init_from_disjoint=g(m, "init_from_disjoint", "model", "bool", False))
+      init_from_disjoint=g(m, "init_from_disjoint", "model", "bool", False),
+      noise_mechanism=g(p, "noise_mechanism", "privacy", "str",
+                        "independent"),
+      mf_bands=g(p, "mf_bands", "privacy", "int", 1),
+      blt_max_buffers=g(p, "blt_max_buffers", "privacy", "int", 1))
+  if setting.noise_mechanism not in correlated.MECHANISMS:
+    raise fields.ReportError(f"{path}.privacy.noise_mechanism: "
+                             f"{setting.noise_mechanism!r} is not one of "
+                             f"{correlated.MECHANISMS}.")
   if setting.schedule not in SCHEDULES:
     raise fields.ReportError(f"{path}.privacy.noise_schedule: "
                              f"{setting.schedule!r} is not one of {SCHEDULES}.")
@@ -392,7 +404,13 @@ def check(report: Mapping, ledgers: Mapping[str, tuple], recomputed: Mapping,
                                   verify_source)
   # What round `done` (the next one) would add per ledger and site.
   next_events = {}
-  if s.record_level and "privacy" in ledgers:
+  if (s.record_level and "privacy" in ledgers
+      and s.noise_mechanism != "independent"):
+    next_events["privacy"] = correlated.check_record_level(
+        s, privacy, ledgers["privacy"], names, units, training, charged,
+        done, _source_events(source, required, False), problems,
+        max_batch_size)
+  elif s.record_level and "privacy" in ledgers:
     next_events["privacy"] = _check_record_level(
         s, privacy, ledgers["privacy"], names, units, rates, training, wins,
         charged, done, _source_events(source, required, False), problems)

@@ -12,6 +12,7 @@ import math
 import os
 from typing import Mapping, Sequence
 
+from fedjax_seg.verifier import correlated
 from fedjax_seg.verifier import epsilons
 from fedjax_seg.verifier import fields
 from fedjax_seg.verifier import plan as plan_lib
@@ -138,6 +139,8 @@ def _record_level_plan_events(plan: Mapping, path: str, site: str):
     raise fields.ReportError(
         f"{path}.sampling_rate_per_site.{site}: must be in "
         f"(0, 1], got {q!r}.")
+  # Correlated noise: the events of the site's cyclic groups.
+  mechanism_event = correlated.plan_event_function(plan, path, site)
   planned = []
   for r in rounds:
     if r >= len(sigmas):
@@ -148,12 +151,16 @@ def _record_level_plan_events(plan: Mapping, path: str, site: str):
             math.isfinite(sigma)):
       raise fields.ReportError(
           f"{sigmas_where}[{r}]: must be a finite number >= 0.")
-    planned.append(
-        epsilons.planned_event(float(sigma),
-                               float(q),
-                               int(local_steps),
-                               dataset_size=int(n),
-                               max_batch_size=int(max_batch)))
+    if mechanism_event is not None:
+      planned.append(mechanism_event(r, float(sigma), float(q),
+                                     int(local_steps), int(max_batch)))
+    else:
+      planned.append(
+          epsilons.planned_event(float(sigma),
+                                 float(q),
+                                 int(local_steps),
+                                 dataset_size=int(n),
+                                 max_batch_size=int(max_batch)))
   return planned, rounds
 
 

@@ -1,0 +1,311 @@
+"""Correlated noise (DP-FTRL / the matrix mechanism) as an optax transform.
+
+The matrix mechanism releases the gradients x_t = g_t + (C^{-1} z)_t of a
+stream of steps, z_t ~ N(0, (sigma C_clip)^2) fresh per step: with C the
+identity this is DP-SGD's independent noise; with a lower-triangular C whose
+inverse has negative off-diagonal entries, the noise of step t partly cancels
+that of earlier steps, so the model (a prefix sum of the releases) carries
+far less accumulated noise at the same privacy (Denisov et al. 2022;
+Choquette-Choo et al. 2023; McMahan et al. 2024).
+
+Two strategies C, both lower-triangular Toeplitz with non-negative,
+non-increasing coefficients, from jax_privacy's optimizers:
+
+  * ``banded``: b bands c_0..c_{b-1}, ||c|| = 1
+    (`toeplitz.optimize_banded_toeplitz`). With each unit in one of b groups
+    and group t mod b Poisson-sampled at step t, a unit's participations are
+    b apart, its columns of C do not overlap, and the mechanism is as private
+    as DP-SGD on its group for ceil(n / b) steps (amplified banded MF,
+    Choquette-Choo et al. 2023, Thm. 4). b = 1 is DP-SGD.
+  * ``blt``: a buffered linear Toeplitz C (`buffered_toeplitz.optimize`,
+    McMahan, Xu & Zhang 2024): dense, a few buffers of state. Not banded, so
+    no amplification: a unit's group trains every b-th step in full, and the
+    whole stream is one Gaussian mechanism whose sensitivity is the largest
+    norm of a sum of b-separated columns (`sensitivity_squared`).
+
+`correlated_noise` is the transform (the same interface as
+`gaussian_noise`); `Strategy` holds C, its sensitivity and its JSON form.
+Memory: the transform's state holds b - 1 (banded) or the number of buffers
+(BLT) copies of the parameters.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> strategy = Strategy.banded((0.8, 0.6))
+  >>> tx = optax.chain(
+  ...     correlated_noise(strategy, 1.0, l2_clip_norm=0.5,
+  ...                      expected_batch_size=4),
+  ...     optax.sgd(0.1))
+  >>> params = jnp.zeros(3)
+  >>> state = tx.init(params)
+  >>> for step in range(3):
+  ...   updates, state = tx.update(jnp.ones(3), state, params,
+  ...                              noise_key=jax.random.key(step))
+  >>> int(state[0].count)
+  3
+"""
+
+import dataclasses
+import math
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax_privacy.matrix_factorization import buffered_toeplitz
+from jax_privacy.matrix_factorization import streaming_matrix
+from jax_privacy.matrix_factorization import toeplitz
+import numpy as np
+import optax
+
+from fedjax_seg.privacy import noise as noise_lib
+
+MECHANISMS = ("independent", "banded", "blt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """A lower-triangular Toeplitz strategy matrix C.
+
+  Attributes:
+    kind: "banded" or "blt".
+    coefs: banded: the b coefficients c_0..c_{b-1} of C's first column
+      (float32 values, as a device applies them).
+    buf_decay, output_scale: blt: C's parameters (float32 values): C's
+      first column is 1, then sum_j output_scale_j buf_decay_j^(i-1).
+  """
+
+  kind: str
+  coefs: tuple = ()
+  buf_decay: tuple = ()
+  output_scale: tuple = ()
+
+  def __post_init__(self):
+    if self.kind not in ("banded", "blt"):
+      raise ValueError(f"kind must be 'banded' or 'blt', got {self.kind!r}.")
+    if self.kind == "banded" and not self.coefs:
+      raise ValueError("a banded strategy needs coefs.")
+    if self.kind == "blt" and (len(self.buf_decay) != len(self.output_scale)
+                               or not self.buf_decay):
+      raise ValueError("a BLT needs buf_decay and output_scale of one length.")
+    column = self.toeplitz_coefs(64)
+    if np.any(column < 0) or np.any(np.diff(column) > 0):
+      raise ValueError(
+          "C's coefficients must be non-negative and non-increasing (the "
+          f"sensitivity below relies on it): {column[:8]}")
+
+  @classmethod
+  def banded(cls, coefs: Sequence[float]) -> "Strategy":
+    """From b coefficients, rescaled to norm 1 and rounded to float32."""
+    c = np.asarray(coefs, np.float64)
+    return cls("banded", coefs=tuple(
+        float(v) for v in np.float32(c / np.linalg.norm(c))))
+
+  @classmethod
+  def optimized_banded(cls, steps: int, bands: int) -> "Strategy":
+    """The banded Toeplitz C with `bands` bands of least mean squared error
+    of the prefix sums over `steps` steps (jax_privacy's optimizer)."""
+    if not 1 <= bands <= steps:
+      raise ValueError(f"bands must be in [1, {steps}], got {bands}.")
+    if bands == 1:
+      return cls.banded((1.0,))
+    return cls.banded(np.asarray(
+        toeplitz.optimize_banded_toeplitz(n=steps, bands=bands)))
+
+  @classmethod
+  def optimized_blt(cls, steps: int, min_sep: int,
+                    max_buffers: int = 4) -> "Strategy":
+    """The BLT of least mean squared prefix-sum error over `steps` steps for
+    participations `min_sep` apart (jax_privacy's optimizer, float64)."""
+    with jax.enable_x64():
+      blt = buffered_toeplitz.optimize(
+          n=steps, min_sep=min_sep, max_participations=None, error="mean",
+          min_buffers=1, max_buffers=max_buffers)
+      decay, scale = np.asarray(blt.buf_decay), np.asarray(blt.output_scale)
+    return cls("blt", buf_decay=tuple(float(v) for v in np.float32(decay)),
+               output_scale=tuple(float(v) for v in np.float32(scale)))
+
+  # -- the matrix -----------------------------------------------------------
+
+  @property
+  def state_copies(self) -> int:
+    """Copies of the parameters the noise state holds."""
+    return len(self.coefs) - 1 if self.kind == "banded" else len(
+        self.buf_decay)
+
+  def toeplitz_coefs(self, n: int) -> np.ndarray:
+    """[n] float64, the first column of C (of the float32 parameters)."""
+    if self.kind == "banded":
+      out = np.zeros(n)
+      c = np.asarray(self.coefs, np.float64)[:n]
+      out[:len(c)] = c
+      return out
+    decay = np.asarray(self.buf_decay, np.float64)
+    scale = np.asarray(self.output_scale, np.float64)
+    powers = decay[None, :] ** np.arange(max(n - 1, 0))[:, None]
+    return np.concatenate([[1.0], powers @ scale])[:n]
+
+  def sensitivity_squared(self, n: int, min_sep: int) -> float:
+    """Largest ||C u||^2 over participation vectors u in {0, 1}^n with ones
+    at least `min_sep` apart, for the first n steps.
+
+    For non-negative, non-increasing Toeplitz coefficients the worst case is
+    the most participations, exactly `min_sep` apart from step 0 (McMahan et
+    al. 2024, arXiv 2405.13763, Thm. 2): jax_privacy's
+    `toeplitz.minsep_sensitivity_squared`.
+    """
+    if n < 1:
+      return 0.0
+    with jax.enable_x64():
+      return float(toeplitz.minsep_sensitivity_squared(
+          jnp.asarray(self.toeplitz_coefs(n)), min_sep=min_sep, n=n))
+
+  def inverse(self) -> streaming_matrix.StreamingMatrix:
+    """C^{-1} as a float32 `StreamingMatrix` (jax_privacy's streaming
+    algorithms: Choquette-Choo et al. 2023 Alg. 9 for banded, McMahan et
+    al. 2024 Alg. 3 for BLT)."""
+    if self.kind == "banded":
+      return toeplitz.inverse_as_streaming_matrix(
+          jnp.asarray(self.coefs, jnp.float32))
+    return buffered_toeplitz.StreamingMatrixBuilder(
+        buf_decay=np.asarray(self.buf_decay, np.float32),
+        output_scale=np.asarray(self.output_scale, np.float32),
+    ).build_inverse()
+
+  def mean_prefix_rows(self, n: int) -> float:
+    """mean_t ||row t of A C^{-1}||^2, A the prefix sums over n steps: the
+    mean variance of the noise the model accumulates per unit variance of
+    the fresh noise (DP-SGD, C = I: (n + 1) / 2)."""
+    c = self.toeplitz_coefs(n)
+    matrix = np.zeros((n, n))
+    for j in range(n):
+      matrix[j:, j] = c[:n - j]
+    rows = np.cumsum(np.linalg.inv(matrix), axis=0)
+    return float(np.mean(np.sum(rows ** 2, axis=1)))
+
+  # -- JSON ---------------------------------------------------------------
+
+  def to_dict(self) -> dict:
+    out = {"kind": self.kind}
+    if self.kind == "banded":
+      out["coefs"] = list(self.coefs)
+    else:
+      out["buf_decay"] = list(self.buf_decay)
+      out["output_scale"] = list(self.output_scale)
+    return out
+
+  @classmethod
+  def from_dict(cls, data: Mapping) -> "Strategy":
+    return cls(str(data["kind"]), coefs=tuple(data.get("coefs", ())),
+               buf_decay=tuple(data.get("buf_decay", ())),
+               output_scale=tuple(data.get("output_scale", ())))
+
+
+class CorrelatedNoiseState(NamedTuple):
+  """State of `correlated_noise`.
+
+  Attributes:
+    count: [] int32, steps released so far (the stream's index; never reset
+      between rounds).
+    noise_multiplier: [] float32, sigma of the fresh noise z at the last
+      step (0 before the first).
+    l2_clip_norm: [] float32, C_clip at the last step.
+    stream: the state of C^{-1}: per parameter leaf, [b - 1, ...] (banded)
+      or [buffers, ...] (BLT) float32.
+  """
+
+  count: jax.Array
+  noise_multiplier: jax.Array
+  l2_clip_norm: jax.Array
+  stream: Any
+
+
+def correlated_noise(
+    strategy: Strategy,
+    noise_multiplier: noise_lib.ScalarOrSchedule,
+    *,
+    l2_clip_norm: noise_lib.Scalar | None,
+    expected_batch_size: noise_lib.Scalar,
+) -> optax.GradientTransformationExtraArgs:
+  """Adds (C^{-1} z)_t, z_t ~ N(0, (sigma C_clip)^2), then divides by B.
+
+  Like `gaussian_noise`, the input is the SUM of clipped per-unit gradients
+  and the key is the extra argument `noise_key=` (one fresh key per step,
+  from `fedjax_seg.privacy.derive_key`): z_t is drawn from it exactly as
+  `gaussian_noise` draws its noise, then passed through C^{-1}, whose
+  streaming state (the last b - 1 noise vectors, or the BLT's buffers) is in
+  `CorrelatedNoiseState.stream`. The state must be carried across rounds:
+  the stream's step t is `count`, not the local step.
+
+  Formal guarantees:
+    * The releases are x_t = g_t + (C^{-1} z)_t, the matrix mechanism with
+      strategy C; its privacy is that of C G + Z under the participation
+      pattern of the units (`Strategy.sensitivity_squared`, or amplified
+      banded MF with cyclic Poisson sampling, `privacy.plan`). sigma must be
+      constant over the stream (the analyses assume one noise scale).
+    * Not covered: C^{-1} is applied in float32 (relative error about 1e-6
+      of the noise), besides `gaussian_noise`'s caveats on JAX's PRNG and
+      floating-point Gaussian sampling.
+
+  Args:
+    strategy: C.
+    noise_multiplier: sigma >= 0 of the fresh noise z (a scalar, or a
+      schedule that the caller keeps constant).
+    l2_clip_norm: C_clip, or None to pass `l2_clip_norm=` at every update.
+    expected_batch_size: the public expected batch size, > 0.
+  """
+  noise_lib._check_static_non_negative("noise_multiplier", noise_multiplier)
+  inverse = strategy.inverse()
+
+  def init_fn(params):
+    abstract = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
+                            params)
+    return CorrelatedNoiseState(
+        count=jnp.zeros([], jnp.int32),
+        noise_multiplier=jnp.zeros([], jnp.float32),
+        l2_clip_norm=jnp.zeros([], jnp.float32),
+        stream=inverse.init_multiply(abstract))
+
+  def update_fn(updates, state, params=None, *, noise_key=None, **extra_args):
+    del params
+    if noise_key is None:
+      raise TypeError("correlated_noise.update needs the extra argument "
+                      "noise_key= (one fresh key per step).")
+    if l2_clip_norm is None:
+      if extra_args.get("l2_clip_norm") is None:
+        raise TypeError("correlated_noise(l2_clip_norm=None) needs the extra "
+                        "argument l2_clip_norm= at every update.")
+      clip = jnp.asarray(extra_args["l2_clip_norm"], jnp.float32)
+    else:
+      clip = noise_lib._at(l2_clip_norm, state.count)
+    sigma = noise_lib._at(noise_multiplier, state.count)
+    stddev = jnp.where(sigma > 0, sigma * clip, 0.0)
+    leaves, treedef = jax.tree.flatten(updates)
+    keys = jax.random.split(noise_key, len(leaves))
+    # z_t as `gaussian_noise` draws its noise (so b = 1 is DP-SGD exactly).
+    fresh = jax.tree.unflatten(treedef, [
+        stddev * jax.random.normal(k, leaf.shape, jnp.float32)
+        for leaf, k in zip(leaves, keys)])
+    correlated, stream = inverse.multiply_next(fresh, state.stream)
+    batch = jnp.asarray(expected_batch_size, jnp.float32)
+    noisy = jax.tree.map(
+        lambda g, n: ((g.astype(jnp.float32) + n) / batch).astype(g.dtype),
+        updates, correlated)
+    return noisy, CorrelatedNoiseState(
+        count=optax.safe_increment(state.count), noise_multiplier=sigma,
+        l2_clip_norm=clip, stream=stream)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def noise_transform(strategy: Strategy | None, noise_multiplier, **kwargs
+                    ) -> optax.GradientTransformationExtraArgs:
+  """`gaussian_noise` without a strategy (independent noise), else
+  `correlated_noise`."""
+  if strategy is None:
+    return noise_lib.gaussian_noise(noise_multiplier, **kwargs)
+  return correlated_noise(strategy, noise_multiplier, **kwargs)
+
+
+def cycle_groups(num_units: int, bands: int) -> int:
+  """The size of the largest of `bands` groups of `num_units` units (unit i
+  is in group i mod bands)."""
+  return math.ceil(num_units / bands)

@@ -1,0 +1,243 @@
+"""The record-level plan of a run with correlated noise, re-derived.
+
+With --noise_mechanism=banded or blt the runner adds the matrix mechanism's
+noise x_t = g_t + (C^{-1} z)_t in every site (`privacy.correlated`). This
+module derives, with its own code, from the config, the site sizes and the
+strategy C the report stores (`privacy.plan.noise_mechanism.strategy`):
+
+  * the cyclic groups: site k's units in b_k groups (banded: b_k =
+    --mf_bands; blt: b_k = max(1, N_k // --batch_size)), the largest of
+    ceil(N_k / b_k) units; the sampling rate (banded: min(1, B / G_k)
+    within the step's group; blt: 1, the whole group) and the maximum batch;
+  * C's validity: banded, exactly --mf_bands coefficients of norm <= 1 + 1e-6;
+    blt, at most --blt_max_buffers buffers; both with non-negative,
+    non-increasing Toeplitz coefficients (what the sensitivity relies on);
+  * the sensitivity of a blt stream: the largest ||C u||^2 over
+    participations b_k apart, whose worst case for such coefficients is
+    the most participations, b_k apart from step 0 (McMahan et al. 2024,
+    arXiv 2405.13763, Thm. 2): computed here as the norm of a sum of
+    shifted columns;
+  * every round's event: banded, the DP-SGD event of the steps in which
+    group 0 trains (the multiples of b among the round's steps; Choquette-
+    Choo et al. 2023, Thm. 4) at sigma / ||c||; blt, a Gaussian of noise
+    multiplier sigma / sqrt(the round's increase of the sensitivity^2)
+    (Gaussians compose by adding 1 / sigma^2, so the rounds compose to the
+    whole stream's mechanism);
+  * with --target_epsilon, each site's sigma meets the target over all
+    rounds and 0.99 of it does not.
+
+What it trusts, besides the plan module's list: the two theorems above.
+"""
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from fedjax_seg.verifier import epsilons
+from fedjax_seg.verifier import fields
+
+MECHANISMS = ("independent", "banded", "blt")
+MINIMALITY = 0.99
+NORM_SLACK = 1e-6  # A float32 strategy's norm may exceed 1 by rounding.
+
+
+def toeplitz_column(strategy: Mapping, n: int, path: str) -> np.ndarray:
+  """[n] C's first column from the report's strategy."""
+  kind = strategy.get("kind")
+  if kind == "banded":
+    c = np.asarray(fields.get(strategy, "coefs", path, "list"), np.float64)
+    out = np.zeros(n)
+    out[:min(n, c.size)] = c[:n]
+    return out
+  if kind == "blt":
+    decay = np.asarray(fields.get(strategy, "buf_decay", path, "list"),
+                       np.float64)
+    scale = np.asarray(fields.get(strategy, "output_scale", path, "list"),
+                       np.float64)
+    if decay.shape != scale.shape or decay.size == 0:
+      raise fields.ReportError(f"{path}: buf_decay and output_scale must "
+                               "have one (non-zero) length.")
+    out = np.ones(n)
+    for i in range(1, n):
+      out[i] = float(np.sum(scale * decay ** (i - 1)))
+    return out
+  raise fields.ReportError(f"{path}.kind: {kind!r} is not banded or blt.")
+
+
+def minsep_sensitivity_squared(column: np.ndarray, n: int,
+                               min_sep: int) -> float:
+  """||sum_j C[:, j * min_sep]||^2 over the first n rows: participations at
+  0, b, 2b, ... < n, the worst case for non-negative, non-increasing
+  Toeplitz coefficients."""
+  total = np.zeros(n)
+  for start in range(0, n, min_sep):
+    total[start:] += column[:n - start]
+  return float(total @ total)
+
+
+def participations(r: int, local_steps: int, b: int) -> int:
+  """Multiples of b among the steps of round r."""
+  return (math.ceil((r + 1) * local_steps / b)
+          - math.ceil(r * local_steps / b))
+
+
+def plan_event_function(plan: Mapping, path: str, site: str):
+  """For the report's own plan (`privacy.plan`): None without correlated
+  noise, else `(round, sigma, q, local_steps, max_batch) -> the event` of
+  `site`'s cyclic group in that round."""
+  mech = plan.get("noise_mechanism")
+  if mech is None:
+    return None
+  where = f"{path}.noise_mechanism"
+  names = list(fields.site_map(plan, "dataset_size_per_site", path))
+  k = names.index(site)
+  kind = fields.get(mech, "kind", where, "str")
+  groups = fields.get(mech, "group_sizes", where, "list")
+  cycles = fields.get(mech, "cycles", where, "list")
+  if kind not in ("banded", "blt") or len(groups) != len(names) or len(
+      cycles) != len(names) or not all(
+          fields.kind_ok(v, "int") and v >= 1 for v in groups + cycles):
+    raise fields.ReportError(f"{where}: kind must be banded or blt, "
+                             "group_sizes and cycles one int >= 1 per site.")
+
+  def event(r, sigma, q, local_steps, max_batch):
+    if kind == "blt":
+      return epsilons.planned_event(sigma, 1.0, 1)
+    return epsilons.planned_event(
+        sigma, q, participations(r, local_steps, cycles[k]),
+        dataset_size=groups[k], max_batch_size=max_batch)
+
+  return event
+
+
+def check_record_level(s, privacy: Mapping, ledger, names, units, training,
+                       charged, done: int, prior, problems: list,
+                       max_batch_size) -> dict:
+  """Checks a correlated-noise run's record-level ledger; returns {site:
+  the event round `done` would add}. `max_batch_size(units, rates)` is the
+  plan module's B_max rule."""
+  sites, orders = ledger
+  plan = fields.get(privacy, "plan", "privacy", "object")
+  where = "privacy.plan.noise_mechanism"
+  mech = fields.get(plan, "noise_mechanism", "privacy.plan", "object")
+  strategy = fields.get(mech, "strategy", where, "object")
+  if mech.get("kind") != s.noise_mechanism or strategy.get(
+      "kind") != s.noise_mechanism:
+    problems.append(f"FAIL plan: {where}.kind is {mech.get('kind')!r}, "
+                    f"--noise_mechanism={s.noise_mechanism}")
+    return {}
+  for ok, what in ((s.schedule == "constant", "--noise_schedule=constant"),
+                   (not s.joins and not s.leaves and s.sites_per_round == 0
+                    and s.dropout_rate == 0, "every site in every round")):
+    if not ok:
+      problems.append(f"FAIL plan: correlated noise needs {what}")
+  n = s.rounds * s.local_steps
+  column = toeplitz_column(strategy, n, f"{where}.strategy")
+  if np.any(column < 0) or np.any(np.diff(column) > 0):
+    problems.append(f"FAIL plan: {where}.strategy's Toeplitz coefficients "
+                    "are not non-negative and non-increasing")
+    return {}
+  banded = s.noise_mechanism == "banded"
+  if banded:
+    size = len(strategy.get("coefs", ()))
+    norm = float(np.linalg.norm(np.asarray(strategy["coefs"], np.float64)))
+    if size != s.mf_bands or norm > 1 + NORM_SLACK:
+      problems.append(f"FAIL plan: {where}.strategy has {size} bands of norm"
+                      f" {norm}; --mf_bands={s.mf_bands}, norm <= 1")
+    cycles = {m: s.mf_bands for m in names}
+  else:
+    if len(strategy.get("buf_decay", ())) > s.blt_max_buffers:
+      problems.append(f"FAIL plan: {where}.strategy has more buffers than "
+                      f"--blt_max_buffers={s.blt_max_buffers}")
+    cycles = {m: max(1, units[m] // s.batch_size) for m in names}
+  groups = {m: math.ceil(units[m] / cycles[m]) for m in names}
+  if banded:
+    rates = {m: min(1.0, s.batch_size / groups[m]) for m in names}
+    max_batch = max_batch_size([groups[m] for m in names],
+                               [rates[m] for m in names])
+  else:
+    rates = {m: 1.0 for m in names}
+    max_batch = max(groups.values()) + 1
+  for key, want in (("cycles", [cycles[m] for m in names]),
+                    ("group_sizes", [groups[m] for m in names])):
+    if mech.get(key) != want:
+      problems.append(f"FAIL plan: {where}.{key} is {mech.get(key)!r}, "
+                      f"derived {want}")
+  if plan.get("max_batch_size") != max_batch:
+    problems.append(f"FAIL plan: privacy.plan.max_batch_size is "
+                    f"{plan.get('max_batch_size')!r}, derived {max_batch}")
+  got = plan.get("sampling_rate_per_site", {})
+  if any(not fields.close(got.get(m, -1.0), rates[m]) for m in names):
+    problems.append("FAIL plan: privacy.plan.sampling_rate_per_site differs "
+                    "from the derived cyclic-group rates")
+  if s.target_epsilon is None:
+    sigma = {m: s.noise_multiplier for m in names}
+  else:
+    claimed = fields.get(privacy, "noise_multiplier_per_site", "privacy",
+                         "object")
+    sigma = {m: float(fields.site_value(
+        claimed, m, "privacy.noise_multiplier_per_site", "number"))
+             for m in names}
+  sens = {}
+  for m in names:
+    if not banded and cycles[m] not in sens:
+      sens[cycles[m]] = [minsep_sensitivity_squared(
+          column, r * s.local_steps, cycles[m]) for r in range(s.rounds + 1)]
+
+  def events(m, value):
+    """Site m's events of every round at fresh-noise sigma `value`."""
+    applied = float(np.float32(value))
+    out = []
+    for r in range(s.rounds):
+      if banded:
+        out.append(epsilons.planned_event(
+            applied / norm, rates[m],
+            participations(r, s.local_steps, s.mf_bands),
+            dataset_size=groups[m], max_batch_size=max_batch))
+      else:
+        s2 = sens[cycles[m]]
+        out.append(epsilons.planned_event(
+            applied / math.sqrt(s2[r + 1] - s2[r]), 1.0, 1))
+    return out
+
+  trained = fields.get(plan, "rounds_trained_per_site", "privacy.plan",
+                       "object")
+  checked = {}
+  for m in names:
+    label = f"FAIL site {m!r}, ledger privacy.ledger"
+    if charged[m] != trained.get(m):
+      problems.append(f"{label}: privacy.plan.rounds_trained_per_site "
+                      f"differs from the derived rounds {charged[m][:10]}")
+    before = list(prior.get(m, ()))
+    mine = events(m, sigma[m])
+    want = before + [mine[r] for r in charged[m]]
+    got_events = sites.get(m, [])
+    if len(got_events) != len(want):
+      problems.append(f"{label}: {len(got_events)} events, the derived plan "
+                      f"has {len(want)}")
+    for i, (a, b) in enumerate(zip(got_events, want)):
+      d = epsilons.diff(a, b, "event")
+      if d:
+        problems.append(f"{label}: event {i}: {d} (derived from the config "
+                        "and the strategy)")
+        break
+    if s.target_epsilon is None or not training[m]:
+      continue
+    key = (groups[m], cycles[m], sigma[m], tuple(map(repr, before)))
+    if key not in checked:
+      checked[key] = tuple(
+          epsilons.rdp_epsilon(before + events(m, value), orders, s.delta)
+          for value in (sigma[m], sigma[m] * MINIMALITY))
+    at_sigma, below = checked[key]
+    if at_sigma > s.target_epsilon:
+      problems.append(f"{label}: sigma {sigma[m]!r} over all rounds reaches "
+                      f"epsilon {at_sigma:.6f} > --target_epsilon="
+                      f"{s.target_epsilon}")
+    elif below <= s.target_epsilon:
+      problems.append(f"{label}: sigma {sigma[m]!r} is not the calibrated "
+                      f"one: {MINIMALITY} of it also meets --target_epsilon="
+                      f"{s.target_epsilon} (epsilon {below:.6f})")
+  if done >= s.rounds:
+    return {}
+  return {m: events(m, sigma[m])[done] for m in names if training[m]}

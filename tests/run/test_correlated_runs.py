@@ -1,0 +1,146 @@
+"""Runs with correlated noise (--noise_mechanism=banded|blt): resume, the
+report's mechanism section, the verifier's re-derivation, refusals."""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+
+from fedjax_seg import verifier
+from fedjax_seg.privacy import PrivacyLedger
+from fedjax_seg.run import artifacts
+from fedjax_seg.run import config as C
+from fedjax_seg.run import loop
+from tests.run import tiny
+
+
+def _config(mechanism, rounds=4, **privacy):
+  """The tiny run with 4 to 22 patients per site, 2 local steps (a stream
+  of 2 x rounds steps per site), batches of 2 patients, at target epsilon
+  4."""
+  config = tiny.config(
+      rounds=rounds, eval_every=rounds, checkpoint_every=1, noise_seed=0,
+      privacy=C.PrivacyConfig(target_epsilon=4.0, noise_mechanism=mechanism,
+                              mf_bands=2, blt_max_buffers=2, **privacy))
+  return dataclasses.replace(
+      config, data=dataclasses.replace(config.data, patients_scale=0.25),
+      federated=dataclasses.replace(config.federated, local_steps=2,
+                                    batch_size=2))
+
+
+BANDED = _config("banded")
+
+
+@pytest.fixture(scope="module")
+def banded(tmp_path_factory):
+  return loop.train_and_evaluate(
+      BANDED, tmp_path_factory.mktemp("correlated") / "banded")
+
+
+def _reclaimed(report):
+  """The report with every claim recomputed from its (tampered) ledger."""
+  p = report["privacy"]
+  ledger = PrivacyLedger.from_dict(p["ledger"])
+  interval = p["pld_value_discretization_interval"]
+  p.update(ledger=ledger.to_dict(), epsilon_per_site=ledger.epsilons(),
+           epsilon_max=ledger.max_epsilon(),
+           epsilon_pld_per_site={s: ledger.epsilon_pld(s, interval)
+                                 for s in ledger.site_names})
+  return json.loads(json.dumps(report))
+
+
+@pytest.mark.slow
+def test_banded_run_verifies_and_reports_its_mechanism(banded):
+  privacy = banded["privacy"]
+  assert privacy["verified"]["ok"] is True
+  assert privacy["verified"]["plan_rederived"] is True
+  mech = privacy["noise_mechanism"]
+  assert mech["kind"] == "banded"
+  assert len(mech["strategy"]["coefs"]) == 2
+  assert mech["state_copies_of_parameters_per_site"] == 1
+  for site, eps in privacy["epsilon_per_site"].items():
+    assert 0.98 * 4.0 <= eps <= 4.0
+    # The fresh noise and DP-SGD's noise at the same target, both public.
+    assert mech["noise_multiplier_per_site"][site] > 0
+    assert mech["independent_noise_multiplier_per_site"][site] > 0
+    assert mech["model_noise_vs_independent_per_site"][site] > 0
+  # Group 0 of 2 trains in one of each round's 2 steps.
+  events = privacy["ledger"]["sites"][next(iter(privacy["ledger"]["sites"]))][
+      "events"]
+  assert [e["count"] for e in events] == [1, 1, 1, 1]
+
+
+@pytest.mark.slow
+def test_banded_run_killed_and_resumed_is_bit_identical(banded, tmp_path):
+  killed = dataclasses.replace(BANDED, stop_after_rounds=2)
+  partial = loop.train_and_evaluate(killed, tmp_path / "resumed")
+  assert partial["rounds_completed"] == 2
+  resumed = loop.train_and_evaluate(BANDED, tmp_path / "resumed")
+  # The noise stream of every site continued from its checkpointed state.
+  assert resumed["final_params_sha256"] == banded["final_params_sha256"]
+  assert resumed["privacy"]["ledger"] == banded["privacy"]["ledger"]
+  # Its checkpoint holds each site's noise stream (1 buffer per site).
+  assert (tmp_path / "resumed" / artifacts.REPORT).exists()
+
+
+@pytest.mark.slow
+def test_a_forged_strategy_fails_the_verifier(banded):
+  # Scaling C up would raise the sensitivity: its norm must stay <= 1.
+  forged = copy.deepcopy(banded)
+  strategy = forged["privacy"]["plan"]["noise_mechanism"]["strategy"]
+  strategy["coefs"] = [1.2 * c for c in strategy["coefs"]]
+  problems = verifier.verify_report(_reclaimed(forged)).problems
+  assert any("norm" in p for p in problems), problems
+  # Smaller groups (a larger sampling rate) than the config gives.
+  forged = copy.deepcopy(banded)
+  forged["privacy"]["plan"]["noise_mechanism"]["group_sizes"][0] -= 1
+  problems = verifier.verify_report(_reclaimed(forged)).problems
+  assert any("group_sizes" in p for p in problems), problems
+  # A ledger that charges DP-SGD's event instead of the cyclic group's.
+  forged = copy.deepcopy(banded)
+  site = next(iter(forged["sites"]))
+  event = forged["privacy"]["ledger"]["sites"][site]["events"][0]
+  event["event"]["sampling_probability"] /= 2
+  problems = verifier.verify_report(_reclaimed(forged)).problems
+  assert any(f"site {site!r}" in p for p in problems), problems
+
+
+@pytest.mark.slow
+def test_blt_run_verifies(tmp_path):
+  report = loop.train_and_evaluate(_config("blt", rounds=3), tmp_path / "b")
+  privacy = report["privacy"]
+  assert privacy["verified"]["ok"] is True
+  assert privacy["verified"]["plan_rederived"] is True
+  mech = privacy["noise_mechanism"]
+  assert mech["kind"] == "blt"
+  assert 1 <= mech["state_copies_of_parameters_per_site"] <= 2
+  for site, eps in privacy["epsilon_per_site"].items():
+    assert 0.98 * 4.0 <= eps <= 4.0
+    assert mech["cycles_per_site"][site] == max(
+        1, report["sites"][site]["train_units"] // 2)
+
+
+@pytest.mark.parametrize("privacy, federated, flag", [
+    (dict(noise_schedule="cosine"), {}, "--noise_schedule"),
+    (dict(adaptive_clipping="geometric"), {}, "--adaptive_clipping"),
+    (dict(audit=True), {}, "--audit"),
+    (dict(unit="site"), {}, "--unit"),
+    ({}, dict(sites_per_round=2), "--sites_per_round"),
+    ({}, dict(dropout_rate=0.1), "--dropout_rate"),
+])
+def test_settings_correlated_noise_cannot_account_are_refused(
+    privacy, federated, flag):
+  with pytest.raises(C.ConfigError, match=flag):
+    config = _config("banded", **privacy)
+    dataclasses.replace(config, federated=dataclasses.replace(
+        config.federated, **federated))
+
+
+def test_too_many_bands_for_a_site_names_the_flag(tmp_path):
+  config = _config("banded")
+  config = dataclasses.replace(config, privacy=dataclasses.replace(
+      config.privacy, mf_bands=50))
+  with pytest.raises(C.ConfigError, match="--mf_bands=50"):
+    loop.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run" / artifacts.REPORT).exists()
