@@ -109,10 +109,11 @@ class LocalDPConfig:
     audit: optional `auditing.AuditConfig`: gradient canaries in the
       clipped sums of one site, and that site's released gradients summed
       in its state (`privacy.auditing`).
-    noise_strategy: optional `correlated.Strategy` C: the noise of a site's
-      steps is correlated over all its steps (`correlated_noise`, state in
-      `SiteState.noise`), and each step samples only the units of group
-      (stream step mod `SiteConfig.cycle`). None: independent noise.
+    noise_stream: optional `correlated.StreamShape`: the noise of a site's
+      steps is correlated over all its steps (`correlated_noise` with the
+      site's C in `SiteConfig.noise_params`, state in `SiteState.noise`),
+      and each step samples only the units of group (stream step mod
+      `SiteConfig.cycle`). None: independent noise.
   """
 
   enabled: bool = True
@@ -120,14 +121,14 @@ class LocalDPConfig:
   l2_clip_norm: float = 1.0
   adaptive_clipping: privacy.AdaptiveClipping | None = None
   audit: auditing.AuditConfig | None = None
-  noise_strategy: correlated.Strategy | None = None
+  noise_stream: correlated.StreamShape | None = None
 
   def __post_init__(self):
     if self.unit not in UNITS:
       raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}.")
     if not self.l2_clip_norm > 0:
       raise ValueError(f"l2_clip_norm must be > 0, got {self.l2_clip_norm}.")
-    if self.noise_strategy is not None and (
+    if self.noise_stream is not None and (
         self.adaptive_clipping is not None or self.audit is not None):
       raise ValueError("correlated noise needs a fixed clip norm and no "
                        "audit (its analyses assume one noise scale and "
@@ -241,6 +242,8 @@ class SiteConfig(NamedTuple):
     cycle: [] int32 b_k, with correlated noise: unit i is in group i mod
       b_k, and stream step t samples group t mod b_k only; None: every
       unit every step.
+    noise_params: with correlated noise, the site's C padded to the
+      stream's shape (`correlated.StreamShape.params`); else None.
     As arrays, C and the learning rate can differ between the members of a
     sweep that share one compiled program.
   """
@@ -250,6 +253,7 @@ class SiteConfig(NamedTuple):
   l2_clip_norm: jax.Array | None = None
   learning_rate: jax.Array | None = None
   cycle: jax.Array | None = None
+  noise_params: jax.Array | None = None
 
 
 class SiteState(NamedTuple):
@@ -329,15 +333,15 @@ def init_site_state(params: PyTree, dp: LocalDPConfig,
   audit = auditing.init_state(params) if (
       dp.enabled and dp.audit is not None) else ()
   noise = _noise_transform(dp, 0.0, 1).init(params) if (
-      dp.enabled and dp.noise_strategy is not None) else ()
+      dp.enabled and dp.noise_stream is not None) else ()
   return SiteState(local_params=local, clip=clip, audit=audit, noise=noise)
 
 
 def _noise_transform(dp: LocalDPConfig, noise_multiplier, expected_batch_size):
-  """The record-level noise: `gaussian_noise`, or `correlated_noise` with
-  `dp.noise_strategy`."""
+  """The record-level noise: `gaussian_noise`, or `correlated_noise` of
+  `dp.noise_stream` (the site's C passed at every update)."""
   return correlated.noise_transform(
-      dp.noise_strategy, noise_multiplier, l2_clip_norm=None,
+      dp.noise_stream, noise_multiplier, l2_clip_norm=None,
       expected_batch_size=float(expected_batch_size))
 
 
@@ -380,7 +384,7 @@ def local_step(state: LocalState, batch: gradients.Batch, *, start: PyTree,
                noise_tx: optax.GradientTransformationExtraArgs,
                l2_clip_norm: jax.Array | None = None,
                audit_canaries: tuple | None = None,
-               trainable_mask=None) -> LocalState:
+               trainable_mask=None, noise_params=None) -> LocalState:
   """One local step on `batch`: gradient -> noise -> FedProx -> optimizer.
 
   `private_gradient` (from `make_private_gradient`) is used when DP is on;
@@ -390,6 +394,7 @@ def local_step(state: LocalState, batch: gradients.Batch, *, start: PyTree,
   `audit_canaries` is (directions key, [m] included at this site, [] this
   is the audited site): the sampled canaries join the clipped sum before
   the noise, and the released gradient is added to the audit state.
+  `noise_params`: the site's C with correlated noise.
   """
   params, opt_state, noise_state, clip_state, metrics, audit_state = state
   adaptive = dp.adaptive_clipping if dp.enabled else None
@@ -408,7 +413,7 @@ def local_step(state: LocalState, batch: gradients.Batch, *, start: PyTree,
     grad, noise_state = noise_tx.update(
         grad_sum, noise_state, params,
         noise_key=key_for(step, keys_lib.Purpose.GRADIENT_NOISE),
-        l2_clip_norm=clip)
+        l2_clip_norm=clip, stream_params=noise_params)
     if dp.audit is not None:
       audit_state = auditing.observe(audit_state, grad, audited)
     if adaptive:
@@ -543,7 +548,8 @@ def make_client_update(task: task_lib.Task | Callable,
           private_gradient=private_gradient, client=client, dp=dp,
           local_opt=local_opt, noise_tx=noise_tx,
           l2_clip_norm=site_config.l2_clip_norm,
-          audit_canaries=audit_canaries, trainable_mask=trainable_mask)
+          audit_canaries=audit_canaries, trainable_mask=trainable_mask,
+          noise_params=site_config.noise_params)
       return state, None
 
     state = client_init(start, site_state, local_opt, noise_tx)

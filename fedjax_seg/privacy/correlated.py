@@ -81,8 +81,8 @@ class Strategy:
   def __post_init__(self):
     if self.kind not in ("banded", "blt"):
       raise ValueError(f"kind must be 'banded' or 'blt', got {self.kind!r}.")
-    if self.kind == "banded" and not self.coefs:
-      raise ValueError("a banded strategy needs coefs.")
+    if self.kind == "banded" and not (self.coefs and self.coefs[0] > 0):
+      raise ValueError("a banded strategy needs coefs with c_0 > 0.")
     if self.kind == "blt" and (len(self.buf_decay) != len(self.output_scale)
                                or not self.buf_decay):
       raise ValueError("a BLT needs buf_decay and output_scale of one length.")
@@ -124,12 +124,6 @@ class Strategy:
                output_scale=tuple(float(v) for v in np.float32(scale)))
 
   # -- the matrix -----------------------------------------------------------
-
-  @property
-  def state_copies(self) -> int:
-    """Copies of the parameters the noise state holds."""
-    return len(self.coefs) - 1 if self.kind == "banded" else len(
-        self.buf_decay)
 
   def toeplitz_coefs(self, n: int) -> np.ndarray:
     """[n] float64, the first column of C (of the float32 parameters)."""
@@ -199,6 +193,81 @@ class Strategy:
                output_scale=tuple(data.get("output_scale", ())))
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamShape:
+  """The static shape of C^{-1}'s streaming state, one for all sites.
+
+  Sites may use different strategies (e.g. fewer bands for a small site):
+  each strategy's parameters are padded to `size` (zero coefficients, or
+  buffers with zero decay and scale, which change nothing), so one compiled
+  program streams them all, each site's parameters an array it reads.
+
+  Attributes:
+    kind: "banded" or "blt".
+    size: bands (banded) or buffers (blt).
+  """
+
+  kind: str
+  size: int
+
+  @classmethod
+  def of(cls, strategies: Sequence[Strategy]) -> "StreamShape":
+    kinds = {s.kind for s in strategies}
+    if len(kinds) != 1:
+      raise ValueError(f"one kind of strategy per run, got {kinds}.")
+    kind = kinds.pop()
+    return cls(kind, max(len(s.coefs) if kind == "banded" else
+                         len(s.buf_decay) for s in strategies))
+
+  def params(self, strategy: Strategy) -> np.ndarray:
+    """float32 [size] banded coefficients, or [2, size] BLT decay and
+    scale, zero-padded."""
+    if strategy.kind != self.kind:
+      raise ValueError(f"a {strategy.kind} strategy in a {self.kind} stream.")
+    if self.kind == "banded":
+      out = np.zeros(self.size, np.float32)
+      out[:len(strategy.coefs)] = strategy.coefs
+      return out
+    out = np.zeros((2, self.size), np.float32)
+    out[0, :len(strategy.buf_decay)] = strategy.buf_decay
+    out[1, :len(strategy.output_scale)] = strategy.output_scale
+    return out
+
+  @property
+  def copies(self) -> int:
+    """Copies of the parameters the state holds per site."""
+    return self.size - 1 if self.kind == "banded" else self.size
+
+  def init(self, tree):
+    """The stream's state before step 0: per leaf [copies, *leaf.shape]."""
+    return jax.tree.map(
+        lambda x: jnp.zeros((self.copies,) + jnp.shape(x), jnp.float32), tree)
+
+  def next(self, params: jax.Array, fresh, state):
+    """(C^{-1} z)_t and the new state from z_t (`fresh`, a pytree): banded,
+    Choquette-Choo et al. 2023 Alg. 9, w_t = (z_t - sum_j c_j w_{t-j}) /
+    c_0; blt, McMahan et al. 2024 Alg. 3, x_t = z_t - sum_j s_j buf_j and
+    buf_j <- d_j buf_j + x_t (jax_privacy's algorithms, with the
+    parameters as arrays; tests check them against jax_privacy's)."""
+    leaves, treedef = jax.tree.flatten(fresh)
+    states = treedef.flatten_up_to(state)
+    outs, new_states = [], []
+    for z, st in zip(leaves, states):
+      if self.kind == "banded":
+        inner = jnp.tensordot(params[1:], st, axes=1)
+        w = (z - inner) / params[0]
+        new = (jnp.concatenate([w[None], st[:-1]]) if self.copies else st)
+        outs.append(w)
+      else:
+        decay, scale = params[0], params[1]
+        x = z - jnp.tensordot(scale, st, axes=1)
+        new = decay.reshape((-1,) + (1,) * z.ndim) * st + x[None]
+        outs.append(x)
+      new_states.append(new)
+    return (jax.tree.unflatten(treedef, outs),
+            jax.tree.unflatten(treedef, new_states))
+
+
 class CorrelatedNoiseState(NamedTuple):
   """State of `correlated_noise`.
 
@@ -219,7 +288,7 @@ class CorrelatedNoiseState(NamedTuple):
 
 
 def correlated_noise(
-    strategy: Strategy,
+    strategy: Strategy | StreamShape,
     noise_multiplier: noise_lib.ScalarOrSchedule,
     *,
     l2_clip_norm: noise_lib.Scalar | None,
@@ -239,36 +308,45 @@ def correlated_noise(
     * The releases are x_t = g_t + (C^{-1} z)_t, the matrix mechanism with
       strategy C; its privacy is that of C G + Z under the participation
       pattern of the units (`Strategy.sensitivity_squared`, or amplified
-      banded MF with cyclic Poisson sampling, `privacy.plan`). sigma must be
-      constant over the stream (the analyses assume one noise scale).
+      banded MF with cyclic Poisson sampling, `privacy.correlated_plan`).
+      sigma must be constant over the stream (the analyses assume one noise
+      scale).
     * Not covered: C^{-1} is applied in float32 (relative error about 1e-6
       of the noise), besides `gaussian_noise`'s caveats on JAX's PRNG and
       floating-point Gaussian sampling.
 
   Args:
-    strategy: C.
+    strategy: C; or a `StreamShape`, and then every update passes the
+      site's padded parameters as the extra argument `stream_params=`
+      (`StreamShape.params`; sites of one program with different C).
     noise_multiplier: sigma >= 0 of the fresh noise z (a scalar, or a
       schedule that the caller keeps constant).
     l2_clip_norm: C_clip, or None to pass `l2_clip_norm=` at every update.
     expected_batch_size: the public expected batch size, > 0.
   """
   noise_lib._check_static_non_negative("noise_multiplier", noise_multiplier)
-  inverse = strategy.inverse()
+  if isinstance(strategy, Strategy):
+    shape = StreamShape.of([strategy])
+    fixed = jnp.asarray(shape.params(strategy))
+  else:
+    shape, fixed = strategy, None
 
   def init_fn(params):
-    abstract = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
-                            params)
     return CorrelatedNoiseState(
         count=jnp.zeros([], jnp.int32),
         noise_multiplier=jnp.zeros([], jnp.float32),
         l2_clip_norm=jnp.zeros([], jnp.float32),
-        stream=inverse.init_multiply(abstract))
+        stream=shape.init(params))
 
   def update_fn(updates, state, params=None, *, noise_key=None, **extra_args):
     del params
     if noise_key is None:
       raise TypeError("correlated_noise.update needs the extra argument "
                       "noise_key= (one fresh key per step).")
+    stream_params = extra_args.get("stream_params", fixed)
+    if stream_params is None:
+      raise TypeError("correlated_noise(StreamShape) needs the extra "
+                      "argument stream_params= at every update.")
     if l2_clip_norm is None:
       if extra_args.get("l2_clip_norm") is None:
         raise TypeError("correlated_noise(l2_clip_norm=None) needs the extra "
@@ -284,7 +362,8 @@ def correlated_noise(
     fresh = jax.tree.unflatten(treedef, [
         stddev * jax.random.normal(k, leaf.shape, jnp.float32)
         for leaf, k in zip(leaves, keys)])
-    correlated, stream = inverse.multiply_next(fresh, state.stream)
+    correlated, stream = shape.next(jnp.asarray(stream_params, jnp.float32),
+                                    fresh, state.stream)
     batch = jnp.asarray(expected_batch_size, jnp.float32)
     noisy = jax.tree.map(
         lambda g, n: ((g.astype(jnp.float32) + n) / batch).astype(g.dtype),
@@ -296,8 +375,8 @@ def correlated_noise(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def noise_transform(strategy: Strategy | None, noise_multiplier, **kwargs
-                    ) -> optax.GradientTransformationExtraArgs:
+def noise_transform(strategy: Strategy | StreamShape | None, noise_multiplier,
+                    **kwargs) -> optax.GradientTransformationExtraArgs:
   """`gaussian_noise` without a strategy (independent noise), else
   `correlated_noise`."""
   if strategy is None:

@@ -30,46 +30,66 @@ f32 = batch_sizes.f32
 
 @dataclasses.dataclass(frozen=True)
 class MechanismPlan:
-  """Correlated noise in the sites: C and how the units participate.
+  """Correlated noise in the sites: each site's C and how its units
+  participate.
 
   Attributes:
-    kind: "banded" (cyclic Poisson sampling over `cycles` groups, amplified
+    kind: "banded" (cyclic Poisson sampling over b_k groups, amplified
       banded MF: each participation of a group is a DP-SGD step on it) or
       "blt" (each step trains one whole group; the stream is one Gaussian
       mechanism of sensitivity `Strategy.sensitivity_squared`).
-    strategy: C.
+    strategies: [S] each site's C (banded: b_k bands; blt: optimized for
+      participations b_k apart); sites with equal b_k share one.
     cycles: [S] b_k, site k's number of groups (unit i in group i mod b_k;
       stream step t trains group t mod b_k).
     group_sizes: [S] the largest group of each site, ceil(N_k / b_k).
     local_steps: steps per round (the stream of round r is its steps
       r * local_steps ... (r + 1) * local_steps - 1).
-    sensitivity_squared: blt: [R + 1, S] ||C u||^2 of the worst b_k-
+    rounds: R, the rounds planned.
+    sensitivity_squared: blt: [R + 1, S] ||C_k u||^2 of the worst b_k-
       separated participation over the first r rounds' steps; banded: None.
+    independent_sigma: [S] DP-SGD's sigma at the same target (the report's
+      comparison), or None.
   """
 
   kind: str
-  strategy: correlated.Strategy
+  strategies: tuple
   cycles: np.ndarray
   group_sizes: np.ndarray
   local_steps: int
+  rounds: int
   sensitivity_squared: np.ndarray | None = None
-  independent_sigma: np.ndarray | None = None  # [S] DP-SGD's, same target.
+  independent_sigma: np.ndarray | None = None
 
   @property
-  def column_norm(self) -> float:
-    """||c||, banded C's largest column norm (its float32 values)."""
-    return float(np.linalg.norm(np.asarray(self.strategy.coefs, np.float64)))
+  def stream(self) -> correlated.StreamShape:
+    """The one streaming shape all sites' C are padded to."""
+    return correlated.StreamShape.of(self.strategies)
+
+  def stream_params(self) -> np.ndarray:
+    """[S, ...] float32, each site's C padded to `stream`."""
+    return np.stack([self.stream.params(c) for c in self.strategies])
+
+  def column_norm(self, k: int) -> float:
+    """||c_k||, banded C_k's largest column norm (its float32 values)."""
+    return float(np.linalg.norm(np.asarray(self.strategies[k].coefs,
+                                           np.float64)))
+
+  def _increment(self, round_index: int, k: int) -> float:
+    s2 = self.sensitivity_squared[:, k]
+    return float(s2[round_index + 1] - s2[round_index])
 
   def event_sigma(self, applied: float, round_index: int, k: int) -> float:
     """The noise multiplier of site k's round-`round_index` event when
     the fresh noise has multiplier `applied` (float32): banded,
-    applied / ||c||; blt, applied / sqrt(the round's increase of the
+    applied / ||c_k||; blt, applied / sqrt(the round's increase of the
     sensitivity^2) (Gaussian mechanisms compose by adding 1 / sigma^2,
-    so the rounds' events compose to the whole stream's Gaussian)."""
+    so the rounds' events compose to the whole stream's Gaussian; a round
+    that adds nothing to it records `applied` with a no-op event)."""
     if self.kind == "banded":
-      return applied / self.column_norm
-    s2 = self.sensitivity_squared[:, k]
-    return applied / math.sqrt(s2[round_index + 1] - s2[round_index])
+      return applied / self.column_norm(k)
+    increment = self._increment(round_index, k)
+    return applied / math.sqrt(increment) if increment > 0 else applied
 
   def participations(self, round_index: int, k: int) -> int:
     """Banded: the steps of round `round_index` in which group 0 of site k
@@ -80,12 +100,20 @@ class MechanismPlan:
     ceil_div = lambda n: -(-n // b)  # noqa: E731
     return ceil_div((round_index + 1) * s) - ceil_div(round_index * s)
 
+  def counts(self, round_index: int, k: int) -> int:
+    """The composition count of site k's event in a round: banded, group
+    0's participations; blt, 1 (0 for a round that adds nothing)."""
+    if self.kind == "blt":
+      return int(self._increment(round_index, k) > 0)
+    return self.participations(round_index, k)
+
   def event(self, sigma: float, round_index: int, k: int,
             sampling_rate: float, max_batch_size: int):
     """Site k's event of round `round_index` whose recorded noise
     multiplier is `sigma` (see `event_sigma`)."""
     if self.kind == "blt":
-      return events_lib.poisson_gaussian_event(sigma, 1.0, 1)
+      return events_lib.poisson_gaussian_event(
+          sigma, 1.0, self.counts(round_index, k))
     # Banded: DP-SGD steps on the site's largest group (a no-op event in a
     # round where group 0 does not train).
     return events_lib.poisson_gaussian_event(
@@ -98,48 +126,52 @@ class MechanismPlan:
     mechanism at `sigma`, over DP-SGD's at `independent_sigma` (the same
     target): below 1, the mechanism leaves less noise in the model."""
     n = rounds * self.local_steps
-    rows = self.strategy.mean_prefix_rows(n)
-    return (np.asarray(sigma) / self.independent_sigma) * math.sqrt(
-        rows / ((n + 1) / 2))
+    rows = {}
+    for c in self.strategies:
+      if c not in rows:
+        rows[c] = c.mean_prefix_rows(n)
+    ratio = np.array([rows[c] for c in self.strategies]) / ((n + 1) / 2)
+    return np.asarray(sigma) / self.independent_sigma * np.sqrt(ratio)
 
   def to_dict(self) -> dict:
-    return {"kind": self.kind, "strategy": self.strategy.to_dict(),
+    return {"kind": self.kind,
+            "strategy_per_site": [c.to_dict() for c in self.strategies],
             "cycles": [int(b) for b in self.cycles],
             "group_sizes": [int(g) for g in self.group_sizes],
-            "local_steps": self.local_steps}
+            "local_steps": self.local_steps,
+            "event_counts_per_round": [
+                [self.counts(r, k) for r in range(self.rounds)]
+                for k in range(len(self.cycles))]}
 
 
 def plan_mechanism(kind, names, units, training, batch_size, local_steps,
                    rounds, mf_bands, blt_max_buffers) -> MechanismPlan:
-  """The strategy and the cyclic groups of every site."""
+  """Each site's strategy and cyclic groups: b_k = N_k // B groups
+  (at least 1; banded: at most --mf_bands), so that a group holds at least
+  B units (the expected batch) and a site too small for b bands uses fewer
+  (1: DP-SGD)."""
+  del names, training  # Every site gets its own b_k.
   steps = rounds * local_steps  # The stream of each site.
+  cycles = np.maximum(1, np.asarray(units) // batch_size)
   if kind == "banded":
-    cycles = np.full(len(units), mf_bands, np.int64)
-    too_small = [names[k] for k in range(len(units))
-                 if training[k] and math.ceil(units[k] / mf_bands)
-                 < batch_size]
-    if too_small:
-      k = names.index(too_small[0])
-      raise ValueError(
-          f"--mf_bands={mf_bands}: site {too_small[0]!r} has {units[k]} "
-          f"units, so its groups of ceil({units[k]}/{mf_bands}) are smaller "
-          f"than the batch {batch_size}; use at most "
-          f"{max(1, int(units[k]) // batch_size)} bands.")
-    strategy = _optimized("banded", steps, mf_bands, 0)
+    cycles = np.minimum(cycles, mf_bands)
+    strategies = tuple(_optimized("banded", steps, int(b), 0)
+                       for b in cycles)
   elif kind == "blt":
-    cycles = np.maximum(1, units // batch_size)
-    min_sep = int(cycles[np.asarray(training, bool)].min())
-    strategy = _optimized("blt", steps, min_sep, blt_max_buffers)
+    strategies = tuple(_optimized("blt", steps, int(b), blt_max_buffers)
+                       for b in cycles)
   else:
     raise ValueError(f"mechanism must be one of {correlated.MECHANISMS}, "
                      f"got {kind!r}.")
-  groups = np.array([correlated.cycle_groups(int(n), int(b))
-                     for n, b in zip(units, cycles)], np.int64)
+  groups = np.array([-(-int(n) // int(b)) for n, b in zip(units, cycles)],
+                    np.int64)
   sens = None
   if kind == "blt":
-    sens = np.array([[strategy.sensitivity_squared(r * local_steps, int(b))
-                      for b in cycles] for r in range(rounds + 1)])
-  return MechanismPlan(kind, strategy, cycles, groups, local_steps, sens)
+    sens = np.array([[c.sensitivity_squared(r * local_steps, int(b))
+                      for c, b in zip(strategies, cycles)]
+                     for r in range(rounds + 1)])
+  return MechanismPlan(kind, strategies, cycles, groups, local_steps, rounds,
+                       sens)
 
 
 _STRATEGIES: dict = {}

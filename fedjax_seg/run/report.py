@@ -224,8 +224,9 @@ def mechanism_section(mech, rounds: int, sigma, names) -> dict:
   ratio = mech.model_noise_ratio(rounds, sigma)
   return {
       "kind": mech.kind,
-      "strategy": mech.strategy.to_dict(),
-      "state_copies_of_parameters_per_site": mech.strategy.state_copies,
+      "strategy_per_site": dict(zip(
+          names, (c.to_dict() for c in mech.strategies))),
+      "state_copies_of_parameters_per_site": mech.stream.copies,
       "cycles_per_site": dict(zip(names, map(int, mech.cycles))),
       "noise_multiplier_per_site": dict(zip(names, map(float, sigma))),
       "independent_noise_multiplier_per_site": dict(zip(

@@ -72,7 +72,9 @@ def round_arrays(config, noise, round_index: int):
       jnp.asarray(noise.applied_sigma[round_index], jnp.float32),
       l2_clip_norm=full(p.l2_clip_norm), learning_rate=full(f.learning_rate),
       cycle=(None if noise.mechanism is None else jnp.asarray(
-          noise.mechanism.cycles, jnp.int32)))
+          noise.mechanism.cycles, jnp.int32)),
+      noise_params=(None if noise.mechanism is None else jnp.asarray(
+          noise.mechanism.stream_params())))
   return site_config, jnp.float32(f.server_learning_rate)
 
 

@@ -267,7 +267,7 @@ def trainer_settings(config, plan: RunPlan, params) -> dict:
             else privacy.PrivacyUnit.EXAMPLE.value),
       l2_clip_norm=p.l2_clip_norm, adaptive_clipping=noise.adaptive,
       audit=audit_config(config, plan),
-      noise_strategy=(noise.mechanism.strategy if noise.mechanism else None))
+      noise_stream=(noise.mechanism.stream if noise.mechanism else None))
   client = fed.ClientConfig(
       local_steps=f.local_steps, expected_batch_size=f.batch_size,
       max_batch_size=noise.max_batch_size, learning_rate=f.learning_rate,

@@ -5,13 +5,14 @@ noise x_t = g_t + (C^{-1} z)_t in every site (`privacy.correlated`). This
 module derives, with its own code, from the config, the site sizes and the
 strategy C the report stores (`privacy.plan.noise_mechanism.strategy`):
 
-  * the cyclic groups: site k's units in b_k groups (banded: b_k =
-    --mf_bands; blt: b_k = max(1, N_k // --batch_size)), the largest of
-    ceil(N_k / b_k) units; the sampling rate (banded: min(1, B / G_k)
-    within the step's group; blt: 1, the whole group) and the maximum batch;
-  * C's validity: banded, exactly --mf_bands coefficients of norm <= 1 + 1e-6;
-    blt, at most --blt_max_buffers buffers; both with non-negative,
-    non-increasing Toeplitz coefficients (what the sensitivity relies on);
+  * the cyclic groups: site k's units in b_k = max(1, N_k // --batch_size)
+    groups (banded: at most --mf_bands), the largest of ceil(N_k / b_k)
+    units; the sampling rate (banded: min(1, B / G_k) within the step's
+    group; blt: 1, the whole group) and the maximum batch;
+  * each site's C (`strategy_per_site`): banded, exactly b_k coefficients
+    of norm <= 1 + 1e-6; blt, at most --blt_max_buffers buffers; both with
+    non-negative, non-increasing Toeplitz coefficients (what the
+    sensitivity relies on);
   * the sensitivity of a blt stream: the largest ||C u||^2 over
     participations b_k apart, whose worst case for such coefficients is
     the most participations, b_k apart from step 0 (McMahan et al. 2024,
@@ -22,13 +23,14 @@ strategy C the report stores (`privacy.plan.noise_mechanism.strategy`):
     Choo et al. 2023, Thm. 4) at sigma / ||c||; blt, a Gaussian of noise
     multiplier sigma / sqrt(the round's increase of the sensitivity^2)
     (Gaussians compose by adding 1 / sigma^2, so the rounds compose to the
-    whole stream's mechanism);
+    whole stream's mechanism; a round that adds nothing is a no-op);
   * with --target_epsilon, each site's sigma meets the target over all
     rounds and 0.99 of it does not.
 
 What it trusts, besides the plan module's list: the two theorems above.
 """
 
+import json
 import math
 from typing import Mapping
 
@@ -76,6 +78,10 @@ def minsep_sensitivity_squared(column: np.ndarray, n: int,
   return float(total @ total)
 
 
+def json_key(value) -> str:
+  return json.dumps(value, sort_keys=True)
+
+
 def participations(r: int, local_steps: int, b: int) -> int:
   """Multiples of b among the steps of round r."""
   return (math.ceil((r + 1) * local_steps / b)
@@ -84,8 +90,9 @@ def participations(r: int, local_steps: int, b: int) -> int:
 
 def plan_event_function(plan: Mapping, path: str, site: str):
   """For the report's own plan (`privacy.plan`): None without correlated
-  noise, else `(round, sigma, q, local_steps, max_batch) -> the event` of
-  `site`'s cyclic group in that round."""
+  noise, else `(round, sigma, q, max_batch) -> the event` of `site`'s
+  cyclic group in that round (its count from `event_counts_per_round`;
+  `check_record_level` derives those counts itself)."""
   mech = plan.get("noise_mechanism")
   if mech is None:
     return None
@@ -94,19 +101,25 @@ def plan_event_function(plan: Mapping, path: str, site: str):
   k = names.index(site)
   kind = fields.get(mech, "kind", where, "str")
   groups = fields.get(mech, "group_sizes", where, "list")
-  cycles = fields.get(mech, "cycles", where, "list")
+  counts = fields.get(mech, "event_counts_per_round", where, "list")
   if kind not in ("banded", "blt") or len(groups) != len(names) or len(
-      cycles) != len(names) or not all(
-          fields.kind_ok(v, "int") and v >= 1 for v in groups + cycles):
+      counts) != len(names) or not all(
+          fields.kind_ok(v, "int") and v >= 1 for v in groups) or not all(
+              fields.kind_ok(c, "int") and c >= 0 for row in counts
+              for c in row):
     raise fields.ReportError(f"{where}: kind must be banded or blt, "
-                             "group_sizes and cycles one int >= 1 per site.")
+                             "group_sizes ints >= 1 and "
+                             "event_counts_per_round ints >= 0, per site.")
 
-  def event(r, sigma, q, local_steps, max_batch):
+  def event(r, sigma, q, max_batch):
+    if r >= len(counts[k]):
+      raise fields.ReportError(f"{where}.event_counts_per_round: no round "
+                               f"{r} for site {site!r}.")
     if kind == "blt":
-      return epsilons.planned_event(sigma, 1.0, 1)
-    return epsilons.planned_event(
-        sigma, q, participations(r, local_steps, cycles[k]),
-        dataset_size=groups[k], max_batch_size=max_batch)
+      return epsilons.planned_event(sigma, 1.0, counts[k][r])
+    return epsilons.planned_event(sigma, q, counts[k][r],
+                                  dataset_size=groups[k],
+                                  max_batch_size=max_batch)
 
   return event
 
@@ -121,9 +134,7 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
   plan = fields.get(privacy, "plan", "privacy", "object")
   where = "privacy.plan.noise_mechanism"
   mech = fields.get(plan, "noise_mechanism", "privacy.plan", "object")
-  strategy = fields.get(mech, "strategy", where, "object")
-  if mech.get("kind") != s.noise_mechanism or strategy.get(
-      "kind") != s.noise_mechanism:
+  if mech.get("kind") != s.noise_mechanism:
     problems.append(f"FAIL plan: {where}.kind is {mech.get('kind')!r}, "
                     f"--noise_mechanism={s.noise_mechanism}")
     return {}
@@ -132,26 +143,36 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
                     and s.dropout_rate == 0, "every site in every round")):
     if not ok:
       problems.append(f"FAIL plan: correlated noise needs {what}")
-  n = s.rounds * s.local_steps
-  column = toeplitz_column(strategy, n, f"{where}.strategy")
-  if np.any(column < 0) or np.any(np.diff(column) > 0):
-    problems.append(f"FAIL plan: {where}.strategy's Toeplitz coefficients "
-                    "are not non-negative and non-increasing")
-    return {}
   banded = s.noise_mechanism == "banded"
+  cycles = {m: max(1, units[m] // s.batch_size) for m in names}
   if banded:
-    size = len(strategy.get("coefs", ()))
-    norm = float(np.linalg.norm(np.asarray(strategy["coefs"], np.float64)))
-    if size != s.mf_bands or norm > 1 + NORM_SLACK:
-      problems.append(f"FAIL plan: {where}.strategy has {size} bands of norm"
-                      f" {norm}; --mf_bands={s.mf_bands}, norm <= 1")
-    cycles = {m: s.mf_bands for m in names}
-  else:
-    if len(strategy.get("buf_decay", ())) > s.blt_max_buffers:
-      problems.append(f"FAIL plan: {where}.strategy has more buffers than "
-                      f"--blt_max_buffers={s.blt_max_buffers}")
-    cycles = {m: max(1, units[m] // s.batch_size) for m in names}
+    cycles = {m: min(b, s.mf_bands) for m, b in cycles.items()}
   groups = {m: math.ceil(units[m] / cycles[m]) for m in names}
+  n = s.rounds * s.local_steps
+  listed = fields.get(mech, "strategy_per_site", where, "list")
+  if len(listed) != len(names):
+    raise fields.ReportError(f"{where}.strategy_per_site: one per site.")
+  columns, norms = {}, {}
+  for m, strategy in zip(names, listed):
+    label = f"FAIL plan: {where}.strategy_per_site[{m!r}]"
+    if not isinstance(strategy, Mapping) or strategy.get(
+        "kind") != s.noise_mechanism:
+      problems.append(f"{label} is not a {s.noise_mechanism} strategy")
+      return {}
+    columns[m] = toeplitz_column(strategy, n, f"{where}.strategy_per_site")
+    if np.any(columns[m] < 0) or np.any(np.diff(columns[m]) > 0):
+      problems.append(f"{label}: its Toeplitz coefficients are not "
+                      "non-negative and non-increasing")
+      return {}
+    if banded:
+      coefs = np.asarray(strategy.get("coefs", ()), np.float64)
+      norms[m] = float(np.linalg.norm(coefs))
+      if coefs.size != cycles[m] or norms[m] > 1 + NORM_SLACK:
+        problems.append(f"{label} has {coefs.size} bands of norm "
+                        f"{norms[m]}; derived {cycles[m]} bands, norm <= 1")
+    elif len(strategy.get("buf_decay", ())) > s.blt_max_buffers:
+      problems.append(f"{label} has more buffers than --blt_max_buffers="
+                      f"{s.blt_max_buffers}")
   if banded:
     rates = {m: min(1.0, s.batch_size / groups[m]) for m in names}
     max_batch = max_batch_size([groups[m] for m in names],
@@ -179,11 +200,16 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
     sigma = {m: float(fields.site_value(
         claimed, m, "privacy.noise_multiplier_per_site", "number"))
              for m in names}
-  sens = {}
-  for m in names:
-    if not banded and cycles[m] not in sens:
-      sens[cycles[m]] = [minsep_sensitivity_squared(
-          column, r * s.local_steps, cycles[m]) for r in range(s.rounds + 1)]
+  sens = {m: [minsep_sensitivity_squared(columns[m], r * s.local_steps,
+                                         cycles[m])
+              for r in range(s.rounds + 1)] for m in names if not banded}
+
+  counts = [[participations(r, s.local_steps, cycles[m]) if banded
+             else int(sens[m][r + 1] > sens[m][r]) for r in range(s.rounds)]
+            for m in names]
+  if mech.get("event_counts_per_round") != counts:
+    problems.append(f"FAIL plan: {where}.event_counts_per_round differs "
+                    "from the derived counts")
 
   def events(m, value):
     """Site m's events of every round at fresh-noise sigma `value`."""
@@ -192,13 +218,14 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
     for r in range(s.rounds):
       if banded:
         out.append(epsilons.planned_event(
-            applied / norm, rates[m],
-            participations(r, s.local_steps, s.mf_bands),
+            applied / norms[m], rates[m],
+            participations(r, s.local_steps, cycles[m]),
             dataset_size=groups[m], max_batch_size=max_batch))
       else:
-        s2 = sens[cycles[m]]
+        increment = sens[m][r + 1] - sens[m][r]
         out.append(epsilons.planned_event(
-            applied / math.sqrt(s2[r + 1] - s2[r]), 1.0, 1))
+            applied / math.sqrt(increment) if increment > 0 else applied,
+            1.0, int(increment > 0)))
     return out
 
   trained = fields.get(plan, "rounds_trained_per_site", "privacy.plan",
@@ -224,7 +251,8 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
         break
     if s.target_epsilon is None or not training[m]:
       continue
-    key = (groups[m], cycles[m], sigma[m], tuple(map(repr, before)))
+    key = (groups[m], cycles[m], sigma[m], json_key(listed[names.index(m)]),
+           tuple(map(repr, before)))
     if key not in checked:
       checked[key] = tuple(
           epsilons.rdp_epsilon(before + events(m, value), orders, s.delta)

@@ -153,7 +153,7 @@ def _record_level_plan_events(plan: Mapping, path: str, site: str):
           f"{sigmas_where}[{r}]: must be a finite number >= 0.")
     if mechanism_event is not None:
       planned.append(mechanism_event(r, float(sigma), float(q),
-                                     int(local_steps), int(max_batch)))
+                                     int(max_batch)))
     else:
       planned.append(
           epsilons.planned_event(float(sigma),

@@ -7,6 +7,7 @@ import dp_accounting
 import jax
 import jax.numpy as jnp
 from jax_privacy.experimental import accounting as jp_accounting
+from jax_privacy.matrix_factorization import streaming_matrix
 import numpy as np
 import optax
 import pytest
@@ -110,6 +111,26 @@ def test_streamed_noise_is_c_inverse_times_the_fresh_noise(strategy):
   assert int(state.count) == n
 
 
+@pytest.mark.parametrize("strategy", [BANDED, BLT], ids=["banded", "blt"])
+@pytest.mark.parametrize("pad", [0, 2])
+def test_stream_is_jax_privacys_streaming_inverse(strategy, pad):
+  """Our array-parameter C^{-1} (padded to a larger shape, as sites with
+  different C share one program) equals jax_privacy's StreamingMatrix."""
+  n = 9
+  shape = correlated.StreamShape.of([strategy])
+  shape = correlated.StreamShape(shape.kind, shape.size + pad)
+  params = jnp.asarray(shape.params(strategy))
+  x = jax.random.normal(jax.random.key(0), (n, 3))
+  state = shape.init(x[0])
+  ours = []
+  for t in range(n):
+    out, state = shape.next(params, x[t], state)
+    ours.append(out)
+  reference = streaming_matrix.multiply_array(strategy.inverse(), x)
+  np.testing.assert_allclose(np.stack(ours), reference, rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(reference).max()))
+
+
 def test_noise_covariance_is_the_factorisation():
   """Statistical: Cov of the released noise over steps = sigma^2 C^-1 C^-T."""
   n, trials, sigma = 5, 40_000, 2.0
@@ -203,7 +224,7 @@ def test_blt_plan_composes_to_the_stream_gaussian():
   for r in range(8):
     plan.charge(ledger, site_ledger, r, np.ones(3, bool))
   for k, name in enumerate(plan.site_names):
-    s2 = mech.strategy.sensitivity_squared(24, int(mech.cycles[k]))
+    s2 = mech.strategies[k].sensitivity_squared(24, int(mech.cycles[k]))
     whole = accounting.PrivacyLedger([name], delta=1e-5)
     whole.record_event(name, dp_accounting.GaussianDpEvent(
         plan_lib.f32(plan.base_sigma[k]) / np.sqrt(s2)))
@@ -212,10 +233,19 @@ def test_blt_plan_composes_to_the_stream_gaussian():
     assert ledger.epsilon(name) <= 4.0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(mf_bands=7), "--mf_bands=7"),
-    (dict(schedule_shape=lambda r: 1.0 - 0.01 * r), "constant noise"),
-])
-def test_plan_refusals(kwargs, match):
-  with pytest.raises(ValueError, match=match):
-    _plan("banded", **kwargs)
+def test_a_site_too_small_for_the_bands_gets_fewer():
+  # Groups must hold the batch: N // B groups at most (1: DP-SGD).
+  plan = _plan("banded", units=np.array([12, 40, 96]), mf_bands=4)
+  mech = plan.mechanism
+  np.testing.assert_array_equal(mech.cycles, [1, 4, 4])
+  assert mech.strategies[0].coefs == (1.0,)
+  assert len(mech.strategies[1].coefs) == 4
+  assert mech.strategies[1] == mech.strategies[2]  # Optimized once.
+  chex.assert_shape(mech.stream_params(), (3, 4))
+  # The one-band site is DP-SGD at its own rate.
+  assert plan.sampling_rates[0] == pytest.approx(8 / 12)
+
+
+def test_plan_refuses_a_noise_schedule():
+  with pytest.raises(ValueError, match="constant noise"):
+    _plan("banded", schedule_shape=lambda r: 1.0 - 0.01 * r)
