@@ -163,6 +163,20 @@ SWEEP_PLOTS = ("frontier.png", "dice_per_site_per_member.png",
                "sigma_schedules.png")
 
 
+_NOT_A_SETTING = ("target_epsilon", "seed", "noise_seed")
+
+
+def _series(private: list) -> dict:
+  """{label: members}: members grouped by their overrides other than the
+  privacy target and the seeds (one series per setting)."""
+  out: dict = {}
+  for e in private:
+    label = ", ".join(f"{k}={v}" for k, v in sorted(
+        (e.get("overrides") or {}).items()) if k not in _NOT_A_SETTING)
+    out.setdefault(label or "members", []).append(e)
+  return out
+
+
 def write_sweep(workdir: pathlib.Path, summary: dict) -> None:
   """A sweep's privacy-utility frontier (test Dice vs epsilon, mean and per
   modality, one marker per member, non-private members as lines), Dice per
@@ -178,11 +192,22 @@ def write_sweep(workdir: pathlib.Path, summary: dict) -> None:
   for ax, panel in zip(axes[0], panels):
     value = ((lambda e: e["dice_mean"]) if panel == "mean" else
              (lambda e, p=panel: e["dice_per_modality"].get(p)))
-    for e in private:
-      v = value(e)
-      if v is not None and e["epsilon_max"] is not None:
-        ax.scatter(e["epsilon_max"], v, s=25)
-        ax.annotate(str(e["index"]), (e["epsilon_max"], v), fontsize=6)
+    # One series per setting (the overrides besides the privacy target and
+    # the seeds), so that e.g. noise mechanisms sit side by side over epsilon.
+    for label, members in _series(private).items():
+      points = sorted((e["epsilon_max"], value(e), e["index"]) for e in members
+                      if value(e) is not None and e["epsilon_max"] is not None)
+      if not points:
+        continue
+      xs, ys, idx = zip(*points)
+      line, = ax.plot(xs, ys, marker="o", ms=4, lw=1, label=label)
+      for x, y, i in points:
+        ax.annotate(str(i), (x, y), fontsize=6, color=line.get_color())
+    eps = [e["epsilon_max"] for e in private if e["epsilon_max"] is not None]
+    if eps and max(eps) - min(eps) < 1e-3 * max(eps):
+      # Members calibrated to one target: do not zoom into float noise.
+      ax.set_xlim(0.9 * min(eps), 1.1 * max(eps))
+    ax.ticklabel_format(axis="x", useOffset=False)
     for e in public:
       v = value(e)
       if v is not None:
@@ -191,8 +216,7 @@ def write_sweep(workdir: pathlib.Path, summary: dict) -> None:
     ax.set(xlabel=f"{private[0]['epsilon_label'] if private else 'epsilon'}"
            " (max over sites)", ylabel="test Dice",
            title=f"Dice ({panel})")
-    if public:
-      ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
   save_figure(fig, workdir / SWEEP_PLOTS[0])
 
   sites = list(entries[0]["dice_per_site"])

@@ -117,5 +117,9 @@ def test_the_configs_vocabularies_are_the_librarys():
   assert config_syntax.PER_EXAMPLE_GRADS == client.PER_EXAMPLE_GRADS
   assert config_syntax.BACKENDS == rounds.BACKENDS
   assert config_syntax.NOISE_SCHEDULES == schedules.SHAPES
+  from fedjax_seg.privacy import correlated  # pylint: disable=g-import-not-at-top
+  from fedjax_seg.verifier import correlated as verifier_correlated  # pylint: disable=g-import-not-at-top
+  assert config_syntax.NOISE_MECHANISMS == correlated.MECHANISMS
+  assert config_syntax.NOISE_MECHANISMS == verifier_correlated.MECHANISMS
   assert config_syntax.ADAPTIVE_MODES == ("off",) + privacy.adaptive_clipping.MODES
   assert config_syntax.AUDIT_CANARY_KINDS == privacy.auditing.KINDS

@@ -11,7 +11,9 @@ from fedjax_seg import verifier
 from fedjax_seg.privacy import PrivacyLedger
 from fedjax_seg.run import artifacts
 from fedjax_seg.run import config as C
+from fedjax_seg.run import config_flags
 from fedjax_seg.run import loop
+from fedjax_seg.run import sweep
 from tests.run import tiny
 
 
@@ -140,3 +142,19 @@ def test_settings_correlated_noise_cannot_account_are_refused(
     config = _config("banded", **privacy)
     dataclasses.replace(config, federated=dataclasses.replace(
         config.federated, **federated))
+
+
+@pytest.mark.slow
+def test_mechanisms_sweep_side_by_side_and_verify(tmp_path):
+  base = config_flags.config_from_values(dict(
+      image_size=16, num_slices=2, patients_scale=0.25, widths=[4],
+      rounds=2, eval_every=2, checkpoint_every=2, local_steps=2, batch_size=2,
+      noise_seed=0, target_epsilon=4.0, mf_bands=2))
+  grid = sweep.parse_sweep_flags(["noise_mechanism:independent,banded"])
+  members = sweep.build_members(base, grid)
+  summary = sweep.run_sweep(members, tmp_path, member_backend="loop")
+  result = verifier.verify_sweep(tmp_path)
+  assert result.ok, result.problems
+  kinds = [m["overrides"]["noise_mechanism"] for m in summary["members"]]
+  assert kinds == ["independent", "banded"]
+  assert (tmp_path / "frontier.png").stat().st_size > 0
