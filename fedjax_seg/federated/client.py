@@ -47,6 +47,7 @@ import optax
 from fedjax_seg import privacy
 from fedjax_seg import xla_cpu
 from fedjax_seg.federated import gradients
+from fedjax_seg.federated import sampling
 from fedjax_seg.federated import task as task_lib
 from fedjax_seg.privacy import auditing
 from fedjax_seg.privacy import correlated
@@ -239,8 +240,9 @@ class SiteConfig(NamedTuple):
       state holds C).
     learning_rate: [] local learning rate, or None for
       `ClientConfig.learning_rate`.
-    cycle: [] int32 b_k, with correlated noise: unit i is in group i mod
-      b_k, and stream step t samples group t mod b_k only; None: every
+    cycle: [] int32 b_k, with correlated noise: each unit is in one of b_k
+      groups (`sampling.cyclic_groups`, uniform and independent, fixed for
+      the run) and stream step t samples group t mod b_k only; None: every
       unit every step.
     noise_params: with correlated noise, the site's C padded to the
       stream's shape (`correlated.StreamShape.params`); else None.
@@ -520,6 +522,15 @@ def make_client_update(task: task_lib.Task | Callable,
       return keys_lib.derive_key(root_key, round_index=round_index,
                                  site=site_index, step=step, purpose=purpose)
 
+    unit_groups = None
+    if site_config.cycle is not None:
+      # One partition for the whole run: the same key every round.
+      capacity = (data.groups.shape[0] if dp.unit == "patient" else
+                  jax.tree.leaves(data.examples)[0].shape[0])
+      unit_groups = sampling.cyclic_groups(
+          keys_lib.derive_key(root_key, round_index=0, site=site_index,
+                              step=0, purpose=keys_lib.Purpose.CYCLIC_GROUPS),
+          capacity, site_config.cycle)
     # Shuffled batches read one epoch order per round (step 0's key);
     # Poisson batches draw a fresh key per step.
     epoch_key = key_for(0, keys_lib.Purpose.LOCAL_EPOCH_ORDER)
@@ -535,7 +546,7 @@ def make_client_update(task: task_lib.Task | Callable,
                                               keys_lib.Purpose.SAMPLE_BATCH)
       # Cyclic groups follow the site's stream step, over all its rounds.
       group = None if site_config.cycle is None else (
-          site_config.cycle, state.noise_state.count % site_config.cycle)
+          unit_groups, state.noise_state.count % site_config.cycle)
       batch = gradients.sample_batch(data, site_config.sampling_rate, key,
                                      client, dp, step, group=group)
       if task.batch_transform is not None:  # E.g. fresh augmentation keys.

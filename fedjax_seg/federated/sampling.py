@@ -37,9 +37,9 @@ def poisson_sample(key: jax.Array, num_units: jax.Array, capacity: int,
     capacity: static size of the site's unit axis (>= N_k).
     sampling_rate: [] float, q_k.
     max_batch_size: static batch size B_max.
-    group: (b, phase) [] ints: only units at positions i with i mod b ==
-      phase can be taken (cyclic Poisson sampling: b fixed, public groups,
-      one per step in turn); None: all units.
+    group: (groups [capacity] int32, phase []): only units whose group is
+      `phase` can be taken (cyclic Poisson sampling: each unit in one of b
+      groups, `cyclic_groups`, one group per step in turn); None: all.
 
   Returns:
     (indices [B_max] int32 into the unit axis, mask [B_max] bool). Masked
@@ -52,8 +52,8 @@ def poisson_sample(key: jax.Array, num_units: jax.Array, capacity: int,
       jax.random.fold_in(key, i), (2,)))(positions)
   taken = (draws[:, 0] < sampling_rate) & (positions < num_units)
   if group is not None:
-    cycle, phase = group
-    taken = taken & (positions % cycle == phase)
+    groups, phase = group
+    taken = taken & (groups == phase)
   # Sampled units first, in random order, so truncation keeps a uniformly
   # random subset of them.
   priority = jnp.where(taken, draws[:, 1], 2.0)
@@ -124,6 +124,22 @@ def _epoch_order(key: jax.Array, num_units: jax.Array, capacity: int,
       jax.random.fold_in(epoch_key, i)))(positions)
   draws = jnp.where(positions < num_units, draws, 2.0)
   return jnp.argsort(draws).astype(jnp.int32)
+
+
+def cyclic_groups(key: jax.Array, capacity: int,
+                  cycle: jax.Array) -> jax.Array:
+  """[capacity] int32: each unit's group, uniform in [0, b) and independent
+  of every other unit's (jax_privacy's `PartitionType.INDEPENDENT`).
+
+  Drawn once for the whole run from a secret key (`Purpose.CYCLIC_GROUPS`,
+  the same every round): adding or removing a unit changes no other unit's
+  group distribution, which add/remove-one DP needs; a partition by
+  position (i mod b) would move every later unit. Draws come from
+  fold_in(key, position), so a unit's group does not depend on padding.
+  """
+  return jax.vmap(lambda i: jax.random.randint(
+      jax.random.fold_in(key, i), (), 0, cycle))(
+          jnp.arange(capacity)).astype(jnp.int32)
 
 
 def shuffled_batch(key: jax.Array, num_units: jax.Array, capacity: int,

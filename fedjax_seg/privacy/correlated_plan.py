@@ -2,9 +2,17 @@
 
 From public numbers only (site sizes, batch, steps, rounds, the target):
 the strategy C (jax_privacy's optimizers, once per process and setting),
-each site's cyclic groups of units, the sampling they imply, the event of
-every round and the calibrated noise multiplier of the fresh noise.
+each site's number of cyclic groups b_k, the sampling they imply, the event
+of every round and the calibrated noise multiplier of the fresh noise.
 `plan.plan_noise` calls it for --noise_mechanism=banded or blt.
+
+Each unit's group is drawn uniformly and independently from a secret key
+(`federated.sampling.cyclic_groups`; jax_privacy's INDEPENDENT partition,
+the one add/remove-one DP allows): conditional on any draw a unit takes
+part every b_k-th step of the stream, and the draw of the other units does
+not depend on whether it is there. Group sizes are then random, so a step's
+batch is never truncated: the maximum batch holds a whole site (B_max =
+max N_k + 1), and the work still follows the realised sample.
 
 Example:
   >>> import numpy as np
@@ -40,9 +48,8 @@ class MechanismPlan:
       mechanism of sensitivity `Strategy.sensitivity_squared`).
     strategies: [S] each site's C (banded: b_k bands; blt: optimized for
       participations b_k apart); sites with equal b_k share one.
-    cycles: [S] b_k, site k's number of groups (unit i in group i mod b_k;
-      stream step t trains group t mod b_k).
-    group_sizes: [S] the largest group of each site, ceil(N_k / b_k).
+    cycles: [S] b_k, site k's number of groups (each unit in one, drawn at
+      random; stream step t trains group t mod b_k).
     local_steps: steps per round (the stream of round r is its steps
       r * local_steps ... (r + 1) * local_steps - 1).
     rounds: R, the rounds planned.
@@ -55,7 +62,6 @@ class MechanismPlan:
   kind: str
   strategies: tuple
   cycles: np.ndarray
-  group_sizes: np.ndarray
   local_steps: int
   rounds: int
   sensitivity_squared: np.ndarray | None = None
@@ -108,17 +114,15 @@ class MechanismPlan:
     return self.participations(round_index, k)
 
   def event(self, sigma: float, round_index: int, k: int,
-            sampling_rate: float, max_batch_size: int):
+            sampling_rate: float):
     """Site k's event of round `round_index` whose recorded noise
-    multiplier is `sigma` (see `event_sigma`)."""
-    if self.kind == "blt":
-      return events_lib.poisson_gaussian_event(
-          sigma, 1.0, self.counts(round_index, k))
-    # Banded: DP-SGD steps on the site's largest group (a no-op event in a
-    # round where group 0 does not train).
+    multiplier is `sigma` (see `event_sigma`): banded, Poisson-sampled
+    Gaussian steps at the group's rate, one per participation of group 0
+    (none in a round where it does not train); blt, one Gaussian (none in a
+    round that adds nothing to the sensitivity). Never truncated."""
     return events_lib.poisson_gaussian_event(
-        sigma, sampling_rate, self.participations(round_index, k),
-        dataset_size=int(self.group_sizes[k]), max_batch_size=max_batch_size)
+        sigma, sampling_rate if self.kind == "banded" else 1.0,
+        self.counts(round_index, k))
 
   def model_noise_ratio(self, rounds: int, sigma: np.ndarray) -> np.ndarray:
     """[S] the RMS noise the model accumulates (prefix sums of the
@@ -137,7 +141,6 @@ class MechanismPlan:
     return {"kind": self.kind,
             "strategy_per_site": [c.to_dict() for c in self.strategies],
             "cycles": [int(b) for b in self.cycles],
-            "group_sizes": [int(g) for g in self.group_sizes],
             "local_steps": self.local_steps,
             "event_counts_per_round": [
                 [self.counts(r, k) for r in range(self.rounds)]
@@ -146,10 +149,10 @@ class MechanismPlan:
 
 def plan_mechanism(kind, names, units, training, batch_size, local_steps,
                    rounds, mf_bands, blt_max_buffers) -> MechanismPlan:
-  """Each site's strategy and cyclic groups: b_k = N_k // B groups
-  (at least 1; banded: at most --mf_bands), so that a group holds at least
-  B units (the expected batch) and a site too small for b bands uses fewer
-  (1: DP-SGD)."""
+  """Each site's strategy and number of cyclic groups: b_k = N_k // B
+  (at least 1; banded: at most --mf_bands), so that a group holds B units
+  or more on average (the expected batch) and a site too small for b bands
+  uses fewer (1: DP-SGD)."""
   del names, training  # Every site gets its own b_k.
   steps = rounds * local_steps  # The stream of each site.
   cycles = np.maximum(1, np.asarray(units) // batch_size)
@@ -163,15 +166,12 @@ def plan_mechanism(kind, names, units, training, batch_size, local_steps,
   else:
     raise ValueError(f"mechanism must be one of {correlated.MECHANISMS}, "
                      f"got {kind!r}.")
-  groups = np.array([-(-int(n) // int(b)) for n, b in zip(units, cycles)],
-                    np.int64)
   sens = None
   if kind == "blt":
     sens = np.array([[c.sensitivity_squared(r * local_steps, int(b))
                       for c, b in zip(strategies, cycles)]
                      for r in range(rounds + 1)])
-  return MechanismPlan(kind, strategies, cycles, groups, local_steps, rounds,
-                       sens)
+  return MechanismPlan(kind, strategies, cycles, local_steps, rounds, sens)
 
 
 _STRATEGIES: dict = {}
@@ -190,17 +190,18 @@ def _optimized(kind: str, steps: int, bands_or_sep: int,
   return _STRATEGIES[key]
 
 
-def sampling(mech: MechanismPlan, batch_size: int):
-  """(rates, max batch): banded, Poisson rate B / G_k within the group of
-  the step; blt, the whole group (rate 1, a batch of the largest group
-  with one unit added, the neighbouring dataset's)."""
-  if mech.kind == "banded":
-    return batch_sizes.sampling_for(mech.group_sizes, batch_size)
-  rates = np.ones(len(mech.group_sizes))
-  return rates, int(mech.group_sizes.max()) + 1
+def sampling(mech: MechanismPlan, units: np.ndarray, batch_size: int):
+  """([S] rates, max batch): banded, Poisson rate min(1, B b_k / N_k)
+  within the step's group (B units expected); blt, the whole group (rate
+  1). The maximum batch is the largest site plus one unit (the
+  neighbouring dataset's): random groups are never truncated."""
+  units = np.asarray(units)
+  rates = (np.minimum(1.0, batch_size * mech.cycles / units)
+           if mech.kind == "banded" else np.ones(len(units)))
+  return rates, int(units.max()) + 1
 
 
-def calibrate(mech, names, rates, max_batch, rounds, target_epsilon, delta,
+def calibrate(mech, names, rates, rounds, target_epsilon, delta,
               noise_multiplier, prior):
   """([S] sigma of the fresh noise, [R, S] the events' noise multipliers).
 
@@ -212,14 +213,14 @@ def calibrate(mech, names, rates, max_batch, rounds, target_epsilon, delta,
     return np.array([mech.event_sigma(sigma_f32, r, k) for r in range(rounds)])
 
   def events_for(sigma_f32, k):
-    return [mech.event(float(e), r, k, float(rates[k]), max_batch)
+    return [mech.event(float(e), r, k, float(rates[k]))
             for r, e in enumerate(recorded_for(sigma_f32, k))]
 
   base = np.full(num, float(noise_multiplier))
   if target_epsilon is not None:
     solved = {}
     for k, name in enumerate(names):
-      key = (int(mech.group_sizes[k]), int(mech.cycles[k]),
+      key = (float(rates[k]), int(mech.cycles[k]), mech.strategies[k],
              repr(prior.get(name, ())))
       if key not in solved:
         try:

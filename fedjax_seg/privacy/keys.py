@@ -58,6 +58,7 @@ class Purpose(enum.IntEnum):
   ATTACK_RELEASE = 16  # Noise of an update released to the attack study.
   ATTACK_RESTARTS = 17  # The gradient-inversion attack's random starts.
   AUGMENT = 18  # Data augmentation of a step's sampled units.
+  CYCLIC_GROUPS = 19  # Each unit's group under correlated noise (once per run).
 
 
 def derive_key(

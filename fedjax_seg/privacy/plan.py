@@ -134,8 +134,7 @@ class NoisePlan:
     if self.mechanism is not None:
       return self.mechanism.event(float(self.recorded_sigma[round_index, k]),
                                   round_index, k,
-                                  float(self.sampling_rates[k]),
-                                  self.max_batch_size)
+                                  float(self.sampling_rates[k]))
     return events_lib.poisson_gaussian_event(
         float(self.recorded_sigma[round_index, k]),
         float(self.sampling_rates[k]), self.local_steps,
@@ -379,10 +378,10 @@ def plan_noise(
           f"the {mechanism} mechanism needs a constant noise schedule, no "
           "adaptive clipping and every site in every round (its analyses "
           "assume one noise scale and a fixed participation pattern).")
-    rates, max_batch = correlated_plan.sampling(mech, batch_size)
+    rates, max_batch = correlated_plan.sampling(mech, units, batch_size)
   if mech is not None:
     base, recorded = correlated_plan.calibrate(
-        mech, names, rates, max_batch, rounds, target_epsilon, delta,
+        mech, names, rates, rounds, target_epsilon, delta,
         noise_multiplier, prior)
     return NoisePlan(
         site_names=names, unit=units_lib.PrivacyUnit(unit), units=units,

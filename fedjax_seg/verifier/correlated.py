@@ -6,9 +6,10 @@ module derives, with its own code, from the config, the site sizes and the
 strategy C the report stores (`privacy.plan.noise_mechanism.strategy`):
 
   * the cyclic groups: site k's units in b_k = max(1, N_k // --batch_size)
-    groups (banded: at most --mf_bands), the largest of ceil(N_k / b_k)
-    units; the sampling rate (banded: min(1, B / G_k) within the step's
-    group; blt: 1, the whole group) and the maximum batch;
+    groups (banded: at most --mf_bands), each unit's drawn at random; the
+    sampling rate (banded: min(1, B b_k / N_k) within the step's group;
+    blt: 1, the whole group) and the maximum batch (the largest site plus
+    one unit: random groups are never truncated);
   * each site's C (`strategy_per_site`): banded, exactly b_k coefficients
     of norm <= 1 + 1e-6; blt, at most --blt_max_buffers buffers; both with
     non-negative, non-increasing Toeplitz coefficients (what the
@@ -100,36 +101,28 @@ def plan_event_function(plan: Mapping, path: str, site: str):
   names = list(fields.site_map(plan, "dataset_size_per_site", path))
   k = names.index(site)
   kind = fields.get(mech, "kind", where, "str")
-  groups = fields.get(mech, "group_sizes", where, "list")
   counts = fields.get(mech, "event_counts_per_round", where, "list")
-  if kind not in ("banded", "blt") or len(groups) != len(names) or len(
-      counts) != len(names) or not all(
-          fields.kind_ok(v, "int") and v >= 1 for v in groups) or not all(
-              fields.kind_ok(c, "int") and c >= 0 for row in counts
-              for c in row):
-    raise fields.ReportError(f"{where}: kind must be banded or blt, "
-                             "group_sizes ints >= 1 and "
+  if kind not in ("banded", "blt") or len(counts) != len(names) or not all(
+      isinstance(row, list) and all(fields.kind_ok(c, "int") and c >= 0
+                                    for c in row) for row in counts):
+    raise fields.ReportError(f"{where}: kind must be banded or blt and "
                              "event_counts_per_round ints >= 0, per site.")
 
   def event(r, sigma, q, max_batch):
+    del max_batch  # Random groups are never truncated.
     if r >= len(counts[k]):
       raise fields.ReportError(f"{where}.event_counts_per_round: no round "
                                f"{r} for site {site!r}.")
-    if kind == "blt":
-      return epsilons.planned_event(sigma, 1.0, counts[k][r])
-    return epsilons.planned_event(sigma, q, counts[k][r],
-                                  dataset_size=groups[k],
-                                  max_batch_size=max_batch)
+    return epsilons.planned_event(sigma, q if kind == "banded" else 1.0,
+                                  counts[k][r])
 
   return event
 
 
 def check_record_level(s, privacy: Mapping, ledger, names, units, training,
-                       charged, done: int, prior, problems: list,
-                       max_batch_size) -> dict:
+                       charged, done: int, prior, problems: list) -> dict:
   """Checks a correlated-noise run's record-level ledger; returns {site:
-  the event round `done` would add}. `max_batch_size(units, rates)` is the
-  plan module's B_max rule."""
+  the event round `done` would add}."""
   sites, orders = ledger
   plan = fields.get(privacy, "plan", "privacy", "object")
   where = "privacy.plan.noise_mechanism"
@@ -147,7 +140,6 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
   cycles = {m: max(1, units[m] // s.batch_size) for m in names}
   if banded:
     cycles = {m: min(b, s.mf_bands) for m, b in cycles.items()}
-  groups = {m: math.ceil(units[m] / cycles[m]) for m in names}
   n = s.rounds * s.local_steps
   listed = fields.get(mech, "strategy_per_site", where, "list")
   if len(listed) != len(names):
@@ -173,18 +165,12 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
     elif len(strategy.get("buf_decay", ())) > s.blt_max_buffers:
       problems.append(f"{label} has more buffers than --blt_max_buffers="
                       f"{s.blt_max_buffers}")
-  if banded:
-    rates = {m: min(1.0, s.batch_size / groups[m]) for m in names}
-    max_batch = max_batch_size([groups[m] for m in names],
-                               [rates[m] for m in names])
-  else:
-    rates = {m: 1.0 for m in names}
-    max_batch = max(groups.values()) + 1
-  for key, want in (("cycles", [cycles[m] for m in names]),
-                    ("group_sizes", [groups[m] for m in names])):
-    if mech.get(key) != want:
-      problems.append(f"FAIL plan: {where}.{key} is {mech.get(key)!r}, "
-                      f"derived {want}")
+  rates = {m: min(1.0, s.batch_size * cycles[m] / units[m]) if banded
+           else 1.0 for m in names}
+  max_batch = max(units.values()) + 1
+  if mech.get("cycles") != [cycles[m] for m in names]:
+    problems.append(f"FAIL plan: {where}.cycles is {mech.get('cycles')!r}, "
+                    f"derived {[cycles[m] for m in names]}")
   if plan.get("max_batch_size") != max_batch:
     problems.append(f"FAIL plan: privacy.plan.max_batch_size is "
                     f"{plan.get('max_batch_size')!r}, derived {max_batch}")
@@ -219,8 +205,7 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
       if banded:
         out.append(epsilons.planned_event(
             applied / norms[m], rates[m],
-            participations(r, s.local_steps, cycles[m]),
-            dataset_size=groups[m], max_batch_size=max_batch))
+            participations(r, s.local_steps, cycles[m])))
       else:
         increment = sens[m][r + 1] - sens[m][r]
         out.append(epsilons.planned_event(
@@ -251,7 +236,7 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
         break
     if s.target_epsilon is None or not training[m]:
       continue
-    key = (groups[m], cycles[m], sigma[m], json_key(listed[names.index(m)]),
+    key = (rates[m], cycles[m], sigma[m], json_key(listed[names.index(m)]),
            tuple(map(repr, before)))
     if key not in checked:
       checked[key] = tuple(

@@ -408,8 +408,7 @@ def check(report: Mapping, ledgers: Mapping[str, tuple], recomputed: Mapping,
       and s.noise_mechanism != "independent"):
     next_events["privacy"] = correlated.check_record_level(
         s, privacy, ledgers["privacy"], names, units, training, charged,
-        done, _source_events(source, required, False), problems,
-        max_batch_size)
+        done, _source_events(source, required, False), problems)
   elif s.record_level and "privacy" in ledgers:
     next_events["privacy"] = _check_record_level(
         s, privacy, ledgers["privacy"], names, units, rates, training, wins,

@@ -99,11 +99,11 @@ def test_a_forged_strategy_fails_the_verifier(banded):
   strategy["coefs"] = [1.2 * c for c in strategy["coefs"]]
   problems = verifier.verify_report(_reclaimed(forged)).problems
   assert any("norm" in p for p in problems), problems
-  # Smaller groups (a larger sampling rate) than the config gives.
+  # More groups (fewer participations) than the config gives.
   forged = copy.deepcopy(banded)
-  forged["privacy"]["plan"]["noise_mechanism"]["group_sizes"][0] -= 1
+  forged["privacy"]["plan"]["noise_mechanism"]["cycles"][0] += 1
   problems = verifier.verify_report(_reclaimed(forged)).problems
-  assert any("group_sizes" in p for p in problems), problems
+  assert any("cycles" in p for p in problems), problems
   # A ledger that charges DP-SGD's event instead of the cyclic group's.
   forged = copy.deepcopy(banded)
   site = next(iter(forged["sites"]))
