@@ -246,6 +246,9 @@ class SiteConfig(NamedTuple):
       unit every step.
     noise_params: with correlated noise, the site's C padded to the
       stream's shape (`correlated.StreamShape.params`); else None.
+    expected_batch_size: [] the public expected number of units per step
+      the noised sum is divided by, or None for
+      `ClientConfig.expected_batch_size` (BLT: a whole group, N_k / b_k).
     As arrays, C and the learning rate can differ between the members of a
     sweep that share one compiled program.
   """
@@ -256,6 +259,7 @@ class SiteConfig(NamedTuple):
   learning_rate: jax.Array | None = None
   cycle: jax.Array | None = None
   noise_params: jax.Array | None = None
+  expected_batch_size: jax.Array | None = None
 
 
 class SiteState(NamedTuple):
@@ -344,7 +348,7 @@ def _noise_transform(dp: LocalDPConfig, noise_multiplier, expected_batch_size):
   `dp.noise_stream` (the site's C passed at every update)."""
   return correlated.noise_transform(
       dp.noise_stream, noise_multiplier, l2_clip_norm=None,
-      expected_batch_size=float(expected_batch_size))
+      expected_batch_size=expected_batch_size)
 
 
 # The pieces of a step (its batch and gradient) are in `gradients`.
@@ -515,8 +519,11 @@ def make_client_update(task: task_lib.Task | Callable,
                     root_key) -> ClientOutput:
     local_opt = _local_optimizer(client, site_config.learning_rate)
     start = merge_local(global_params, site_state.local_params, norm_mask)
-    noise_tx = _noise_transform(dp, site_config.noise_multiplier,
-                                client.expected_batch_size)
+    noise_tx = _noise_transform(
+        dp, site_config.noise_multiplier,
+        float(client.expected_batch_size)
+        if site_config.expected_batch_size is None
+        else site_config.expected_batch_size)
 
     def key_for(step, purpose):
       return keys_lib.derive_key(root_key, round_index=round_index,

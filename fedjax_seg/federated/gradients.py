@@ -66,8 +66,9 @@ def sample_batch(data, sampling_rate: jax.Array, key: jax.Array,
   slices (chunk_size set) reorders work, it does not change which patients
   are sampled, nor truncate any of their slices.
 
-  `group` = (cycle b, phase): only units i with i mod b == phase can be
-  sampled (cyclic Poisson sampling for correlated noise).
+  `group` = (each unit's group [capacity], phase): only units of group
+  `phase` can be sampled (cyclic Poisson sampling for correlated noise;
+  `sampling.cyclic_groups`).
 
   Shuffle: the `step`-th B units of the round's epoch order
   (`sampling.shuffled_batch`), `key` the round's `Purpose.LOCAL_EPOCH_ORDER`

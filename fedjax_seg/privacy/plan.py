@@ -266,7 +266,9 @@ class NoisePlan:
             "site_recorded_sigma": self.site_recorded_sigma,
             "site_applied_sigma": self.site_applied_sigma,
             "count_noise_multiplier": count(self.adaptive),
-            "site_count_noise_multiplier": count(self.site_adaptive)}
+            "site_count_noise_multiplier": count(self.site_adaptive),
+            "noise_mechanism": (None if self.mechanism is None
+                                else self.mechanism.to_dict())}
 
   def same_planned_noise(self, saved: Mapping) -> bool:
     """Whether every round planned in both `saved` (a `to_meta`) and this
@@ -281,7 +283,8 @@ class NoisePlan:
         for key in ("recorded_sigma", "applied_sigma")) and all(
             saved.get(key) == now[key] for key in (
                 "site_recorded_sigma", "site_applied_sigma",
-                "count_noise_multiplier", "site_count_noise_multiplier"))
+                "count_noise_multiplier", "site_count_noise_multiplier",
+                "noise_mechanism"))
 
 
 def plan_noise(
@@ -370,14 +373,15 @@ def plan_noise(
   prior = dict(prior_events or {})
   mech = None
   if record_level and mechanism != "independent":
-    mech = correlated_plan.plan_mechanism(
-        mechanism, names, units, training, batch_size, local_steps, rounds,
-        mf_bands, blt_max_buffers)
-    if np.any(shape != 1.0) or adaptive is not None or active is not None:
+    if np.any(shape != 1.0) or adaptive is not None or (
+        active is not None and not np.all(active)):
       raise ValueError(
           f"the {mechanism} mechanism needs a constant noise schedule, no "
           "adaptive clipping and every site in every round (its analyses "
           "assume one noise scale and a fixed participation pattern).")
+    mech = correlated_plan.plan_mechanism(
+        mechanism, names, units, training, batch_size, local_steps, rounds,
+        mf_bands, blt_max_buffers)
     rates, max_batch = correlated_plan.sampling(mech, units, batch_size)
   if mech is not None:
     base, recorded = correlated_plan.calibrate(

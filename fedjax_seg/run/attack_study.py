@@ -184,6 +184,13 @@ def setting_epsilon(sim, train: sites_lib.SiteArrays, site: int,
   name = plan.site_names[site]
   if unit is plan.unit:
     return float(state.ledger.epsilon(name)), unit.epsilon_label
+  if plan.noise.mechanism is not None:
+    # Its groups, rates and strategies are the run's unit's: the other
+    # unit's accounting would need its own plan (not derived here).
+    raise config_lib.ConfigError(
+        f"--attack_settings={setting}: with --noise_mechanism="
+        f"{config.privacy.noise_mechanism} only the run's own unit "
+        f"({plan.unit.value}) is accounted; attack that setting.")
   counts = np.asarray(train.num_patients if unit is privacy.PrivacyUnit.PATIENT
                       else train.num_examples, np.int64)
   # The run's noise, as the plan of that unit's sampling would account it.

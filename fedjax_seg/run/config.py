@@ -545,7 +545,10 @@ class ExperimentConfig:
                        (self.federated.dropout_rate, "dropout_rate"),
                        (self.data.site_joins or self.data.site_leaves,
                         "site_joins/--site_leaves"),
-                       (self.data.cohorts, "num_sites/--stream_sites")):
+                       (self.data.cohorts, "num_sites/--stream_sites"),
+                       (self.privacy.use_site_level
+                        and self.privacy.site_sampling_rate < 1,
+                        "site_sampling_rate")):
       if correlated and used:
         raise ConfigError(
             f"--{flag}: not with --noise_mechanism="

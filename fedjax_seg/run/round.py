@@ -74,7 +74,11 @@ def round_arrays(config, noise, round_index: int):
       cycle=(None if noise.mechanism is None else jnp.asarray(
           noise.mechanism.cycles, jnp.int32)),
       noise_params=(None if noise.mechanism is None else jnp.asarray(
-          noise.mechanism.stream_params())))
+          noise.mechanism.stream_params())),
+      expected_batch_size=(
+          None if noise.mechanism is None or noise.mechanism.kind != "blt"
+          else jnp.asarray(noise.units / noise.mechanism.cycles,
+                           jnp.float32)))
   return site_config, jnp.float32(f.server_learning_rate)
 
 

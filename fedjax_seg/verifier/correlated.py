@@ -10,7 +10,7 @@ strategy C the report stores (`privacy.plan.noise_mechanism.strategy`):
     sampling rate (banded: min(1, B b_k / N_k) within the step's group;
     blt: 1, the whole group) and the maximum batch (the largest site plus
     one unit: random groups are never truncated);
-  * each site's C (`strategy_per_site`): banded, exactly b_k coefficients
+  * each site's C (`privacy.plan.noise_mechanism.strategy_per_site`): banded, exactly b_k coefficients
     of norm <= 1 + 1e-6; blt, at most --blt_max_buffers buffers; both with
     non-negative, non-increasing Toeplitz coefficients (what the
     sensitivity relies on);
@@ -131,11 +131,20 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
     problems.append(f"FAIL plan: {where}.kind is {mech.get('kind')!r}, "
                     f"--noise_mechanism={s.noise_mechanism}")
     return {}
-  for ok, what in ((s.schedule == "constant", "--noise_schedule=constant"),
-                   (not s.joins and not s.leaves and s.sites_per_round == 0
-                    and s.dropout_rate == 0, "every site in every round")):
+  for ok, what in (
+      (s.schedule == "constant", "--noise_schedule=constant"),
+      (s.adaptive_clipping == "off", "--adaptive_clipping=off"),
+      (not s.audit, "no --audit"),
+      (not s.joins and not s.leaves and s.sites_per_round == 0
+       and s.dropout_rate == 0 and not s.cohorts
+       and not (s.use_site_level and s.site_sampling_rate < 1),
+       "every site in every round"),
+      (s.mf_bands >= 1 and s.blt_max_buffers >= 1,
+       "--mf_bands and --blt_max_buffers >= 1"),
+      (all(units[m] >= 1 for m in names), "every site with units")):
     if not ok:
       problems.append(f"FAIL plan: correlated noise needs {what}")
+      return {}
   banded = s.noise_mechanism == "banded"
   cycles = {m: max(1, units[m] // s.batch_size) for m in names}
   if banded:
@@ -152,9 +161,10 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
       problems.append(f"{label} is not a {s.noise_mechanism} strategy")
       return {}
     columns[m] = toeplitz_column(strategy, n, f"{where}.strategy_per_site")
-    if np.any(columns[m] < 0) or np.any(np.diff(columns[m]) > 0):
+    if not columns[m][0] > 0 or np.any(columns[m] < 0) or np.any(
+        np.diff(columns[m]) > 0):
       problems.append(f"{label}: its Toeplitz coefficients are not "
-                      "non-negative and non-increasing")
+                      "positive at 0, non-negative and non-increasing")
       return {}
     if banded:
       coefs = np.asarray(strategy.get("coefs", ()), np.float64)

@@ -89,6 +89,9 @@ class Setting:
   noise_mechanism: str = "independent"
   mf_bands: int = 1
   blt_max_buffers: int = 1
+  adaptive_clipping: str = "off"
+  audit: bool = False
+  cohorts: bool = False
 
   @property
   def record_level(self) -> bool:
@@ -144,7 +147,11 @@ def read_setting(config: Mapping, path: str = "config") -> Setting:
       noise_mechanism=g(p, "noise_mechanism", "privacy", "str",
                         "independent"),
       mf_bands=g(p, "mf_bands", "privacy", "int", 1),
-      blt_max_buffers=g(p, "blt_max_buffers", "privacy", "int", 1))
+      blt_max_buffers=g(p, "blt_max_buffers", "privacy", "int", 1),
+      adaptive_clipping=g(p, "adaptive_clipping", "privacy", "str", "off"),
+      audit=g(p, "audit", "privacy", "bool", False),
+      cohorts=(g(d, "num_sites", "data", "int", None) is not None
+               or g(d, "stream_sites", "data", "bool", False)))
   if setting.noise_mechanism not in correlated.MECHANISMS:
     raise fields.ReportError(f"{path}.privacy.noise_mechanism: "
                              f"{setting.noise_mechanism!r} is not one of "

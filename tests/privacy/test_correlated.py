@@ -63,6 +63,16 @@ def test_banded_with_separated_participations_has_sensitivity_norm():
       k * np.sum(np.square(BANDED.coefs)), rel=1e-6)
 
 
+@pytest.mark.parametrize("strategy", [BANDED, BLT], ids=["banded", "blt"])
+def test_mean_prefix_rows_is_the_dense_computation(strategy):
+  n = 12
+  rows = np.cumsum(np.linalg.inv(_matrix(strategy, n)), axis=0)
+  want = float(np.mean(np.sum(rows ** 2, axis=1)))
+  assert strategy.mean_prefix_rows(n) == pytest.approx(want, rel=1e-10)
+  identity = correlated.Strategy.banded((1.0,))
+  assert identity.mean_prefix_rows(n) == pytest.approx((n + 1) / 2)
+
+
 def test_strategy_refuses_increasing_coefficients():
   with pytest.raises(ValueError, match="non-increasing"):
     correlated.Strategy("banded", coefs=(0.5, 0.8))

@@ -86,8 +86,15 @@ def test_banded_run_killed_and_resumed_is_bit_identical(banded, tmp_path):
   # The noise stream of every site continued from its checkpointed state.
   assert resumed["final_params_sha256"] == banded["final_params_sha256"]
   assert resumed["privacy"]["ledger"] == banded["privacy"]["ledger"]
-  # Its checkpoint holds each site's noise stream (1 buffer per site).
   assert (tmp_path / "resumed" / artifacts.REPORT).exists()
+  # Resuming with another strategy (fewer bands) is refused: the rerun
+  # rounds would reuse the noise keys under another C.
+  killed = dataclasses.replace(BANDED, stop_after_rounds=2)
+  loop.train_and_evaluate(killed, tmp_path / "other")
+  other = dataclasses.replace(BANDED, privacy=dataclasses.replace(
+      BANDED.privacy, mf_bands=1))
+  with pytest.raises(C.ConfigError, match="other settings"):
+    loop.train_and_evaluate(other, tmp_path / "other")
 
 
 @pytest.mark.slow
@@ -111,6 +118,12 @@ def test_a_forged_strategy_fails_the_verifier(banded):
   event["event"]["sampling_probability"] /= 2
   problems = verifier.verify_report(_reclaimed(forged)).problems
   assert any(f"site {site!r}" in p for p in problems), problems
+  # A config the runner refuses (adaptive clipping: a count release and a
+  # moving clip norm the events leave out).
+  forged = copy.deepcopy(banded)
+  forged["config"]["privacy"]["adaptive_clipping"] = "geometric"
+  problems = verifier.verify_report(_reclaimed(forged)).problems
+  assert any("--adaptive_clipping=off" in p for p in problems), problems
 
 
 @pytest.mark.slow
@@ -135,6 +148,8 @@ def test_blt_run_verifies(tmp_path):
     (dict(unit="site"), {}, "--unit"),
     ({}, dict(sites_per_round=2), "--sites_per_round"),
     ({}, dict(dropout_rate=0.1), "--dropout_rate"),
+    (dict(site_level=True, site_sampling_rate=0.5), {},
+     "--site_sampling_rate"),
 ])
 def test_settings_correlated_noise_cannot_account_are_refused(
     privacy, federated, flag):
