@@ -234,16 +234,7 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
     before = list(prior.get(m, ()))
     mine = events(m, sigma[m])
     want = before + [mine[r] for r in charged[m]]
-    got_events = sites.get(m, [])
-    if len(got_events) != len(want):
-      problems.append(f"{label}: {len(got_events)} events, the derived plan "
-                      f"has {len(want)}")
-    for i, (a, b) in enumerate(zip(got_events, want)):
-      d = epsilons.diff(a, b, "event")
-      if d:
-        problems.append(f"{label}: event {i}: {d} (derived from the config "
-                        "and the strategy)")
-        break
+    epsilons.compare_events(sites.get(m, []), want, label, problems)
     if s.target_epsilon is None or not training[m]:
       continue
     key = (rates[m], cycles[m], sigma[m], json_key(listed[names.index(m)]),
@@ -252,15 +243,11 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
       checked[key] = tuple(
           epsilons.rdp_epsilon(before + events(m, value), orders, s.delta)
           for value in (sigma[m], sigma[m] * MINIMALITY))
-    at_sigma, below = checked[key]
-    if at_sigma > s.target_epsilon:
-      problems.append(f"{label}: sigma {sigma[m]!r} over all rounds reaches "
-                      f"epsilon {at_sigma:.6f} > --target_epsilon="
-                      f"{s.target_epsilon}")
-    elif below <= s.target_epsilon:
-      problems.append(f"{label}: sigma {sigma[m]!r} is not the calibrated "
-                      f"one: {MINIMALITY} of it also meets --target_epsilon="
-                      f"{s.target_epsilon} (epsilon {below:.6f})")
+    problem = epsilons.calibration_problem(
+        label, sigma[m], *checked[key], s.target_epsilon, "all rounds",
+        MINIMALITY)
+    if problem:
+      problems.append(problem)
   if done >= s.rounds:
     return {}
   return {m: events(m, sigma[m])[done] for m in names if training[m]}

@@ -457,3 +457,31 @@ def parse_ledger(ledger: Mapping, path: str):
   if not sites:
     raise fields.ReportError(f"{path}.sites: no sites.")
   return sites, orders
+
+
+def calibration_problem(label: str, sigma: float, at_sigma: float,
+                        below: float, target: float, rounds: str,
+                        minimality: float) -> str | None:
+  """The problem line of a calibrated sigma, or None: its epsilon over
+  `rounds` must meet `target`, and `minimality` x sigma's must not."""
+  if at_sigma > target:
+    return (f"{label}: sigma {sigma!r} over {rounds} reaches epsilon "
+            f"{at_sigma:.6f} > --target_epsilon={target}")
+  if below <= target:
+    return (f"{label}: sigma {sigma!r} is not the calibrated one: "
+            f"{minimality} of it also meets --target_epsilon={target} "
+            f"(epsilon {below:.6f})")
+  return None
+
+
+def compare_events(events, want, label: str, problems: list) -> None:
+  """Appends to `problems` where a ledger's `events` differ from the
+  derived `want` (their number, then the first differing event)."""
+  if len(events) != len(want):
+    problems.append(f"{label}: {len(events)} events, the derived plan has "
+                    f"{len(want)}")
+  for i, (got, expected) in enumerate(zip(events, want)):
+    d = diff(got, expected, "event")
+    if d:
+      problems.append(f"{label}: event {i}: {d} (derived from the config)")
+      return  # One line per site is enough.

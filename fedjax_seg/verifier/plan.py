@@ -462,17 +462,6 @@ def _check_stop(s, report, done, ledgers, next_events, recomputed,
                           f"{s.epsilon_budget}")
 
 
-def _compare_events(events, want, label, problems) -> None:
-  if len(events) != len(want):
-    problems.append(f"{label}: {len(events)} events, the derived plan has "
-                    f"{len(want)}")
-  for i, (got, expected) in enumerate(zip(events, want)):
-    d = epsilons.diff(got, expected, "event")
-    if d:
-      problems.append(f"{label}: event {i}: {d} (derived from the config)")
-      return  # One line per site is enough.
-
-
 def _check_record_level(s, privacy, ledger, names, units, rates, training,
                         wins, charged, done, prior, problems) -> dict:
   """Checks the record-level ledger; returns {site: the event round `done`
@@ -538,7 +527,7 @@ def _check_record_level(s, privacy, ledger, names, units, rates, training,
           events) else None
       want.append(event(n, got if got is not None and near(got, n, r)
                         else sigma[n][r]))
-    _compare_events(events, before + want, label, problems)
+    epsilons.compare_events(events, before + want, label, problems)
     if s.target_epsilon is None or not training[n]:
       continue
     first, end = wins[n]
@@ -550,15 +539,11 @@ def _check_record_level(s, privacy, ledger, names, units, rates, training,
           for r in range(first, end)]
       checked[key] = (epsilons.rdp_epsilon(full, orders, s.delta),
                       epsilons.rdp_epsilon(lower, orders, s.delta))
-    at_sigma, below = checked[key]
-    if at_sigma > s.target_epsilon:
-      problems.append(f"{label}: sigma {base[n]!r} over its planned rounds "
-                      f"{first + 1}..{end} reaches epsilon {at_sigma:.6f} > "
-                      f"--target_epsilon={s.target_epsilon}")
-    elif below <= s.target_epsilon:
-      problems.append(f"{label}: sigma {base[n]!r} is not the calibrated "
-                      f"one: {MINIMALITY} of it also meets --target_epsilon="
-                      f"{s.target_epsilon} (epsilon {below:.6f})")
+    problem = epsilons.calibration_problem(
+        label, base[n], *checked[key], s.target_epsilon,
+        f"its planned rounds {first + 1}..{end}", MINIMALITY)
+    if problem:
+      problems.append(problem)
   if done >= s.rounds:
     return {}
   charge_all = s.use_site_level  # Every training site, every round.
@@ -585,6 +570,6 @@ def _check_site_level(s, path, ledger, names, training, done, prior,
                                 s.site_sampling_rate, 1)
   for n in names:
     want = list(prior.get(n, ())) + [step] * (done if training[n] else 0)
-    _compare_events(sites.get(n, []), want,
+    epsilons.compare_events(sites.get(n, []), want,
                     f"FAIL site {n!r}, ledger {path}.ledger", problems)
   return {n: step for n in names if training[n] and done < s.rounds}

@@ -3,18 +3,17 @@ report's mechanism section, the verifier's re-derivation, refusals."""
 
 import copy
 import dataclasses
-import json
 
 import pytest
 
 from fedjax_seg import verifier
-from fedjax_seg.privacy import PrivacyLedger
 from fedjax_seg.run import artifacts
 from fedjax_seg.run import config as C
 from fedjax_seg.run import config_flags
 from fedjax_seg.run import loop
 from fedjax_seg.run import sweep
 from tests.run import tiny
+from tests.verifier.forge import reclaimed as _reclaimed
 
 
 def _config(mechanism, rounds=4, **privacy):
@@ -38,18 +37,6 @@ BANDED = _config("banded")
 def banded(tmp_path_factory):
   return loop.train_and_evaluate(
       BANDED, tmp_path_factory.mktemp("correlated") / "banded")
-
-
-def _reclaimed(report):
-  """The report with every claim recomputed from its (tampered) ledger."""
-  p = report["privacy"]
-  ledger = PrivacyLedger.from_dict(p["ledger"])
-  interval = p["pld_value_discretization_interval"]
-  p.update(ledger=ledger.to_dict(), epsilon_per_site=ledger.epsilons(),
-           epsilon_max=ledger.max_epsilon(),
-           epsilon_pld_per_site={s: ledger.epsilon_pld(s, interval)
-                                 for s in ledger.site_names})
-  return json.loads(json.dumps(report))
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ forged consistently with the report's own plan and claims still fails."""
 
 import copy
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ from fedjax_seg.run import loop
 from fedjax_seg.run import setup as setup_lib
 from fedjax_seg import privacy
 from fedjax_seg import verifier
-from fedjax_seg.privacy import PrivacyLedger
 from fedjax_seg.verifier import plan
 from tests.run import tiny
+from tests.verifier.forge import reclaimed as _reclaimed
 
 TINY = tiny.config(rounds=3, eval_every=3, checkpoint_every=3, noise_seed=0,
                    privacy=C.PrivacyConfig(noise_schedule="cosine"))
@@ -37,19 +36,6 @@ def cohorts(tmp_path_factory):
       federated=dataclasses.replace(TINY.federated, sites_per_round=3))
   return loop.train_and_evaluate(
       config, tmp_path_factory.mktemp("verifier") / "cohorts")
-
-
-def _reclaimed(report):
-  """The report with every claim recomputed from its (tampered) ledger, so
-  that only the plan's derivation can tell."""
-  p = report["privacy"]
-  ledger = PrivacyLedger.from_dict(p["ledger"])
-  interval = p["pld_value_discretization_interval"]
-  p.update(ledger=ledger.to_dict(), epsilon_per_site=ledger.epsilons(),
-           epsilon_max=ledger.max_epsilon(),
-           epsilon_pld_per_site={s: ledger.epsilon_pld(s, interval)
-                                 for s in ledger.site_names})
-  return json.loads(json.dumps(report))
 
 
 def _problems(report):
