@@ -74,7 +74,16 @@ class MechanismPlan:
 
   def stream_params(self) -> np.ndarray:
     """[S, ...] float32, each site's C padded to `stream`."""
-    return np.stack([self.stream.params(c) for c in self.strategies])
+    stream = self.stream
+    return np.stack([stream.params(c) for c in self.strategies])
+
+  def expected_batch_sizes(self, units: np.ndarray) -> np.ndarray | None:
+    """[S] what a site's noised sum is divided by, where it is not the
+    --batch_size: BLT trains whole groups, N_k / b_k units expected;
+    banded, None (its rate is chosen to expect the batch size)."""
+    if self.kind != "blt":
+      return None
+    return np.asarray(units) / self.cycles
 
   def column_norm(self, k: int) -> float:
     """||c_k||, banded C_k's largest column norm (its float32 values)."""

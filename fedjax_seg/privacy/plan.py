@@ -371,7 +371,6 @@ def plan_noise(
   training = (np.ones(len(units), bool) if training_sites is None
               else np.asarray(training_sites, bool))
   prior = dict(prior_events or {})
-  mech = None
   if record_level and mechanism != "independent":
     if np.any(shape != 1.0) or adaptive is not None or (
         active is not None and not np.all(active)):
@@ -382,14 +381,14 @@ def plan_noise(
     mech = correlated_plan.plan_mechanism(
         mechanism, names, units, training, batch_size, local_steps, rounds,
         mf_bands, blt_max_buffers)
-    rates, max_batch = correlated_plan.sampling(mech, units, batch_size)
-  if mech is not None:
+    mech_rates, mech_max_batch = correlated_plan.sampling(mech, units,
+                                                          batch_size)
     base, recorded = correlated_plan.calibrate(
-        mech, names, rates, rounds, target_epsilon, delta,
+        mech, names, mech_rates, rounds, target_epsilon, delta,
         noise_multiplier, prior)
     return NoisePlan(
         site_names=names, unit=units_lib.PrivacyUnit(unit), units=units,
-        sampling_rates=rates, max_batch_size=max_batch,
+        sampling_rates=mech_rates, max_batch_size=mech_max_batch,
         local_steps=local_steps, delta=delta, record_level=True,
         use_site_level=use_site_level, base_sigma=base,
         accounted_sigma=np.tile(base, (rounds, 1)),
@@ -402,10 +401,10 @@ def plan_noise(
         site_sampling_rate=site_sampling_rate, training_sites=training,
         active=None, prior_events=prior,
         prior_site_level_events=dict(prior_site_level_events or {}),
+        # DP-SGD's sigma at the same target, for the report's comparison.
         mechanism=dataclasses.replace(mech, independent_sigma=(
             _calibrate(names, units, batch_size, local_steps, schedule_shape,
-                       windows, target_epsilon, delta,
-                       sampling_for(units, batch_size)[1], prior)
+                       windows, target_epsilon, delta, max_batch, prior)
             if target_epsilon is not None else base)))
   if record_level and target_epsilon is not None:
     base = _calibrate(names, units, batch_size, local_steps, schedule_shape,

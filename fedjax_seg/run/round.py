@@ -75,11 +75,15 @@ def round_arrays(config, noise, round_index: int):
           noise.mechanism.cycles, jnp.int32)),
       noise_params=(None if noise.mechanism is None else jnp.asarray(
           noise.mechanism.stream_params())),
-      expected_batch_size=(
-          None if noise.mechanism is None or noise.mechanism.kind != "blt"
-          else jnp.asarray(noise.units / noise.mechanism.cycles,
-                           jnp.float32)))
+      expected_batch_size=_expected_batch_sizes(noise))
   return site_config, jnp.float32(f.server_learning_rate)
+
+
+def _expected_batch_sizes(noise):
+  """[S] per-site divisors of the noised sum, or None for --batch_size."""
+  sizes = (None if noise.mechanism is None
+           else noise.mechanism.expected_batch_sizes(noise.units))
+  return None if sizes is None else jnp.asarray(sizes, jnp.float32)
 
 
 def _stack(trees):
