@@ -45,8 +45,7 @@ Example:
 """
 
 import dataclasses
-import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -192,12 +191,6 @@ class Strategy:
       out["buf_decay"] = list(self.buf_decay)
       out["output_scale"] = list(self.output_scale)
     return out
-
-  @classmethod
-  def from_dict(cls, data: Mapping) -> "Strategy":
-    return cls(str(data["kind"]), coefs=tuple(data.get("coefs", ())),
-               buf_decay=tuple(data.get("buf_decay", ())),
-               output_scale=tuple(data.get("output_scale", ())))
 
 
 @dataclasses.dataclass(frozen=True)
