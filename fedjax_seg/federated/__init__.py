@@ -19,6 +19,7 @@ from fedjax_seg.federated.rounds import resolve_backend
 from fedjax_seg.federated.rounds import RoundOutput
 from fedjax_seg.federated.sampling import poisson_sample
 from fedjax_seg.federated.sampling import sample_participants
+from fedjax_seg.federated.sampling import server_groups
 from fedjax_seg.federated.server import ServerConfig
 from fedjax_seg.federated.server import ServerState
 from fedjax_seg.federated.server import SiteLevelDPConfig

@@ -217,3 +217,13 @@ def sample_participants(root: jax.Array, round_index: int, num_sites: int, *,
     sampled &= np.asarray(jax.random.uniform(drop_key, (num_sites,))) >= (
         dropout_rate)
   return sampled
+
+
+def server_groups(root: jax.Array, num_sites: int, cycle: int) -> np.ndarray:
+  """[S] int: each site's cyclic group under correlated server noise (host
+  side), uniform in [0, b) and independent across sites, drawn once per run
+  from the secret root (`Purpose.SERVER_CYCLIC_GROUPS`): round r trains the
+  sites of group r mod b."""
+  key = keys_lib.derive_key(root, round_index=0, site=0, step=0,
+                            purpose=keys_lib.Purpose.SERVER_CYCLIC_GROUPS)
+  return np.asarray(cyclic_groups(key, num_sites, jnp.int32(cycle)))

@@ -13,6 +13,13 @@ of sites q*K (never the realised count). Sites are Poisson-sampled with rate
 q; the ledger records `PoissonSampledDpEvent(q, Gaussian(z))` per round for
 every site (unit "site"). Optionally S adapts with a noised count
 (`privacy.AdaptiveClipping` over sites).
+
+With a noise strategy C (`privacy.correlated`, --noise_mechanism with
+--unit=site) the server's noise is correlated over rounds instead: round r
+adds (C^{-1} z)_r, z_r ~ N(0, (z S)^2) fresh from round r's key, through
+`privacy.correlated_noise`, whose stream state is `ServerState.noise`
+(checkpointed with the server state). Which sites train, and how the
+rounds are accounted, is `privacy.correlated_plan.plan_server_mechanism`.
 """
 
 import dataclasses
@@ -24,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_seg import privacy
+from fedjax_seg.privacy import correlated as correlated_lib
 from fedjax_seg.privacy import keys as keys_lib
 
 PyTree = chex.ArrayTree
@@ -85,14 +93,24 @@ class SiteLevelDPConfig:
     noise_multiplier: z (of the delta noise; with adaptive clipping, use
       `adaptive_clipping.gradient_noise_multiplier(target)` and account
       `accounted_noise_multiplier(z)`).
-    expected_sites: q*K, the public expected number of sampled sites.
+    expected_sites: q*K, the public expected number of sampled sites (with
+      correlated noise, of the round's group).
     adaptive_clipping: optional `privacy.AdaptiveClipping` over sites.
+    noise_strategy: C of correlated noise over rounds
+      (`privacy.correlated.Strategy`), or None for independent noise.
   """
 
   l2_clip_norm: float
   noise_multiplier: float
   expected_sites: float
   adaptive_clipping: privacy.AdaptiveClipping | None = None
+  noise_strategy: Any = None
+
+  def noise_transform(self) -> optax.GradientTransformationExtraArgs:
+    """The Gaussian mechanism over sites: independent, or correlated."""
+    return correlated_lib.noise_transform(
+        self.noise_strategy, self.noise_multiplier, l2_clip_norm=None,
+        expected_batch_size=self.expected_sites)
 
   def __post_init__(self):
     if not self.l2_clip_norm > 0 or self.noise_multiplier < 0:
@@ -107,6 +125,8 @@ class ServerState(NamedTuple):
   params: PyTree
   opt_state: Any
   clip: Any  # AdaptiveClipState for site-level adaptive clipping, else ().
+  # CorrelatedNoiseState of correlated site-level noise, else ().
+  noise: Any = ()
 
 
 class ServerMetrics(NamedTuple):
@@ -128,7 +148,10 @@ def init_server_state(params: PyTree, config: ServerConfig,
                       site_dp: SiteLevelDPConfig | None) -> ServerState:
   clip = site_dp.adaptive_clipping.init() if (
       site_dp is not None and site_dp.adaptive_clipping is not None) else ()
-  return ServerState(params, config.optimizer_transform().init(params), clip)
+  noise = (site_dp.noise_transform().init(params) if (
+      site_dp is not None and site_dp.noise_strategy is not None) else ())
+  return ServerState(params, config.optimizer_transform().init(params), clip,
+                     noise)
 
 
 def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
@@ -144,6 +167,7 @@ def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
   """
   part = participating.astype(jnp.float32)
   zero = jnp.zeros([], jnp.float32)
+  noise_state = state.noise
   if site_dp is None:
     weights = part * (num_examples.astype(jnp.float32)
                       if config.weighting == "num_examples" else 1.0)
@@ -173,15 +197,19 @@ def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
     clipped_sum = jax.tree.map(
         lambda d: jnp.tensordot(scale, _absent_to_zero(d, usable), axes=1),
         deltas)
-    # The same Gaussian mechanism as record-level DP, over sites.
-    mechanism = privacy.gaussian_noise(
-        site_dp.noise_multiplier, l2_clip_norm=None,
-        expected_batch_size=site_dp.expected_sites)
-    mean_delta, _ = mechanism.update(
-        clipped_sum, mechanism.init(clipped_sum), l2_clip_norm=clip,
+    # The same Gaussian mechanism as record-level DP, over sites; correlated
+    # noise carries its stream across rounds (one release per round).
+    mechanism = site_dp.noise_transform()
+    correlated = site_dp.noise_strategy is not None
+    mean_delta, noise_state = mechanism.update(
+        clipped_sum,
+        state.noise if correlated else mechanism.init(clipped_sum),
+        l2_clip_norm=clip,
         noise_key=keys_lib.derive_key(
             root_key, round_index=round_index, site=0, step=0,
             purpose=keys_lib.Purpose.SERVER_NOISE))
+    if not correlated:
+      noise_state = ()
     any_site = jnp.array(True)  # Noise is released even with no participant.
     clip_state = state.clip
     if adaptive:
@@ -201,4 +229,4 @@ def server_update(state: ServerState, deltas: PyTree, participating: jax.Array,
                         state.params, updates)
   opt_state = jax.tree.map(lambda new, old: jnp.where(any_site, new, old),
                            opt_state, state.opt_state)
-  return ServerState(params, opt_state, clip_state), metrics
+  return ServerState(params, opt_state, clip_state, noise_state), metrics

@@ -216,8 +216,11 @@ class StreamShape:
     if len(kinds) != 1:
       raise ValueError(f"one kind of strategy per run, got {kinds}.")
     kind = kinds.pop()
-    return cls(kind, max(len(s.coefs) if kind == "banded" else
-                         len(s.buf_decay) for s in strategies))
+    # A banded stream keeps at least one copy (a zero coefficient if every C
+    # has one band: DP-SGD's noise), so its state is never an empty array.
+    return cls(kind, max([2 if kind == "banded" else 1] + [
+        len(s.coefs) if kind == "banded" else len(s.buf_decay)
+        for s in strategies]))
 
   def params(self, strategy: Strategy) -> np.ndarray:
     """float32 [size] banded coefficients, or [2, size] BLT decay and

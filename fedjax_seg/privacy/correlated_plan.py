@@ -38,14 +38,17 @@ f32 = batch_sizes.f32
 
 @dataclasses.dataclass(frozen=True)
 class MechanismPlan:
-  """Correlated noise in the sites: each site's C and how its units
-  participate.
+  """Correlated noise in the sites (or at the server, `plan_server_mechanism`:
+  one stream, one step per round, over the sites): each stream's C and how
+  its units participate.
 
   Attributes:
     kind: "banded" (cyclic Poisson sampling over b_k groups, amplified
       banded MF: each participation of a group is a DP-SGD step on it) or
       "blt" (each step trains one whole group; the stream is one Gaussian
-      mechanism of sensitivity `Strategy.sensitivity_squared`).
+      mechanism of sensitivity `Strategy.sensitivity_squared`). A banded C
+      with more bands than groups would be accounted as blt is
+      (`amplified`); the planners never make one.
     strategies: [S] each site's C (banded: b_k bands; blt: optimized for
       participations b_k apart); sites with equal b_k share one.
     cycles: [S] b_k, site k's number of groups (each unit in one, drawn at
@@ -53,8 +56,9 @@ class MechanismPlan:
     local_steps: steps per round (the stream of round r is its steps
       r * local_steps ... (r + 1) * local_steps - 1).
     rounds: R, the rounds planned.
-    sensitivity_squared: blt: [R + 1, S] ||C_k u||^2 of the worst b_k-
-      separated participation over the first r rounds' steps; banded: None.
+    sensitivity_squared: unamplified: [R + 1, S] ||C_k u||^2 of the worst
+      b_k-separated participation over the first r rounds' steps;
+      amplified: None.
     independent_sigma: [S] DP-SGD's sigma at the same target (the report's
       comparison), or None.
   """
@@ -77,11 +81,21 @@ class MechanismPlan:
     stream = self.stream
     return np.stack([stream.params(c) for c in self.strategies])
 
+  @property
+  def amplified(self) -> bool:
+    """Whether the events are amplified banded MF: banded with no more
+    bands than groups (a unit's columns never overlap). Otherwise the
+    stream is one Gaussian mechanism of sensitivity `sensitivity_squared`
+    and each step trains a whole group."""
+    return self.kind == "banded" and all(
+        len(c.coefs) <= b for c, b in zip(self.strategies, self.cycles))
+
   def expected_batch_sizes(self, units: np.ndarray) -> np.ndarray | None:
     """[S] what a site's noised sum is divided by, where it is not the
-    --batch_size: BLT trains whole groups, N_k / b_k units expected;
-    banded, None (its rate is chosen to expect the batch size)."""
-    if self.kind != "blt":
+    --batch_size: unamplified (BLT) streams train whole groups, N_k / b_k
+    units expected; amplified banded, None (its rate is chosen to expect
+    the batch size)."""
+    if self.amplified:
       return None
     return np.asarray(units) / self.cycles
 
@@ -101,7 +115,7 @@ class MechanismPlan:
     sensitivity^2) (Gaussian mechanisms compose by adding 1 / sigma^2,
     so the rounds' events compose to the whole stream's Gaussian; a round
     that adds nothing to it records `applied` with a no-op event)."""
-    if self.kind == "banded":
+    if self.amplified:
       return applied / self.column_norm(k)
     increment = self._increment(round_index, k)
     return applied / math.sqrt(increment) if increment > 0 else applied
@@ -118,7 +132,7 @@ class MechanismPlan:
   def counts(self, round_index: int, k: int) -> int:
     """The composition count of site k's event in a round: banded, group
     0's participations; blt, 1 (0 for a round that adds nothing)."""
-    if self.kind == "blt":
+    if not self.amplified:
       return int(self._increment(round_index, k) > 0)
     return self.participations(round_index, k)
 
@@ -130,7 +144,7 @@ class MechanismPlan:
     (none in a round where it does not train); blt, one Gaussian (none in a
     round that adds nothing to the sensitivity). Never truncated."""
     return events_lib.poisson_gaussian_event(
-        sigma, sampling_rate if self.kind == "banded" else 1.0,
+        sigma, sampling_rate if self.amplified else 1.0,
         self.counts(round_index, k))
 
   def model_noise_ratio(self, rounds: int, sigma: np.ndarray) -> np.ndarray:
@@ -175,12 +189,94 @@ def plan_mechanism(kind, names, units, training, batch_size, local_steps,
   else:
     raise ValueError(f"mechanism must be one of {correlated.MECHANISMS}, "
                      f"got {kind!r}.")
-  sens = None
-  if kind == "blt":
-    sens = np.array([[c.sensitivity_squared(r * local_steps, int(b))
-                      for c, b in zip(strategies, cycles)]
-                     for r in range(rounds + 1)])
-  return MechanismPlan(kind, strategies, cycles, local_steps, rounds, sens)
+  return _with_sensitivity(
+      MechanismPlan(kind, strategies, cycles, local_steps, rounds))
+
+
+def _with_sensitivity(mech: MechanismPlan) -> MechanismPlan:
+  """`mech` with the sensitivities of an unamplified stream."""
+  if mech.amplified:
+    return mech
+  sens = np.array([[c.sensitivity_squared(r * mech.local_steps, int(b))
+                    for c, b in zip(mech.strategies, mech.cycles)]
+                   for r in range(mech.rounds + 1)])
+  return dataclasses.replace(mech, sensitivity_squared=sens)
+
+
+def server_cycles(kind: str, site_sampling_rate: float, mf_bands: int) -> int:
+  """b, the number of cyclic groups of sites at the server: floor(1 / q)
+  (so a round expects about q K sites), banded at most --mf_bands."""
+  groups = max(1, int(math.floor(1.0 / site_sampling_rate + 1e-9)))
+  return min(groups, mf_bands) if kind == "banded" else groups
+
+
+def plan_server_mechanism(kind: str, site_sampling_rate: float, rounds: int,
+                          mf_bands: int, blt_max_buffers: int
+                          ) -> MechanismPlan:
+  """Correlated noise on DP-FedAvg's noised sum, over rounds (one stream,
+  one step per round; every site's site-level ledger records its events).
+
+  Each site is in one of b = `server_cycles` groups, drawn at random from
+  the secret root; round r trains group r mod b. Banded: b bands, and the
+  group's sites are Poisson-sampled at min(1, q b) (amplified banded MF, as
+  in the sites). BLT: the whole group trains; the strategy is optimized for
+  participations b apart and the stream is one Gaussian mechanism. With
+  q = 1 (every site every round) b = 1: banded is then DP-SGD's noise, and
+  the BLT optimizer's answer for participation in every round is the
+  identity to 1e-7 (no Toeplitz factorisation lowers the prefix-sum error
+  when every unit takes part in every step; `tests/privacy/
+  test_correlated_server.py` checks this for banded strategies)."""
+  b = server_cycles(kind, site_sampling_rate, mf_bands)
+  strategy = (_optimized("banded", rounds, b, 0) if kind == "banded"
+              else _optimized("blt", rounds, b, blt_max_buffers))
+  return _with_sensitivity(
+      MechanismPlan(kind, (strategy,), np.array([b]), 1, rounds))
+
+
+def server_group_rate(mech: MechanismPlan, site_sampling_rate: float
+                      ) -> float:
+  """The Poisson rate of a site of the round's group: amplified banded,
+  min(1, q b); otherwise 1 (the whole group)."""
+  if not mech.amplified:
+    return 1.0
+  return min(1.0, site_sampling_rate * float(mech.cycles[0]))
+
+
+def calibrate_independent_server(site_sampling_rate: float, rounds: int,
+                                 target_epsilon, delta, prior) -> float:
+  """DP-FedAvg's z with independent noise: the smallest whose R Poisson-
+  sampled Gaussian rounds meet the target at every site."""
+  return _calibrate_all_sites(
+      lambda z: [events_lib.poisson_gaussian_event(
+          f32(z), site_sampling_rate, 1)] * rounds, target_epsilon, delta,
+      prior)
+
+
+def _calibrate_all_sites(events_for, target_epsilon, delta, prior) -> float:
+  """The largest over the sites' prior events of the smallest z whose
+  `events_for(z)` meet the target after them."""
+  solved = {}
+  for events in list(prior.values()) or [()]:
+    key = repr(tuple(events))
+    if key not in solved:
+      solved[key] = calibration.calibrate_events(
+          events_for, target_epsilon, delta, prior_events=tuple(events))
+  return max(solved.values())
+
+
+def calibrate_server(mech: MechanismPlan, group_rate: float, target_epsilon,
+                     delta, noise_multiplier, prior) -> float:
+  """z of the server's fresh noise: `noise_multiplier`, or with a target
+  the smallest z whose site-level events (after each site's prior events)
+  meet it at every site."""
+  if target_epsilon is None:
+    return float(noise_multiplier)
+
+  def events_for(z):
+    return [mech.event(mech.event_sigma(f32(z), r, 0), r, 0, group_rate)
+            for r in range(mech.rounds)]
+
+  return _calibrate_all_sites(events_for, target_epsilon, delta, prior)
 
 
 _STRATEGIES: dict = {}
@@ -206,7 +302,7 @@ def sampling(mech: MechanismPlan, units: np.ndarray, batch_size: int):
   neighbouring dataset's): random groups are never truncated."""
   units = np.asarray(units)
   rates = (np.minimum(1.0, batch_size * mech.cycles / units)
-           if mech.kind == "banded" else np.ones(len(units)))
+           if mech.amplified else np.ones(len(units)))
   return rates, int(units.max()) + 1
 
 

@@ -59,6 +59,7 @@ class Purpose(enum.IntEnum):
   ATTACK_RESTARTS = 17  # The gradient-inversion attack's random starts.
   AUGMENT = 18  # Data augmentation of a step's sampled units.
   CYCLIC_GROUPS = 19  # Each unit's group under correlated noise (once per run).
+  SERVER_CYCLIC_GROUPS = 20  # Each site's group under correlated server noise.
 
 
 def derive_key(

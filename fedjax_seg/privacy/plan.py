@@ -126,6 +126,10 @@ class NoisePlan:
   prior_events: Mapping = dataclasses.field(default_factory=dict)
   prior_site_level_events: Mapping = dataclasses.field(default_factory=dict)
   mechanism: correlated_plan.MechanismPlan | None = None  # Independent: None
+  # DP-FedAvg's correlated noise over rounds (--unit=site), else None; the
+  # Poisson rate of a site of the round's group.
+  site_mechanism: correlated_plan.MechanismPlan | None = None
+  site_group_rate: float = 1.0
 
   # -- what a round charges ---------------------------------------------------
 
@@ -140,10 +144,25 @@ class NoisePlan:
         float(self.sampling_rates[k]), self.local_steps,
         dataset_size=int(self.units[k]), max_batch_size=self.max_batch_size)
 
-  def site_level_event(self):
-    """The site-level ledger's event of one round (every training site)."""
+  def site_level_event(self, round_index: int):
+    """The site-level ledger's event of a round (every training site)."""
+    mech = self.site_mechanism
+    if mech is not None:
+      return mech.event(mech.event_sigma(self.site_applied_sigma,
+                                         round_index, 0),
+                        round_index, 0, self.site_group_rate)
     return events_lib.poisson_gaussian_event(
         self.site_recorded_sigma, self.site_sampling_rate, 1)
+
+  @property
+  def expected_sites(self) -> float:
+    """What DP-FedAvg divides the noised sum by: q K, or with correlated
+    noise the expected sites of a round's group (q_g K / b)."""
+    training = int(self.training_sites.sum())
+    if self.site_mechanism is None:
+      return self.site_sampling_rate * training
+    return self.site_group_rate * training / float(
+        self.site_mechanism.cycles[0])
 
   def charged_sites(self, participating: np.ndarray) -> np.ndarray:
     """[S] bool: the sites the record-level ledger charges this round.
@@ -163,7 +182,7 @@ class NoisePlan:
       out += [("record", k, self.record_level_event(round_index, k))
               for k in np.flatnonzero(self.charged_sites(participating))]
     if self.use_site_level:
-      out += [("site", k, self.site_level_event())
+      out += [("site", k, self.site_level_event(round_index))
               for k in np.flatnonzero(self.training_sites)]
     return out
 
@@ -268,7 +287,9 @@ class NoisePlan:
             "count_noise_multiplier": count(self.adaptive),
             "site_count_noise_multiplier": count(self.site_adaptive),
             "noise_mechanism": (None if self.mechanism is None
-                                else self.mechanism.to_dict())}
+                                else self.mechanism.to_dict()),
+            "site_noise_mechanism": (None if self.site_mechanism is None
+                                     else self.site_mechanism.to_dict())}
 
   def same_planned_noise(self, saved: Mapping) -> bool:
     """Whether every round planned in both `saved` (a `to_meta`) and this
@@ -284,7 +305,7 @@ class NoisePlan:
             saved.get(key) == now[key] for key in (
                 "site_recorded_sigma", "site_applied_sigma",
                 "count_noise_multiplier", "site_count_noise_multiplier",
-                "noise_mechanism"))
+                "noise_mechanism", "site_noise_mechanism"))
 
 
 def plan_noise(
@@ -315,6 +336,8 @@ def plan_noise(
     mechanism: str = "independent",
     mf_bands: int = 1,
     blt_max_buffers: int = 4,
+    site_mechanism: str = "independent",
+    site_target_epsilon: float | None = None,
 ) -> NoisePlan:
   """The plan of a run, from plain numbers.
 
@@ -353,6 +376,12 @@ def plan_noise(
       of at most `blt_max_buffers` buffers; site k's units in N_k // B
       groups). Correlated noise needs a constant schedule, no adaptive
       clipping and every site in every round (`correlated_plan`).
+    site_mechanism: DP-FedAvg's noise over rounds: "independent", or
+      "banded"/"blt" over cyclic groups of sites
+      (`correlated_plan.plan_server_mechanism`; not with site adaptive
+      clipping).
+    site_target_epsilon: calibrate DP-FedAvg's z so that every site's
+      site-level epsilon ends here (None: `site_noise_multiplier`).
 
   Raises:
     ValueError: a site without units, or a calibration that cannot meet
@@ -371,6 +400,11 @@ def plan_noise(
   training = (np.ones(len(units), bool) if training_sites is None
               else np.asarray(training_sites, bool))
   prior = dict(prior_events or {})
+  site_fields = _site_level_fields(
+      use_site_level, record_level, training, rounds, delta,
+      site_noise_multiplier, site_sampling_rate, site_clip_norm,
+      site_adaptive, dict(prior_site_level_events or {}), site_mechanism,
+      site_target_epsilon, mf_bands, blt_max_buffers)
   if record_level and mechanism != "independent":
     if np.any(shape != 1.0) or adaptive is not None or (
         active is not None and not np.all(active)):
@@ -393,14 +427,8 @@ def plan_noise(
         use_site_level=use_site_level, base_sigma=base,
         accounted_sigma=np.tile(base, (rounds, 1)),
         applied_sigma=np.tile(np.vectorize(f32)(base), (rounds, 1)),
-        recorded_sigma=recorded, adaptive=None, site_adaptive=None,
-        site_applied_sigma=f32(site_noise_multiplier) if use_site_level
-        else 0.0,
-        site_recorded_sigma=f32(site_noise_multiplier) if use_site_level
-        else 0.0,
-        site_sampling_rate=site_sampling_rate, training_sites=training,
-        active=None, prior_events=prior,
-        prior_site_level_events=dict(prior_site_level_events or {}),
+        recorded_sigma=recorded, adaptive=None, active=None,
+        prior_events=prior, **site_fields,
         # DP-SGD's sigma at the same target, for the report's comparison.
         mechanism=dataclasses.replace(mech, independent_sigma=(
             _calibrate(names, units, batch_size, local_steps, schedule_shape,
@@ -426,28 +454,55 @@ def plan_noise(
         else 0.0)(accounted)
     recorded = np.vectorize(
         lambda z: record_adaptive.accounted_noise_multiplier(f32(z)))(applied)
-  server_adaptive = None
-  site_applied = site_recorded = 0.0
-  if use_site_level:
-    z = site_noise_multiplier
-    if site_adaptive is not None and not record_level:
-      server_adaptive = site_adaptive.build(
-          site_clip_norm, site_sampling_rate * int(training.sum()), z or 1.0)
-      site_applied = f32(server_adaptive.gradient_noise_multiplier(z))
-      site_recorded = server_adaptive.accounted_noise_multiplier(site_applied)
-    else:
-      site_applied = site_recorded = f32(z)
   return NoisePlan(
       site_names=names, unit=units_lib.PrivacyUnit(unit), units=units,
       sampling_rates=rates, max_batch_size=max_batch, local_steps=local_steps,
       delta=delta, record_level=record_level, use_site_level=use_site_level,
       base_sigma=base, accounted_sigma=accounted, applied_sigma=applied,
       recorded_sigma=np.asarray(recorded, np.float64),
-      adaptive=record_adaptive, site_adaptive=server_adaptive,
-      site_applied_sigma=site_applied, site_recorded_sigma=site_recorded,
-      site_sampling_rate=site_sampling_rate, training_sites=training,
-      active=active, prior_events=prior,
-      prior_site_level_events=dict(prior_site_level_events or {}))
+      adaptive=record_adaptive, active=active, prior_events=prior,
+      **site_fields)
+
+
+def _site_level_fields(use_site_level, record_level, training, rounds, delta,
+                       z, sampling_rate, clip_norm, adaptive, prior,
+                       mechanism, target_epsilon, mf_bands,
+                       blt_max_buffers) -> dict:
+  """The `NoisePlan` fields of DP-FedAvg at the server."""
+  out = dict(site_adaptive=None, site_applied_sigma=0.0,
+             site_recorded_sigma=0.0, site_sampling_rate=sampling_rate,
+             training_sites=training, prior_site_level_events=prior,
+             site_mechanism=None, site_group_rate=1.0)
+  if not use_site_level:
+    return out
+  if mechanism != "independent":
+    if adaptive is not None and not record_level:
+      raise ValueError(f"the {mechanism} mechanism at the server needs a "
+                       "fixed site clip norm (no adaptive clipping).")
+    mech = correlated_plan.plan_server_mechanism(
+        mechanism, sampling_rate, rounds, mf_bands, blt_max_buffers)
+    rate = correlated_plan.server_group_rate(mech, sampling_rate)
+    independent = z if target_epsilon is None else (
+        correlated_plan.calibrate_independent_server(
+            sampling_rate, rounds, target_epsilon, delta, prior))
+    z = correlated_plan.calibrate_server(mech, rate, target_epsilon, delta,
+                                         z, prior)
+    # Independent DP-FedAvg's z at the same target, for the report.
+    mech = dataclasses.replace(mech, independent_sigma=np.array(
+        [independent]))
+    return dict(out, site_applied_sigma=f32(z), site_recorded_sigma=f32(z),
+                site_mechanism=mech, site_group_rate=rate)
+  if target_epsilon is not None:
+    z = correlated_plan.calibrate_independent_server(
+        sampling_rate, rounds, target_epsilon, delta, prior)
+  if adaptive is not None and not record_level:
+    server_adaptive = adaptive.build(
+        clip_norm, sampling_rate * int(training.sum()), z or 1.0)
+    applied = f32(server_adaptive.gradient_noise_multiplier(z))
+    return dict(out, site_adaptive=server_adaptive, site_applied_sigma=applied,
+                site_recorded_sigma=server_adaptive.accounted_noise_multiplier(
+                    applied))
+  return dict(out, site_applied_sigma=f32(z), site_recorded_sigma=f32(z))
 
 
 def _calibrate(names, units, batch_size, local_steps, schedule_shape, windows,

@@ -224,6 +224,9 @@ class PrivacyConfig:
       unit="site"); accounted separately.
     site_clip_norm, site_noise_multiplier: DP-FedAvg clip S and multiplier z.
     site_sampling_rate: Poisson rate of sites per round (site-level DP).
+    site_target_epsilon: calibrate site_noise_multiplier so that every
+      site's site-level epsilon ends at this value after all rounds (none:
+      use site_noise_multiplier as given).
     audit: run the one-run canary audit (Steinke et al. 2023) inside the
       run: gradient canaries in one site's clipped sums, scored on that
       site's released gradients; report.json gets privacy.audit (an
@@ -232,11 +235,14 @@ class PrivacyConfig:
     audit_canary_kind: "random" (Gaussian unit directions) or "dirac" (one
       parameter each).
     audit_site: the audited site's name (none = the first training site).
-    noise_mechanism: record-level noise: independent (DP-SGD), banded
-      (banded matrix factorisation, DP-FTRL: noise correlated over each
-      site's steps, units in mf_bands cyclic groups, Poisson-sampled in
-      turn) or blt (a buffered linear Toeplitz factorisation: each step
-      trains one of N_k // batch_size groups of the site's units).
+    noise_mechanism: the noise of the run's unit: independent (DP-SGD),
+      banded (banded matrix factorisation, DP-FTRL: noise correlated over
+      each site's steps, units in mf_bands cyclic groups, Poisson-sampled
+      in turn) or blt (a buffered linear Toeplitz factorisation: each step
+      trains one of N_k // batch_size groups of the site's units). With
+      unit="site" the server's noise, correlated over rounds: sites in
+      b = floor(1 / site_sampling_rate) cyclic groups (banded: at most
+      mf_bands), one group per round.
     mf_bands: bands b of the banded factorisation (and its cyclic groups).
     blt_max_buffers: most buffers of the BLT (its state is this many
       copies of the parameters per site).
@@ -260,6 +266,7 @@ class PrivacyConfig:
   site_clip_norm: float = 0.5
   site_noise_multiplier: float = 1.0
   site_sampling_rate: float = 1.0
+  site_target_epsilon: float | None = None
   audit: bool = False
   audit_canaries: int = 1000
   audit_canary_kind: str = "random"
@@ -295,6 +302,14 @@ class PrivacyConfig:
            "must be >= 0.")
     _check(0 < self.site_sampling_rate <= 1, "site_sampling_rate",
            "must be in (0, 1].")
+    _check(self.site_target_epsilon is None or self.site_target_epsilon > 0,
+           "site_target_epsilon", "must be > 0.")
+    _check(self.site_target_epsilon is None or (
+        self.use_site_level and (self.record_level
+                                 or self.adaptive_clipping == "off")),
+           "site_target_epsilon", "calibrates site-level DP's fixed noise: "
+           "it needs --unit=site or --site_level, and no --adaptive_clipping "
+           "with --unit=site.")
     _check(self.audit_canaries >= 2, "audit_canaries", "must be >= 2.")
     _check(self.audit_canary_kind in AUDIT_CANARY_KINDS, "audit_canary_kind",
            f"must be one of {AUDIT_CANARY_KINDS}.")
@@ -318,8 +333,7 @@ class PrivacyConfig:
     _check(self.blt_max_buffers >= 1, "blt_max_buffers", "must be >= 1.")
     if self.noise_mechanism != "independent":
       for ok, flag, why in (
-          (self.enabled and self.unit != "site", "unit",
-           "is record-level (in the sites): use --unit=patient or example"),
+          (self.enabled, "dp", "needs DP (not --nodp)"),
           (self.noise_schedule == "constant", "noise_schedule",
            "assumes one noise scale over the stream: use constant"),
           (self.adaptive_clipping == "off", "adaptive_clipping",
@@ -539,8 +553,10 @@ class ExperimentConfig:
       raise ConfigError("--site_joins/--site_leaves: not with site-level DP "
                         "(its server noise is scaled by a fixed expected "
                         "number of sites); use record-level DP.")
+    # In the sites (record-level); at the server (--unit=site) every
+    # cohort, rate and dropout is fine: the server's plan draws the groups.
     correlated = (self.privacy.noise_mechanism != "independent"
-                  and self.privacy.enabled)
+                  and self.privacy.record_level)
     for used, flag in ((self.federated.sites_per_round, "sites_per_round"),
                        (self.federated.dropout_rate, "dropout_rate"),
                        (self.data.site_joins or self.data.site_leaves,

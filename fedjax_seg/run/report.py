@@ -240,6 +240,33 @@ def mechanism_section(mech, rounds: int, sigma, names) -> dict:
   }
 
 
+def server_mechanism_section(noise, rounds: int) -> dict:
+  """`privacy.noise_mechanism` of correlated noise at the server (--unit=
+  site): the strategy, its groups and the noise it leaves on the model's
+  mean update against independent DP-FedAvg at the same target (public:
+  functions of the settings and the number of sites)."""
+  mech, z = noise.site_mechanism, noise.site_applied_sigma
+  ratio = float(mech.model_noise_ratio(rounds, np.array([z]))[0]) * (
+      noise.site_sampling_rate * int(noise.training_sites.sum())
+      / noise.expected_sites)
+  return {
+      "kind": mech.kind, "at": "server",
+      "strategy": mech.strategies[0].to_dict(),
+      "state_copies_of_parameters": mech.stream.copies,
+      "cycles": int(mech.cycles[0]),
+      "group_sampling_rate": noise.site_group_rate,
+      "expected_sites": noise.expected_sites,
+      "noise_multiplier": float(z),
+      "independent_noise_multiplier": float(mech.independent_sigma[0]),
+      "model_noise_vs_independent": ratio,
+      "note": ("noise_multiplier is the fresh noise z's; the ledger's "
+               "events carry the matrix mechanism's. model_noise_vs_"
+               "independent: RMS noise accumulated in the model's mean "
+               "update over independent DP-FedAvg's at the same target, with "
+               "q K expected sites (< 1: less)."),
+  }
+
+
 def privacy_section(run: setup_lib.Run, state: state_lib.RunState) -> dict:
   config, plan = run.config, run.plan
   p, f = config.privacy, config.federated
@@ -262,6 +289,11 @@ def privacy_section(run: setup_lib.Run, state: state_lib.RunState) -> dict:
                "rounds": list(range(rounds_done)),
                "charged_sites": [names[k] for k in
                                  np.flatnonzero(plan.noise.training_sites)]}
+  site_mech = plan.noise.site_mechanism
+  if site_mech is not None:
+    site_plan["noise_mechanism"] = dict(
+        site_mech.to_dict(), group_sampling_rate=plan.noise.site_group_rate,
+        expected_sites=plan.noise.expected_sites)
   if p.record_level:
     section.update(_ledger_section(state.ledger, names))
     section["plan"] = {
@@ -289,6 +321,9 @@ def privacy_section(run: setup_lib.Run, state: state_lib.RunState) -> dict:
   else:
     section.update(_ledger_section(state.site_ledger, names))
     section["plan"] = site_plan
+    if site_mech is not None:
+      section["noise_mechanism"] = server_mechanism_section(plan.noise,
+                                                            f.rounds)
   source = plan.init_source
   if source is not None:
     section["init_from"] = {"workdir": source.workdir,

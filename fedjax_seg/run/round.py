@@ -32,7 +32,16 @@ def participants(run: setup_lib.Run, round_index: int) -> np.ndarray:
   # Training sites, and with a scenario those in the federation this round.
   eligible = noise.training_sites if noise.active is None else (
       noise.active[round_index] & noise.training_sites)
-  if p.use_site_level:
+  if noise.site_mechanism is not None:
+    # Correlated noise at the server: the round's cyclic group of sites,
+    # Poisson-sampled at the group's rate.
+    part = fed.sample_participants(root, round_index, num_sites,
+                                   sampling_rate=noise.site_group_rate,
+                                   dropout_rate=f.dropout_rate)
+    part &= fed.server_groups(root, num_sites, int(
+        noise.site_mechanism.cycles[0])) == round_index % int(
+            noise.site_mechanism.cycles[0])
+  elif p.use_site_level:
     part = fed.sample_participants(root, round_index, num_sites,
                                    sampling_rate=p.site_sampling_rate,
                                    dropout_rate=f.dropout_rate)

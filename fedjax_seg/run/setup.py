@@ -195,7 +195,10 @@ def make_plan(config: config_lib.ExperimentConfig, counts, spatial_shape,
         prior_site_level_events=(source.prior_site_level_events
                                  if source is not None else {}),
         mechanism=p.noise_mechanism if p.record_level else "independent",
-        mf_bands=p.mf_bands, blt_max_buffers=p.blt_max_buffers)
+        mf_bands=p.mf_bands, blt_max_buffers=p.blt_max_buffers,
+        site_mechanism=("independent" if p.record_level
+                        else p.noise_mechanism),
+        site_target_epsilon=p.site_target_epsilon)
   except ValueError as e:
     if prior:
       raise config_lib.ConfigError(
@@ -286,8 +289,10 @@ def trainer_settings(config, plan: RunPlan, params) -> dict:
     site_dp = fed.SiteLevelDPConfig(
         l2_clip_norm=p.site_clip_norm,
         noise_multiplier=noise.site_applied_sigma,
-        expected_sites=p.site_sampling_rate * int(noise.training_sites.sum()),
-        adaptive_clipping=noise.site_adaptive)
+        expected_sites=noise.expected_sites,
+        adaptive_clipping=noise.site_adaptive,
+        noise_strategy=(None if noise.site_mechanism is None
+                        else noise.site_mechanism.strategies[0]))
   norm_mask = models.norm_param_mask(params) if f.algorithm == "fedbn" else None
   trainable = (models.trainable_mask(params, config.model.trainable)
                if config.model.trainable else None)

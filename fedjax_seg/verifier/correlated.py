@@ -89,6 +89,162 @@ def participations(r: int, local_steps: int, b: int) -> int:
           - math.ceil(r * local_steps / b))
 
 
+def stream_events(value: float, rounds: int, local_steps: int, b: int,
+                  norm: float | None, rate: float, sens) -> list:
+  """Every round's event of one stream at fresh-noise sigma `value`
+  (float32): amplified banded (`norm` given), DP-SGD on group 0's steps at
+  sigma / ||c||; otherwise a Gaussian of sigma / sqrt(the round's increase
+  of the sensitivity^2 `sens` [rounds + 1]) (Gaussians compose by adding
+  1 / sigma^2; a round that adds nothing is a no-op)."""
+  applied = float(np.float32(value))
+  out = []
+  for r in range(rounds):
+    if norm is not None:
+      out.append(epsilons.planned_event(applied / norm, rate,
+                                        participations(r, local_steps, b)))
+    else:
+      increment = sens[r + 1] - sens[r]
+      out.append(epsilons.planned_event(
+          applied / math.sqrt(increment) if increment > 0 else applied,
+          1.0, int(increment > 0)))
+  return out
+
+
+def strategy_problem(strategy, kind: str, n: int, bands: int | None,
+                     max_buffers: int, label: str):
+  """(C's first column, banded norm or None, a problem line or None) of a
+  reported strategy: the kind asked for; Toeplitz coefficients positive at
+  0, non-negative and non-increasing; banded, exactly `bands` coefficients
+  of norm <= 1; blt, at most `max_buffers` buffers."""
+  if not isinstance(strategy, Mapping) or strategy.get("kind") != kind:
+    return None, None, f"{label} is not a {kind} strategy"
+  column = toeplitz_column(strategy, n, label)
+  if not column[0] > 0 or np.any(column < 0) or np.any(np.diff(column) > 0):
+    return column, None, (f"{label}: its Toeplitz coefficients are not "
+                          "positive at 0, non-negative and non-increasing")
+  if kind == "banded":
+    coefs = np.asarray(strategy.get("coefs", ()), np.float64)
+    norm = float(np.linalg.norm(coefs))
+    if coefs.size != bands or norm > 1 + NORM_SLACK:
+      return column, norm, (f"{label} has {coefs.size} bands of norm {norm}; "
+                            f"derived {bands} bands, norm <= 1")
+    return column, norm, None
+  if len(strategy.get("buf_decay", ())) > max_buffers:
+    return column, None, (f"{label} has more buffers than "
+                          f"--blt_max_buffers={max_buffers}")
+  return column, None, None
+
+
+def check_site_level(s, privacy: Mapping, path: str, ledger, names, training,
+                     done: int, prior, problems: list) -> dict:
+  """Checks the site-level ledger of DP-FedAvg whose noise is correlated
+  over rounds (--unit=site with --noise_mechanism=banded|blt) or whose z is
+  calibrated (--site_target_epsilon); returns {site: the event round
+  `done` would add}.
+
+  Derived here: b = floor(1 / q) cyclic groups of sites (banded: at most
+  --mf_bands), the group's rate (banded: min(1, q b); blt: 1), C's
+  validity, the stream's events (one stream, one step per round, every
+  training site charged every round) and, with a target, z's minimality.
+  """
+  sites, orders = ledger
+  section = privacy if path == "privacy" else privacy.get("site_level", {})
+  plan = fields.get(section, "plan", path, "object")
+  where = f"{path}.plan"
+  q = s.site_sampling_rate
+  z = (s.site_noise_multiplier if s.site_target_epsilon is None else
+       float(fields.get(plan, "noise_multiplier", where, "number")))
+  correlated = s.noise_mechanism != "independent" and not s.record_level
+  if not correlated:
+    def events(value):
+      return [epsilons.planned_event(float(np.float32(value)), q, 1)
+              ] * s.rounds
+  else:
+    banded = s.noise_mechanism == "banded"
+    b = max(1, int(math.floor(1.0 / q + 1e-9)))
+    if banded:
+      b = min(b, s.mf_bands)
+    mech = fields.get(plan, "noise_mechanism", where, "object")
+    listed = fields.get(mech, "strategy_per_site", f"{where}.noise_mechanism",
+                        "list")
+    if mech.get("kind") != s.noise_mechanism or mech.get("cycles") != [b] or (
+        len(listed) != 1):
+      problems.append(f"FAIL plan: {where}.noise_mechanism is a "
+                      f"{mech.get('kind')!r} stream of cycles "
+                      f"{mech.get('cycles')!r}; derived one "
+                      f"{s.noise_mechanism} stream of {b} groups")
+      return {}
+    column, norm, problem = strategy_problem(
+        listed[0], s.noise_mechanism, s.rounds, b if banded else None,
+        s.blt_max_buffers, f"FAIL plan: {where}.noise_mechanism.strategy")
+    if problem:
+      problems.append(problem)
+      return {}
+    rate = min(1.0, q * b) if banded else 1.0
+    if not fields.close(mech.get("group_sampling_rate", -1.0), rate):
+      problems.append(f"FAIL plan: {where}.noise_mechanism."
+                      f"group_sampling_rate differs from the derived {rate}")
+    sens = None if banded else [minsep_sensitivity_squared(column, r, b)
+                                for r in range(s.rounds + 1)]
+
+    def events(value):
+      return stream_events(value, s.rounds, 1, b, norm, rate, sens)
+
+  mine = events(z)
+  checked = {}
+  for n in names:
+    label = f"FAIL site {n!r}, ledger {path}.ledger"
+    before = list(prior.get(n, ()))
+    epsilons.compare_events(sites.get(n, []),
+                            before + (mine[:done] if training[n] else []),
+                            label, problems)
+    if s.site_target_epsilon is None or not training[n]:
+      continue
+    key = tuple(map(repr, before))
+    if key not in checked:
+      checked[key] = tuple(
+          epsilons.rdp_epsilon(before + events(value), orders, s.delta)
+          for value in (z, z * MINIMALITY))
+    problem = epsilons.calibration_problem(
+        label, z, *checked[key], s.site_target_epsilon, "all rounds",
+        MINIMALITY)
+    if problem:
+      problems.append(problem.replace("--target_epsilon",
+                                      "--site_target_epsilon"))
+  if done >= s.rounds:
+    return {}
+  return {n: mine[done] for n in names if training[n]}
+
+
+def site_plan_events(plan: Mapping, path: str, z: float, rounds: list):
+  """For the report's own site-level plan: None without correlated noise
+  at the server, else the events of `rounds` from its stream (C, groups,
+  the group's rate) at z (`check_site_level` derives those itself)."""
+  mech = plan.get("noise_mechanism")
+  if mech is None:
+    return None
+  where = f"{path}.noise_mechanism"
+  kind = fields.get(mech, "kind", where, "str")
+  cycles = fields.get(mech, "cycles", where, "list")
+  listed = fields.get(mech, "strategy_per_site", where, "list")
+  rate = fields.get(mech, "group_sampling_rate", where, "number")
+  if kind not in ("banded", "blt") or len(cycles) != 1 or len(listed) != 1 or (
+      not fields.kind_ok(cycles[0], "int") or cycles[0] < 1) or not (
+          0 < rate <= 1):
+    raise fields.ReportError(f"{where}: one banded or blt stream with "
+                             "cycles >= 1 and a rate in (0, 1].")
+  n = max(rounds, default=-1) + 1
+  column = toeplitz_column(listed[0], max(n, 1), f"{where}.strategy_per_site")
+  b = int(cycles[0])
+  amplified = kind == "banded" and len(listed[0].get("coefs", ())) <= b
+  norm = (float(np.linalg.norm(np.asarray(listed[0]["coefs"], np.float64)))
+          if amplified else None)
+  sens = None if amplified else [minsep_sensitivity_squared(column, r, b)
+                                 for r in range(n + 1)]
+  events = stream_events(z, n, 1, b, norm, float(rate), sens)
+  return [events[r] for r in rounds]
+
+
 def plan_event_function(plan: Mapping, path: str, site: str):
   """For the report's own plan (`privacy.plan`): None without correlated
   noise, else `(round, sigma, q, max_batch) -> the event` of `site`'s
@@ -155,26 +311,12 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
     raise fields.ReportError(f"{where}.strategy_per_site: one per site.")
   columns, norms = {}, {}
   for m, strategy in zip(names, listed):
-    label = f"FAIL plan: {where}.strategy_per_site[{m!r}]"
-    if not isinstance(strategy, Mapping) or strategy.get(
-        "kind") != s.noise_mechanism:
-      problems.append(f"{label} is not a {s.noise_mechanism} strategy")
+    columns[m], norms[m], problem = strategy_problem(
+        strategy, s.noise_mechanism, n, cycles[m], s.blt_max_buffers,
+        f"FAIL plan: {where}.strategy_per_site[{m!r}]")
+    if problem:
+      problems.append(problem)
       return {}
-    columns[m] = toeplitz_column(strategy, n, f"{where}.strategy_per_site")
-    if not columns[m][0] > 0 or np.any(columns[m] < 0) or np.any(
-        np.diff(columns[m]) > 0):
-      problems.append(f"{label}: its Toeplitz coefficients are not "
-                      "positive at 0, non-negative and non-increasing")
-      return {}
-    if banded:
-      coefs = np.asarray(strategy.get("coefs", ()), np.float64)
-      norms[m] = float(np.linalg.norm(coefs))
-      if coefs.size != cycles[m] or norms[m] > 1 + NORM_SLACK:
-        problems.append(f"{label} has {coefs.size} bands of norm "
-                        f"{norms[m]}; derived {cycles[m]} bands, norm <= 1")
-    elif len(strategy.get("buf_decay", ())) > s.blt_max_buffers:
-      problems.append(f"{label} has more buffers than --blt_max_buffers="
-                      f"{s.blt_max_buffers}")
   rates = {m: min(1.0, s.batch_size * cycles[m] / units[m]) if banded
            else 1.0 for m in names}
   max_batch = max(units.values()) + 1
@@ -209,19 +351,9 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
 
   def events(m, value):
     """Site m's events of every round at fresh-noise sigma `value`."""
-    applied = float(np.float32(value))
-    out = []
-    for r in range(s.rounds):
-      if banded:
-        out.append(epsilons.planned_event(
-            applied / norms[m], rates[m],
-            participations(r, s.local_steps, cycles[m])))
-      else:
-        increment = sens[m][r + 1] - sens[m][r]
-        out.append(epsilons.planned_event(
-            applied / math.sqrt(increment) if increment > 0 else applied,
-            1.0, int(increment > 0)))
-    return out
+    return stream_events(value, s.rounds, s.local_steps, cycles[m],
+                         norms[m] if banded else None, rates[m],
+                         None if banded else sens[m])
 
   trained = fields.get(plan, "rounds_trained_per_site", "privacy.plan",
                        "object")

@@ -87,6 +87,7 @@ class Setting:
   init_from_public: bool
   init_from_disjoint: bool
   noise_mechanism: str = "independent"
+  site_target_epsilon: float | None = None
   mf_bands: int = 1
   blt_max_buffers: int = 1
   adaptive_clipping: str = "off"
@@ -116,6 +117,7 @@ def read_setting(config: Mapping, path: str = "config") -> Setting:
   data_seed = g(d, "data_seed", "data", "int", None)
   target = g(p, "target_epsilon", "privacy", "number", None)
   budget = g(p, "epsilon_budget", "privacy", "number", None)
+  site_target = g(p, "site_target_epsilon", "privacy", "number", None)
   setting = Setting(
       enabled=g(p, "enabled", "privacy", "bool"),
       unit=g(p, "unit", "privacy", "str"),
@@ -146,6 +148,8 @@ def read_setting(config: Mapping, path: str = "config") -> Setting:
       init_from_disjoint=g(m, "init_from_disjoint", "model", "bool", False),
       noise_mechanism=g(p, "noise_mechanism", "privacy", "str",
                         "independent"),
+      site_target_epsilon=(None if site_target is None
+                           else float(site_target)),
       mf_bands=g(p, "mf_bands", "privacy", "int", 1),
       blt_max_buffers=g(p, "blt_max_buffers", "privacy", "int", 1),
       adaptive_clipping=g(p, "adaptive_clipping", "privacy", "str", "off"),
@@ -422,7 +426,12 @@ def check(report: Mapping, ledgers: Mapping[str, tuple], recomputed: Mapping,
         charged, done, _source_events(source, required, False), problems)
   if s.use_site_level:
     path = "privacy" if s.unit == "site" else "privacy.site_level"
-    if path in ledgers:
+    if path in ledgers and (s.site_target_epsilon is not None or (
+        s.noise_mechanism != "independent" and not s.record_level)):
+      next_events[path] = correlated.check_site_level(
+          s, privacy, path, ledgers[path], names, training, done,
+          _source_events(source, required, path != "privacy"), problems)
+    elif path in ledgers:
       next_events[path] = _check_site_level(
           s, path, ledgers[path], names, training, done,
           _source_events(source, required, path != "privacy"), problems)

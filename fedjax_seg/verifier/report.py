@@ -181,7 +181,10 @@ def _site_level_plan_events(plan: Mapping, path: str):
       raise fields.ReportError(f"{path}.charged_sites: must be a list of site "
                                f"names.")
     charged = set(charged)
-  planned = [epsilons.planned_event(float(z), float(q), 1) for _ in rounds]
+  # Correlated noise over rounds: the stream's events from the plan's C.
+  stream = correlated.site_plan_events(plan, path, float(z), rounds)
+  planned = stream if stream is not None else [
+      epsilons.planned_event(float(z), float(q), 1) for _ in rounds]
   return planned, rounds, charged
 
 

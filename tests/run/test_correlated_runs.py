@@ -132,7 +132,7 @@ def test_blt_run_verifies(tmp_path):
     (dict(noise_schedule="cosine"), {}, "--noise_schedule"),
     (dict(adaptive_clipping="geometric"), {}, "--adaptive_clipping"),
     (dict(audit=True), {}, "--audit"),
-    (dict(unit="site"), {}, "--unit"),
+    (dict(enabled=False), {}, "--dp"),
     ({}, dict(sites_per_round=2), "--sites_per_round"),
     ({}, dict(dropout_rate=0.1), "--dropout_rate"),
     (dict(site_level=True, site_sampling_rate=0.5), {},
