@@ -2,7 +2,6 @@
 --noise_mechanism=banded|blt): the plan's groups and events, the server's
 stream, and the every-round case where no factorisation helps."""
 
-import dataclasses
 
 import dp_accounting
 import jax
@@ -16,7 +15,6 @@ from fedjax_seg import federated as fed
 from fedjax_seg.federated import server as server_lib
 from fedjax_seg.privacy import accounting
 from fedjax_seg.privacy import correlated
-from fedjax_seg.privacy import correlated_plan
 from fedjax_seg.privacy import keys as keys_lib
 from fedjax_seg.privacy import plan as plan_lib
 from fedjax_seg.run import config as C
