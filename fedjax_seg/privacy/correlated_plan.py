@@ -178,7 +178,8 @@ def plan_mechanism(kind, names, units, training, batch_size, local_steps,
   uses fewer (1: DP-SGD)."""
   del names, training  # Every site gets its own b_k.
   steps = rounds * local_steps  # The stream of each site.
-  cycles = np.maximum(1, np.asarray(units) // batch_size)
+  # Never more groups than steps (a group that never trains).
+  cycles = np.clip(np.asarray(units) // batch_size, 1, steps)
   if kind == "banded":
     cycles = np.minimum(cycles, mf_bands)
     strategies = tuple(_optimized("banded", steps, int(b), 0)
@@ -203,11 +204,13 @@ def _with_sensitivity(mech: MechanismPlan) -> MechanismPlan:
   return dataclasses.replace(mech, sensitivity_squared=sens)
 
 
-def server_cycles(kind: str, site_sampling_rate: float, mf_bands: int) -> int:
+def server_cycles(kind: str, site_sampling_rate: float, mf_bands: int,
+                  rounds: int) -> int:
   """b, the number of cyclic groups of sites at the server: floor(1 / q)
-  (so a round expects about q K sites), banded at most --mf_bands."""
+  (so a round expects about q K sites), banded at most --mf_bands, never
+  more than the rounds."""
   groups = max(1, int(math.floor(1.0 / site_sampling_rate + 1e-9)))
-  return min(groups, mf_bands) if kind == "banded" else groups
+  return min(groups, mf_bands if kind == "banded" else groups, rounds)
 
 
 def plan_server_mechanism(kind: str, site_sampling_rate: float, rounds: int,
@@ -226,7 +229,7 @@ def plan_server_mechanism(kind: str, site_sampling_rate: float, rounds: int,
   identity to 1e-7 (no Toeplitz factorisation lowers the prefix-sum error
   when every unit takes part in every step; `tests/privacy/
   test_correlated_server.py` checks this for banded strategies)."""
-  b = server_cycles(kind, site_sampling_rate, mf_bands)
+  b = server_cycles(kind, site_sampling_rate, mf_bands, rounds)
   strategy = (_optimized("banded", rounds, b, 0) if kind == "banded"
               else _optimized("blt", rounds, b, blt_max_buffers))
   return _with_sensitivity(

@@ -6,7 +6,8 @@ module derives, with its own code, from the config, the site sizes and the
 strategy C the report stores (`privacy.plan.noise_mechanism.strategy`):
 
   * the cyclic groups: site k's units in b_k = max(1, N_k // --batch_size)
-    groups (banded: at most --mf_bands), each unit's drawn at random; the
+    groups (banded: at most --mf_bands; never more than the stream's
+    steps), each unit's drawn at random; the
     sampling rate (banded: min(1, B b_k / N_k) within the step's group;
     blt: 1, the whole group) and the maximum batch (the largest site plus
     one unit: random groups are never truncated);
@@ -161,7 +162,7 @@ def check_site_level(s, privacy: Mapping, path: str, ledger, names, training,
               ] * s.rounds
   else:
     banded = s.noise_mechanism == "banded"
-    b = max(1, int(math.floor(1.0 / q + 1e-9)))
+    b = min(max(1, int(math.floor(1.0 / q + 1e-9))), s.rounds)
     if banded:
       b = min(b, s.mf_bands)
     mech = fields.get(plan, "noise_mechanism", where, "object")
@@ -302,10 +303,10 @@ def check_record_level(s, privacy: Mapping, ledger, names, units, training,
       problems.append(f"FAIL plan: correlated noise needs {what}")
       return {}
   banded = s.noise_mechanism == "banded"
-  cycles = {m: max(1, units[m] // s.batch_size) for m in names}
+  n = s.rounds * s.local_steps
+  cycles = {m: min(max(1, units[m] // s.batch_size), n) for m in names}
   if banded:
     cycles = {m: min(b, s.mf_bands) for m, b in cycles.items()}
-  n = s.rounds * s.local_steps
   listed = fields.get(mech, "strategy_per_site", where, "list")
   if len(listed) != len(names):
     raise fields.ReportError(f"{where}.strategy_per_site: one per site.")
