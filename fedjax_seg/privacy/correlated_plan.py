@@ -209,8 +209,20 @@ def server_cycles(kind: str, site_sampling_rate: float, mf_bands: int,
   """b, the number of cyclic groups of sites at the server: floor(1 / q)
   (so a round expects about q K sites), banded at most --mf_bands, never
   more than the rounds."""
-  groups = max(1, int(math.floor(1.0 / site_sampling_rate + 1e-9)))
-  return min(groups, mf_bands if kind == "banded" else groups, rounds)
+  groups = min(max(1, int(math.floor(1.0 / site_sampling_rate + 1e-9))),
+               rounds)
+  return min(groups, mf_bands) if kind == "banded" else groups
+
+
+def server_round_rate(kind: str, site_sampling_rate: float, mf_bands: int,
+                      rounds: int) -> float:
+  """The chance that a given site trains in a given round: q_g / b (at
+  most q for banded; 1 / b for BLT's whole groups), from the settings
+  alone (the cohort slots of --num_sites are sized by it)."""
+  b = server_cycles(kind, site_sampling_rate, mf_bands, rounds)
+  if kind == "banded":
+    return min(1.0, site_sampling_rate * b) / b
+  return 1.0 / b
 
 
 def plan_server_mechanism(kind: str, site_sampling_rate: float, rounds: int,
@@ -256,10 +268,11 @@ def calibrate_independent_server(site_sampling_rate: float, rounds: int,
 
 
 def _calibrate_all_sites(events_for, target_epsilon, delta, prior) -> float:
-  """The largest over the sites' prior events of the smallest z whose
-  `events_for(z)` meet the target after them."""
+  """The largest over the training sites' prior events (`prior`, one
+  sequence per training site) of the smallest z whose `events_for(z)` meet
+  the target after them: every site meets it, the most spent one exactly."""
   solved = {}
-  for events in list(prior.values()) or [()]:
+  for events in list(prior) or [()]:
     key = repr(tuple(events))
     if key not in solved:
       solved[key] = calibration.calibrate_events(
@@ -270,8 +283,9 @@ def _calibrate_all_sites(events_for, target_epsilon, delta, prior) -> float:
 def calibrate_server(mech: MechanismPlan, group_rate: float, target_epsilon,
                      delta, noise_multiplier, prior) -> float:
   """z of the server's fresh noise: `noise_multiplier`, or with a target
-  the smallest z whose site-level events (after each site's prior events)
-  meet it at every site."""
+  the smallest z whose site-level events (the one stream's, which every
+  training site's ledger records after its own prior events, `prior`: one
+  sequence per training site) meet it at every training site."""
   if target_epsilon is None:
     return float(noise_multiplier)
 

@@ -400,11 +400,22 @@ def plan_noise(
   training = (np.ones(len(units), bool) if training_sites is None
               else np.asarray(training_sites, bool))
   prior = dict(prior_events or {})
+  site_prior = dict(prior_site_level_events or {})
+  # The site-level ledger's prior: with --unit=site it is the main ledger,
+  # which holds `prior_events` too (`new_ledgers`).
+  ledger_prior = site_prior if record_level else {
+      s: tuple(prior.get(s, ())) + tuple(site_prior.get(s, ()))
+      for s in names}
   site_fields = _site_level_fields(
-      use_site_level, record_level, training, rounds, delta,
-      site_noise_multiplier, site_sampling_rate, site_clip_norm,
-      site_adaptive, dict(prior_site_level_events or {}), site_mechanism,
-      site_target_epsilon, mf_bands, blt_max_buffers)
+      use_site_level=use_site_level, record_level=record_level,
+      training=training, rounds=rounds, delta=delta,
+      z=site_noise_multiplier, sampling_rate=site_sampling_rate,
+      clip_norm=site_clip_norm, adaptive=site_adaptive,
+      calibration_priors=[ledger_prior.get(s, ()) for s, t in
+                          zip(names, training) if t],
+      mechanism=site_mechanism, target_epsilon=site_target_epsilon,
+      mf_bands=mf_bands, blt_max_buffers=blt_max_buffers)
+  site_fields["prior_site_level_events"] = site_prior
   if record_level and mechanism != "independent":
     if np.any(shape != 1.0) or adaptive is not None or (
         active is not None and not np.all(active)):
@@ -464,15 +475,19 @@ def plan_noise(
       **site_fields)
 
 
-def _site_level_fields(use_site_level, record_level, training, rounds, delta,
-                       z, sampling_rate, clip_norm, adaptive, prior,
-                       mechanism, target_epsilon, mf_bands,
-                       blt_max_buffers) -> dict:
-  """The `NoisePlan` fields of DP-FedAvg at the server."""
+def _site_level_fields(*, use_site_level, record_level, training, rounds,
+                       delta, z, sampling_rate, clip_norm, adaptive,
+                       calibration_priors, mechanism, target_epsilon,
+                       mf_bands, blt_max_buffers) -> dict:
+  """The `NoisePlan` fields of DP-FedAvg at the server.
+
+  `calibration_priors`: each training site's prior site-level events, which
+  a calibrated z must compose with."""
+  prior = calibration_priors
   out = dict(site_adaptive=None, site_applied_sigma=0.0,
              site_recorded_sigma=0.0, site_sampling_rate=sampling_rate,
-             training_sites=training, prior_site_level_events=prior,
-             site_mechanism=None, site_group_rate=1.0)
+             training_sites=training, site_mechanism=None,
+             site_group_rate=1.0)
   if not use_site_level:
     return out
   if mechanism != "independent":

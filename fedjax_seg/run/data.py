@@ -17,6 +17,7 @@ import numpy as np
 from fedjax_seg.data import consortium as consortium_lib
 from fedjax_seg.data import sites as sites_lib
 from fedjax_seg.data import synthetic
+from fedjax_seg.privacy import correlated_plan
 from fedjax_seg.run import config as config_lib
 from fedjax_seg.run import config_syntax
 from fedjax_seg.run import many_sites
@@ -122,7 +123,7 @@ def prepare(config: config_lib.ExperimentConfig, splits=None) -> RunData:
         val=consortium.site_arrays(val_ids, "val"), test=None,
         cohorts=many_sites.CohortSource(consortium, many_sites.cohort_slots(
             n, config.federated.sites_per_round,
-            p.site_sampling_rate if p.use_site_level else None)),
+            _site_round_rate(config) if p.use_site_level else None)),
         val_ids=val_ids, test_ids=many_sites.test_sample(n, d.test_sites,
                                                          seed))
   if splits is None:
@@ -149,3 +150,15 @@ def prepare(config: config_lib.ExperimentConfig, splits=None) -> RunData:
   return RunData(train=train, counts=train,
                  site_data=segmentation_task.site_data(train), val=val,
                  test=test, scenario=scenario, scenario_data=scenario_data)
+
+
+def _site_round_rate(config) -> float:
+  """The chance a site trains in a round under site-level DP: q, or with
+  correlated noise at the server the rate of its cyclic groups (a BLT
+  round trains a whole group, about K / b sites)."""
+  p = config.privacy
+  if p.record_level or p.noise_mechanism == "independent":
+    return p.site_sampling_rate
+  return correlated_plan.server_round_rate(
+      p.noise_mechanism, p.site_sampling_rate, p.mf_bands,
+      config.federated.rounds)

@@ -262,8 +262,9 @@ def server_mechanism_section(noise, rounds: int) -> dict:
       "note": ("noise_multiplier is the fresh noise z's; the ledger's "
                "events carry the matrix mechanism's. model_noise_vs_"
                "independent: RMS noise accumulated in the model's mean "
-               "update over independent DP-FedAvg's at the same target, with "
-               "q K expected sites (< 1: less)."),
+               "update over independent DP-FedAvg's with q K expected "
+               "sites, at the same --site_target_epsilon (without one, at "
+               "the same z) (< 1: less)."),
   }
 
 

@@ -38,9 +38,8 @@ def participants(run: setup_lib.Run, round_index: int) -> np.ndarray:
     part = fed.sample_participants(root, round_index, num_sites,
                                    sampling_rate=noise.site_group_rate,
                                    dropout_rate=f.dropout_rate)
-    part &= fed.server_groups(root, num_sites, int(
-        noise.site_mechanism.cycles[0])) == round_index % int(
-            noise.site_mechanism.cycles[0])
+    cycle = int(noise.site_mechanism.cycles[0])
+    part &= fed.server_groups(root, num_sites, cycle) == round_index % cycle
   elif p.use_site_level:
     part = fed.sample_participants(root, round_index, num_sites,
                                    sampling_rate=p.site_sampling_rate,
@@ -173,5 +172,11 @@ def record(run: setup_lib.Run, state: state_lib.RunState, round_index: int,
   noise.check_applied(round_index, part, noise_multiplier=m.noise_multiplier,
                       steps=m.steps, sampling_rate=m.sampling_rate,
                       server_noise_multiplier=out.server.noise_multiplier)
+  stream = state.server_state.noise
+  if noise.site_mechanism is not None and int(stream.count) != (
+      round_index + 1):
+    # The server's stream must be at this round's release: one per round.
+    raise AssertionError(f"server: noise stream at release {int(stream.count)}"
+                         f" after round {round_index + 1}")
   for k in noise.charge(state.ledger, state.site_ledger, round_index, part):
     state.charged_rounds[noise.site_names[k]].append(round_index)

@@ -200,14 +200,16 @@ def make_plan(config: config_lib.ExperimentConfig, counts, spatial_shape,
                         else p.noise_mechanism),
         site_target_epsilon=p.site_target_epsilon)
   except ValueError as e:
+    target = ("--site_target_epsilon" if p.site_target_epsilon is not None
+              and not p.record_level else "--target_epsilon")
     if prior:
       raise config_lib.ConfigError(
-          f"--init_from/--target_epsilon: {e} (spent by the --init_from run "
-          "on this run's patients); raise --target_epsilon.") from e
+          f"--init_from/{target}: {e} (spent by the --init_from run "
+          f"on this run's patients); raise {target}.") from e
     if str(e).startswith("--"):  # The plan named the flag.
       raise config_lib.ConfigError(str(e)) from e
     raise config_lib.ConfigError(
-        f"--target_epsilon/--delta/--noise_schedule/--noise_mechanism: cannot "
+        f"{target}/--delta/--noise_schedule/--noise_mechanism: cannot "
         f"plan the noise: {e}") from e
   if prior and p.enabled and p.epsilon_budget is not None:
     spent = noise.prior_epsilon_at_least(p.epsilon_budget)

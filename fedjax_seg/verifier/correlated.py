@@ -1,9 +1,12 @@
-"""The record-level plan of a run with correlated noise, re-derived.
+"""The plan of a run with correlated noise, and the site-level plan,
+re-derived.
 
 With --noise_mechanism=banded or blt the runner adds the matrix mechanism's
-noise x_t = g_t + (C^{-1} z)_t in every site (`privacy.correlated`). This
-module derives, with its own code, from the config, the site sizes and the
-strategy C the report stores (`privacy.plan.noise_mechanism.strategy`):
+noise x_t = g_t + (C^{-1} z)_t in every site (`privacy.correlated`), or
+with --unit=site at the server over rounds (`check_site_level`, which also
+checks every independent DP-FedAvg ledger). This module derives, with its
+own code, from the config, the site sizes and the strategy C the report
+stores (`privacy.plan.noise_mechanism.strategy`):
 
   * the cyclic groups: site k's units in b_k = max(1, N_k // --batch_size)
     groups (banded: at most --mf_bands; never more than the stream's
@@ -138,10 +141,10 @@ def strategy_problem(strategy, kind: str, n: int, bands: int | None,
 
 def check_site_level(s, privacy: Mapping, path: str, ledger, names, training,
                      done: int, prior, problems: list) -> dict:
-  """Checks the site-level ledger of DP-FedAvg whose noise is correlated
-  over rounds (--unit=site with --noise_mechanism=banded|blt) or whose z is
-  calibrated (--site_target_epsilon); returns {site: the event round
-  `done` would add}.
+  """Checks the site-level ledger of DP-FedAvg (independent noise at
+  --site_noise_multiplier, or calibrated by --site_target_epsilon, or
+  correlated over rounds: --unit=site with --noise_mechanism=banded|blt);
+  returns {site: the event round `done` would add}.
 
   Derived here: b = floor(1 / q) cyclic groups of sites (banded: at most
   --mf_bands), the group's rate (banded: min(1, q b); blt: 1), C's
@@ -194,21 +197,25 @@ def check_site_level(s, privacy: Mapping, path: str, ledger, names, training,
   mine = events(z)
   checked = {}
   for n in names:
-    label = f"FAIL site {n!r}, ledger {path}.ledger"
     before = list(prior.get(n, ()))
     epsilons.compare_events(sites.get(n, []),
                             before + (mine[:done] if training[n] else []),
-                            label, problems)
-    if s.site_target_epsilon is None or not training[n]:
-      continue
-    key = tuple(map(repr, before))
-    if key not in checked:
-      checked[key] = tuple(
-          epsilons.rdp_epsilon(before + events(value), orders, s.delta)
-          for value in (z, z * MINIMALITY))
+                            f"FAIL site {n!r}, ledger {path}.ledger",
+                            problems)
+    if s.site_target_epsilon is not None and training[n]:
+      key = tuple(map(repr, before))
+      if key not in checked:
+        checked[key] = tuple(
+            epsilons.rdp_epsilon(before + events(value), orders, s.delta)
+            for value in (z, z * MINIMALITY))
+  if checked:
+    # One z for all sites: every training site meets the target, and 0.99 z
+    # would take the most spent one past it.
     problem = epsilons.calibration_problem(
-        label, z, *checked[key], s.site_target_epsilon, "all rounds",
-        MINIMALITY)
+        f"FAIL plan: {where}.noise_multiplier", z,
+        max(at for at, _ in checked.values()),
+        max(below for _, below in checked.values()), s.site_target_epsilon,
+        "all rounds at every training site", MINIMALITY)
     if problem:
       problems.append(problem.replace("--target_epsilon",
                                       "--site_target_epsilon"))

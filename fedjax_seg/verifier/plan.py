@@ -426,14 +426,9 @@ def check(report: Mapping, ledgers: Mapping[str, tuple], recomputed: Mapping,
         charged, done, _source_events(source, required, False), problems)
   if s.use_site_level:
     path = "privacy" if s.unit == "site" else "privacy.site_level"
-    if path in ledgers and (s.site_target_epsilon is not None or (
-        s.noise_mechanism != "independent" and not s.record_level)):
+    if path in ledgers:
       next_events[path] = correlated.check_site_level(
           s, privacy, path, ledgers[path], names, training, done,
-          _source_events(source, required, path != "privacy"), problems)
-    elif path in ledgers:
-      next_events[path] = _check_site_level(
-          s, path, ledgers[path], names, training, done,
           _source_events(source, required, path != "privacy"), problems)
   _check_stop(s, report, done, ledgers, next_events, recomputed, problems)
 
@@ -568,17 +563,3 @@ def _sigma_of(event) -> float | None:
     event = event.event
   value = getattr(event, "noise_multiplier", None)
   return float(value) if fields.kind_ok(value, "number") else None
-
-
-def _check_site_level(s, path, ledger, names, training, done, prior,
-                      problems) -> dict:
-  """Checks the site-level ledger; returns {site: the event round `done`
-  would add}."""
-  sites, _ = ledger
-  step = epsilons.planned_event(_f32(s.site_noise_multiplier),
-                                s.site_sampling_rate, 1)
-  for n in names:
-    want = list(prior.get(n, ())) + [step] * (done if training[n] else 0)
-    epsilons.compare_events(sites.get(n, []), want,
-                    f"FAIL site {n!r}, ledger {path}.ledger", problems)
-  return {n: step for n in names if training[n] and done < s.rounds}

@@ -178,3 +178,23 @@ def test_server_mechanism_config():
   with pytest.raises(ValueError, match="adaptive"):
     # The plan refuses it too (any adaptive setting).
     _plan("banded", 0.5, site_adaptive=object())
+
+
+@pytest.mark.parametrize("mechanism", ["independent", "banded"])
+def test_calibrated_z_composes_with_an_init_from_runs_spending(mechanism):
+  """With --unit=site the site-level ledger is the main one: a composed
+  source's events (`prior_events`) come first, and z is calibrated so that
+  the most spent training site ends at the target."""
+  spent = dp_accounting.GaussianDpEvent(3.0)
+  plan = _plan(mechanism, 0.5, prior_events={"s0": [spent], "s5": [spent]},
+               training_sites=np.array([True] * 5 + [False]))
+  ledger, site_ledger = plan.new_ledgers()
+  for r in range(8):
+    plan.charge(ledger, site_ledger, r, np.ones(6, bool))
+  assert 0.99 * 4.0 <= site_ledger.epsilon("s0") <= 4.0
+  # Other training sites spent nothing before: below the target.
+  assert site_ledger.epsilon("s1") < site_ledger.epsilon("s0")
+  # A held-out site's prior does not raise z: s5 trains in no round.
+  alone = _plan(mechanism, 0.5, prior_events={"s0": [spent]},
+                training_sites=np.array([True] * 5 + [False]))
+  assert alone.site_applied_sigma == plan.site_applied_sigma

@@ -30,9 +30,14 @@ BANDED = _config("banded")
 
 
 @pytest.fixture(scope="module")
-def banded(tmp_path_factory):
-  return loop.train_and_evaluate(
-      BANDED, tmp_path_factory.mktemp("server") / "banded")
+def banded_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("server") / "banded"
+  return workdir, loop.train_and_evaluate(BANDED, workdir)
+
+
+@pytest.fixture(scope="module")
+def banded(banded_run):
+  return banded_run[1]
 
 
 @pytest.mark.slow
@@ -119,3 +124,22 @@ def test_server_blt_and_independent_calibrated_runs_verify(tmp_path):
     for eps in privacy["epsilon_per_site"].values():
       assert 0.99 * 8.0 <= eps <= 8.0
   assert privacy.get("noise_mechanism") is None  # Independent DP-FedAvg.
+
+
+@pytest.mark.slow
+def test_a_composed_run_calibrates_z_after_the_sources_spending(banded_run,
+                                                               tmp_path):
+  source_dir, source = banded_run
+  config = dataclasses.replace(
+      BANDED, model=dataclasses.replace(BANDED.model,
+                                        init_from=str(source_dir)),
+      privacy=dataclasses.replace(BANDED.privacy, site_target_epsilon=12.0),
+      noise_seed=1)
+  report = loop.train_and_evaluate(config, tmp_path / "composed")
+  privacy = report["privacy"]
+  assert privacy["verified"]["ok"] is True, privacy["verified"]
+  for site, eps in privacy["epsilon_per_site"].items():
+    # The source's 8 and this run's rounds: 12 in all, not 12 more.
+    assert 0.99 * 12.0 <= eps <= 12.0
+    assert privacy["ledger"]["sites"][site]["events"][:4] == (
+        source["privacy"]["ledger"]["sites"][site]["events"])
