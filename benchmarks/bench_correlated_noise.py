@@ -7,7 +7,8 @@ each in a fresh process; a run's round time is the median of its rounds'
 device seconds after the first (which compiles). Ratios are mechanism /
 independent, medians over the repeats, measured in the same invocation.
 The stream's state per site is (b - 1) x the parameters (banded) or
-buffers x the parameters (BLT), read from each report.
+buffers x the parameters (BLT), read from each report (at the server, one
+stream: `--extra=flagfile=experiments/flags/dp_ftrl_site.flags`).
 
   python benchmarks/bench_correlated_noise.py --rounds=8 --repeats=3
 """
@@ -49,8 +50,10 @@ def main(argv):
       seconds = [r["device_seconds"] for r in rows[1:]]
       rounds[mech].append(statistics.median(seconds))
       section = report["privacy"].get("noise_mechanism")
-      if section:
-        memory[mech] = section["state_copies_of_parameters_per_site"]
+      if section:  # In every site, or one stream at the server.
+        memory[mech] = section.get(
+            "state_copies_of_parameters_per_site",
+            section.get("state_copies_of_parameters"))
       print(f"repeat {repeat} {mech:11s} round {rounds[mech][-1]:.3f} s",
             flush=True)
   base = statistics.median(rounds["independent"])
