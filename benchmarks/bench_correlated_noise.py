@@ -41,11 +41,13 @@ def main(argv):
   for repeat in range(_REPEATS.value):
     for mech in MECHANISMS:
       with tempfile.TemporaryDirectory() as workdir:
-        cmd = [sys.executable, "-m", "experiments.simulate",
-               f"--workdir={workdir}", f"--rounds={_ROUNDS.value}",
-               f"--eval_every={_ROUNDS.value}", "--noise_seed=0",
-               f"--noise_mechanism={mech}", f"--mf_bands={_BANDS.value}"]
+        # The extra flags (maybe a flagfile) first: the mechanism and the
+        # run's length given after them win.
+        cmd = [sys.executable, "-m", "experiments.simulate"]
         cmd += [f"--{e}" for e in _EXTRA.value]
+        cmd += [f"--workdir={workdir}", f"--rounds={_ROUNDS.value}",
+                f"--eval_every={_ROUNDS.value}", "--noise_seed=0",
+                f"--noise_mechanism={mech}", f"--mf_bands={_BANDS.value}"]
         rows, report, _ = simulate_run.run(cmd, workdir)
       seconds = [r["device_seconds"] for r in rows[1:]]
       rounds[mech].append(statistics.median(seconds))
